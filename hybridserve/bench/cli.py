@@ -1,0 +1,118 @@
+"""Command line of `hybridserve bench serve` and `hybridserve bench sweep`.
+
+`register(subparsers)` adds the `bench` command to the project's parser (hybridserve/cli.py);
+`python -m hybridserve.bench.cli serve ...` runs it standalone. Flag names and defaults follow
+`vllm bench serve` where the two overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `bench serve` flag (the sweep takes them too and varies one)."""
+    server = parser.add_argument_group("server")
+    server.add_argument("--base-url", default=None, help="server base URL; overrides --host/--port")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--endpoint", default=None,
+                        help="API route (default /v1/completions, or /v1/chat/completions for openai-chat)")
+    server.add_argument("--backend", choices=["openai", "openai-chat"], default="openai")
+    server.add_argument("--model", default=None, help="model name to request (default: first of /v1/models)")
+    server.add_argument("--tokenizer", default=None,
+                        help="tokenizer path or hybridserve preset name (default: the model name)")
+
+    data = parser.add_argument_group("dataset")
+    data.add_argument("--dataset-name", choices=["random", "sharegpt", "custom"], default="random")
+    data.add_argument("--dataset-path", default=None, help="ShareGPT JSON or custom JSONL file")
+    data.add_argument("--num-prompts", type=int, default=1000)
+    data.add_argument("--random-input-len", "--input-len", type=int, default=1024)
+    data.add_argument("--random-output-len", "--output-len", type=int, default=128)
+    data.add_argument("--random-range-ratio", type=float, default=0.0)
+    data.add_argument("--random-prefix-len", type=int, default=0)
+    data.add_argument("--sharegpt-output-len", type=int, default=None)
+    data.add_argument("--custom-output-len", type=int, default=256)
+    data.add_argument("--custom-skip-chat-template", action="store_true")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--request-id-prefix", default="bench-")
+
+    load = parser.add_argument_group("load")
+    load.add_argument("--request-rate", type=float, default=float("inf"),
+                      help="requests per second (inf: all at t=0)")
+    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson arrivals")
+    load.add_argument("--max-concurrency", type=int, default=None, help="client-side cap on requests in flight")
+    load.add_argument("--num-warmups", type=int, default=0)
+    load.add_argument("--ignore-eos", action="store_true")
+    load.add_argument("--temperature", type=float, default=None)
+    load.add_argument("--top-p", type=float, default=None)
+    load.add_argument("--top-k", type=int, default=None)
+    load.add_argument("--min-p", type=float, default=None)
+    load.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request")
+
+    out = parser.add_argument_group("results")
+    out.add_argument("--percentile-metrics", default="ttft,tpot,itl", help="subset of ttft,tpot,itl,e2el")
+    out.add_argument("--metric-percentiles", default="99", help='e.g. "50,90,99"')
+    out.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
+    out.add_argument("--save-result", action="store_true")
+    out.add_argument("--save-detailed", action="store_true", help="also save per-request arrays")
+    out.add_argument("--result-dir", default=None)
+    out.add_argument("--result-filename", default=None)
+    out.add_argument("--label", default=None)
+    out.add_argument("--metadata", nargs="*", default=None, metavar="KEY=VALUE")
+    out.add_argument("--disable-tqdm", action="store_true")
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    sweep = parser.add_argument_group("sweep")
+    axis = sweep.add_mutually_exclusive_group(required=True)
+    axis.add_argument("--concurrencies", help="comma-separated --max-concurrency values, e.g. 1,8,64")
+    axis.add_argument("--request-rates", help="comma-separated --request-rate values, e.g. 1,4,16")
+    sweep.add_argument("--server-cmd", default=None,
+                       help='start a server per setting, e.g. "hybridserve serve tiny --port {port} '
+                            '--max-num-seqs {concurrency}"; {port} gets a free port')
+    sweep.add_argument("--server-ready-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    sweep.add_argument("--output-dir", default="bench_results/sweep")
+    sweep.add_argument("--slo-tpot-ms", type=float, default=None)
+    sweep.add_argument("--slo-ttft-ms", type=float, default=None)
+    sweep.add_argument("--slo-stat", choices=["mean", "median", "p99"], default="median",
+                       help="which statistic the SLOs apply to")
+
+
+def _run_serve(args) -> int:
+    from hybridserve.bench.serve import main
+
+    return main(args)
+
+
+def _run_sweep(args) -> int:
+    from hybridserve.bench.sweep import main
+
+    return main(args)
+
+
+def register(subparsers) -> None:
+    """Add `bench serve` and `bench sweep` to the top-level CLI."""
+    bench = subparsers.add_parser("bench", help="serving benchmarks")
+    commands = bench.add_subparsers(dest="bench_command", required=True)
+    serve = commands.add_parser("serve", help="benchmark a running OpenAI-compatible server")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_run_serve)
+    sweep = commands.add_parser("sweep", help="bench serve over several concurrencies or rates, with plots")
+    add_serve_arguments(sweep)
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=_run_sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: `python -m hybridserve.bench.cli {serve,sweep} ...`."""
+    parser = argparse.ArgumentParser(prog="hybridserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Benchmark prompts: random (exact token lengths), ShareGPT JSON and custom JSONL.
+
+The random dataset follows `vllm bench serve`: lengths drawn uniformly around the nominal value,
+prompt ids a run of consecutive non-special vocabulary ids, then decoded to text and re-encoded
+until the token count is exact (the text is what gets sent).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class SampleRequest:
+    """One prompt to send: the text, its length in the client's tokenizer and the token budget."""
+
+    prompt: str
+    prompt_len: int
+    expected_output_len: int
+    request_id: str = ""
+
+
+class DatasetError(ValueError):
+    """Bad dataset options or a dataset file that cannot be used."""
+
+
+def load_tokenizer(name_or_path: str):
+    """A hybridserve preset name or a checkpoint path -> a Hugging Face tokenizer.
+
+    Uses `hybridserve.tokenizer.load_tokenizer` when that module exists (it knows the presets),
+    else `transformers.AutoTokenizer`.
+    """
+    if importlib.util.find_spec("hybridserve.tokenizer") is not None:
+        from hybridserve.tokenizer import load_tokenizer as load_hybridserve_tokenizer
+
+        return load_hybridserve_tokenizer(name_or_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def allowed_token_ids(tokenizer) -> np.ndarray:
+    """Vocabulary ids without the special ones (they would decode to markup)."""
+    special = set(tokenizer.all_special_ids)
+    return np.array([i for i in range(tokenizer.vocab_size) if i not in special], dtype=np.int64)
+
+
+def decode_to_target_len(
+    tokenizer,
+    token_ids: list[int],
+    target_len: int,
+    rng: np.random.Generator,
+    allowed: np.ndarray,
+    max_retry: int = 10,
+) -> tuple[str, list[int], int]:
+    """Decode ids to text, re-encode, and truncate or pad until the text is `target_len` tokens.
+
+    Some runs of ids re-tokenize differently once decoded (merges across token boundaries), so
+    the text is fixed up: too long -> truncate the ids, too short -> append random allowed ids.
+    Returns (text, its token ids, leftover mismatch after `max_retry` rounds; 0 when exact).
+    """
+    for attempt in range(max_retry + 1):
+        text = tokenizer.decode(token_ids)
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        mismatch = len(token_ids) - target_len
+        if mismatch == 0 or attempt == max_retry:
+            return text, token_ids, mismatch
+        if mismatch > 0:
+            token_ids = token_ids[:target_len]
+        else:
+            extra = allowed[rng.integers(0, len(allowed), size=-mismatch)]
+            token_ids = token_ids + extra.tolist()
+    raise AssertionError("unreachable")
+
+
+def sample_random(
+    tokenizer,
+    num_prompts: int,
+    input_len: int = 1024,
+    output_len: int = 128,
+    range_ratio: float = 0.0,
+    prefix_len: int = 0,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """Synthetic prompts of exact token lengths (vLLM's `random` dataset)."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise DatasetError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+    real_input_len = max(0, input_len - int(tokenizer.num_special_tokens_to_add()))
+    in_low = math.floor(real_input_len * (1 - range_ratio))
+    in_high = math.ceil(real_input_len * (1 + range_ratio))
+    out_low = max(1, math.floor(output_len * (1 - range_ratio)))
+    out_high = max(1, math.ceil(output_len * (1 + range_ratio)))
+    if prefix_len + in_low < 1:
+        raise DatasetError(
+            f"--random-input-len {input_len} is too small: the shortest prompt would have "
+            f"{prefix_len + in_low} tokens"
+        )
+    input_lens = rng.integers(in_low, in_high + 1, size=num_prompts)
+    output_lens = rng.integers(out_low, out_high + 1, size=num_prompts)
+    offsets = rng.integers(0, tokenizer.vocab_size, size=num_prompts)
+
+    allowed = allowed_token_ids(tokenizer)
+    prefix = allowed[rng.integers(0, len(allowed), size=prefix_len)].tolist() if prefix_len else []
+    requests, total_mismatch = [], 0
+    for i in range(num_prompts):
+        body = allowed[(offsets[i] + i + np.arange(input_lens[i])) % len(allowed)].tolist()
+        text, ids, mismatch = decode_to_target_len(
+            tokenizer, prefix + body, prefix_len + int(input_lens[i]), rng, allowed
+        )
+        total_mismatch += mismatch
+        requests.append(SampleRequest(text, len(ids), int(output_lens[i])))
+    if total_mismatch:
+        print(
+            f"WARNING: after decode/re-encode the prompts have {abs(total_mismatch)} "
+            f"{'more' if total_mismatch > 0 else 'fewer'} tokens in total than requested."
+        )
+    return requests
+
+
+def _is_valid_sharegpt_pair(prompt_len: int, output_len: int, fixed_output: bool) -> bool:
+    """vLLM's filter: drop tiny turns and anything past 1024 prompt / 2048 total tokens."""
+    too_short = prompt_len < 4 or (not fixed_output and output_len < 4)
+    return not too_short and prompt_len <= 1024 and prompt_len + output_len <= 2048
+
+
+def sample_sharegpt(
+    tokenizer, path: str, num_prompts: int, output_len: int | None = None, seed: int = 0
+) -> list[SampleRequest]:
+    """First human turn as prompt; the reply's token count as budget unless `output_len` is set."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read ShareGPT file {path}: {e}") from e
+    entries = [e for e in entries if len(e.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(entries)
+    requests: list[SampleRequest] = []
+    for entry in entries:
+        if len(requests) == num_prompts:
+            break
+        prompt = entry["conversations"][0]["value"]
+        reply = entry["conversations"][1]["value"]
+        prompt_len = len(tokenizer.encode(prompt))
+        budget = output_len if output_len is not None else len(tokenizer.encode(reply))
+        if _is_valid_sharegpt_pair(prompt_len, budget, output_len is not None):
+            requests.append(SampleRequest(prompt, prompt_len, budget))
+    if not requests:
+        raise DatasetError(f"no usable conversations in {path}")
+    return _cycle_to(requests, num_prompts)
+
+
+def sample_custom(
+    tokenizer,
+    path: str,
+    num_prompts: int,
+    output_len: int = 256,
+    skip_chat_template: bool = False,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """A JSONL file of {"prompt": ...} lines; the chat template is applied if the tokenizer has one."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read custom JSONL file {path}: {e}") from e
+    if not rows or any("prompt" not in row for row in rows):
+        raise DatasetError(f"{path}: every line must be a JSON object with a 'prompt' field")
+    random.Random(seed).shuffle(rows)
+    use_template = not skip_chat_template and getattr(tokenizer, "chat_template", None)
+    requests = []
+    for row in rows[:num_prompts]:
+        prompt = row["prompt"]
+        if use_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        requests.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len))
+    return _cycle_to(requests, num_prompts)
+
+
+def _cycle_to(requests: list[SampleRequest], num_prompts: int) -> list[SampleRequest]:
+    """Repeat the prompts in order when the file has fewer than asked for."""
+    return [requests[i % len(requests)] for i in range(num_prompts)]
+
+
+def sample_requests(args, tokenizer) -> list[SampleRequest]:
+    """Build the dataset the command line asks for; ids are `<prefix><index>`."""
+    if args.num_prompts < 1:
+        raise DatasetError("--num-prompts must be at least 1")
+    if args.dataset_name == "random":
+        if args.dataset_path:
+            raise DatasetError("--dataset-path cannot be used with --dataset-name random")
+        requests = sample_random(
+            tokenizer,
+            args.num_prompts,
+            input_len=args.random_input_len,
+            output_len=args.random_output_len,
+            range_ratio=args.random_range_ratio,
+            prefix_len=args.random_prefix_len,
+            seed=args.seed,
+        )
+    elif not args.dataset_path:
+        raise DatasetError(f"--dataset-name {args.dataset_name} needs --dataset-path")
+    elif args.dataset_name == "sharegpt":
+        requests = sample_sharegpt(
+            tokenizer, args.dataset_path, args.num_prompts, args.sharegpt_output_len, args.seed
+        )
+    else:
+        requests = sample_custom(
+            tokenizer,
+            args.dataset_path,
+            args.num_prompts,
+            args.custom_output_len,
+            args.custom_skip_chat_template,
+            args.seed,
+        )
+    return [
+        SampleRequest(r.prompt, r.prompt_len, r.expected_output_len, f"{args.request_id_prefix}{i}")
+        for i, r in enumerate(requests)
+    ]

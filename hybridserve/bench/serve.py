@@ -1,0 +1,340 @@
+"""`hybridserve bench serve`: drive an OpenAI-compatible server and report vLLM-comparable numbers.
+
+Flow: ask the server what it serves (`/v1/models`), load the tokenizer, build the prompts (and
+check their length against the server's `/tokenize`), send warmups, then send every request
+following the arrival process under the client-side concurrency cap, and report. Anything that
+makes the numbers meaningless (unreachable server, unknown model, failed warmup) raises
+`BenchError`; `main` turns it into one clear line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from hybridserve.bench.datasets import DatasetError, SampleRequest, load_tokenizer, sample_requests
+from hybridserve.bench.metrics import GOODPUT_METRICS, calculate_metrics
+from hybridserve.bench.report import DETAIL_FIELDS, format_report, metric_fields, result_filename
+from hybridserve.bench.request import RequestInput, error_text, send_request
+
+SESSION_TIMEOUT = aiohttp.ClientTimeout(total=6 * 60 * 60)
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+class BenchError(RuntimeError):
+    """A run that cannot produce meaningful numbers; the message says why and what to check."""
+
+
+def server_urls(args) -> tuple[str, str]:
+    """(base URL, full API URL) from --base-url or --host/--port, and --endpoint."""
+    base = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
+    endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+    return base, base + endpoint
+
+
+def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
+    """`ttft:500 tpot:50` -> {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
+    slos = {}
+    for pair in pairs or []:
+        name, _, value = pair.partition(":")
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            raise BenchError(f"--goodput expects KEY:MILLISECONDS pairs, got {pair!r}") from None
+        if name not in GOODPUT_METRICS or slos[name] < 0:
+            raise BenchError(f"--goodput: {pair!r}: the key must be one of {GOODPUT_METRICS}, the value >= 0")
+    return slos
+
+
+def parse_percentiles(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise BenchError(f"--metric-percentiles expects numbers like 50,90,99, got {text!r}") from None
+    if any(not 0 <= p <= 100 for p in values):
+        raise BenchError(f"--metric-percentiles must lie in [0, 100], got {text!r}")
+    return values
+
+
+def parse_percentile_metrics(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in PERCENTILE_METRICS]
+    if unknown:
+        raise BenchError(f"--percentile-metrics: unknown {unknown}; choose from {PERCENTILE_METRICS}")
+    return names
+
+
+def arrival_offsets(num: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
+    """Send time of each request, seconds after the start.
+
+    Gaps ~ Gamma(shape=burstiness, scale=1/(rate*burstiness)) (burstiness 1 = Poisson), then
+    rescaled so the last request goes out at exactly num/rate; rate inf sends all at t=0.
+    """
+    if math.isinf(rate):
+        return np.zeros(num)
+    if math.isinf(burstiness):
+        gaps = np.full(num, 1.0 / rate)
+    else:
+        gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=num)
+    offsets = np.cumsum(gaps)
+    return offsets * (num / rate) / offsets[-1] if offsets[-1] > 0 else offsets
+
+
+async def fetch_models(session: aiohttp.ClientSession, base_url: str) -> list[dict] | None:
+    """The server's `/v1/models` entries; None if it does not answer that route."""
+    url = f"{base_url}/v1/models"
+    try:
+        async with session.get(url) as resp:
+            if resp.status != 200:
+                return None
+            return (await resp.json()).get("data") or []
+    except aiohttp.ClientConnectorError as e:
+        raise BenchError(f"cannot reach the server at {base_url}: {e.os_error or e}. Is it running?") from None
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        raise BenchError(f"GET {url} failed: {type(e).__name__}: {e}") from None
+
+
+def choose_model(requested: str | None, models: list[dict] | None, base_url: str) -> tuple[str, dict | None]:
+    """The model name to send and the server's entry for it; unknown names fail early."""
+    served = [m.get("id") for m in models or []]
+    if requested is None:
+        if not served:
+            raise BenchError(f"--model not given and {base_url}/v1/models lists no model")
+        return served[0], models[0]
+    if models is not None and requested not in served:
+        raise BenchError(f"model {requested!r} is not served at {base_url}; it serves: {', '.join(served) or 'nothing'}")
+    entry = next((m for m in models or [] if m.get("id") == requested), None)
+    return requested, entry
+
+
+async def align_to_server_tokenizer(
+    session: aiohttp.ClientSession, base_url: str, model: str, requests: list[SampleRequest]
+) -> list[SampleRequest]:
+    """Check the first prompt's length with the server's `/tokenize`; re-truncate all on mismatch."""
+
+    async def post(route: str, body: dict) -> dict:
+        async with session.post(f"{base_url}/{route}", json={"model": model, **body}) as resp:
+            if resp.status != 200:
+                raise BenchError(f"/{route}: HTTP {resp.status}: {error_text(await resp.text())}")
+            return await resp.json()
+
+    try:
+        first = (await post("tokenize", {"prompt": requests[0].prompt, "add_special_tokens": False}))["tokens"]
+    except (BenchError, aiohttp.ClientError, KeyError, ValueError) as e:
+        print(f"WARNING: could not check prompt lengths with the server's /tokenize ({e}); carrying on.")
+        return requests
+    if len(first) == requests[0].prompt_len:
+        return requests
+    print(
+        f"WARNING: tokenizer mismatch: the server counts {len(first)} tokens in the first prompt, "
+        f"the client {requests[0].prompt_len}; re-aligning prompts with /tokenize + /detokenize."
+    )
+
+    async def realign(request: SampleRequest) -> SampleRequest:
+        tokens = (await post("tokenize", {"prompt": request.prompt, "add_special_tokens": False}))["tokens"]
+        if len(tokens) <= request.prompt_len:
+            return request
+        text = (await post("detokenize", {"tokens": tokens[: request.prompt_len]}))["prompt"]
+        return replace(request, prompt=text)
+
+    return list(await asyncio.gather(*(realign(r) for r in requests)))
+
+
+def sampling_fields(args) -> dict:
+    """Sampling options given on the command line plus --extra-body (None = server default)."""
+    fields = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+    }
+    return {k: v for k, v in fields.items() if v is not None} | (args.extra_body or {})
+
+
+async def run_requests(args, api_url: str, model: str, requests: list[SampleRequest], ignore_eos: bool):
+    """Warmups, then the timed run. Returns (outputs in request order, duration in seconds)."""
+    limit = args.max_concurrency or 0
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)
+    semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
+    extra_body = sampling_fields(args)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=SESSION_TIMEOUT, trust_env=True) as session:
+
+        async def limited(request: SampleRequest, arrival: float, progress: tqdm | None):
+            req = RequestInput(request.prompt, request.prompt_len, request.expected_output_len, request.request_id)
+            async with semaphore:
+                output = await send_request(session, api_url, args.backend, model, req, ignore_eos, extra_body)
+            output.client_queue_time = output.start_time - arrival
+            if progress is not None:
+                progress.update(1)
+            return output
+
+        if args.num_warmups > 0:
+            print(f"Warming up with {args.num_warmups} requests...")
+            warmups = await asyncio.gather(
+                *(limited(requests[0], time.perf_counter(), None) for _ in range(args.num_warmups))
+            )
+            if failed := [w for w in warmups if not w.success]:
+                raise BenchError(f"{len(failed)} of {len(warmups)} warmup requests failed: {failed[0].error}")
+            print("Warmup run completed.")
+
+        rng = np.random.default_rng(args.seed)
+        offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, rng)
+        print(f"Traffic request rate: {args.request_rate}")
+        process = "Poisson process" if args.burstiness == 1.0 else "Gamma distribution"
+        print(f"Burstiness factor: {args.burstiness} ({process})")
+        print(f"Maximum request concurrency: {args.max_concurrency}")
+        progress = tqdm(total=len(requests), disable=args.disable_tqdm)
+        start = time.perf_counter()
+        tasks = []
+        for request, offset in zip(requests, offsets):
+            if (wait := start + offset - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(limited(request, time.perf_counter(), progress)))
+        outputs = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        progress.close()
+    return outputs, duration
+
+
+def validate(args) -> None:
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise BenchError("--max-concurrency must be at least 1")
+    if args.request_rate <= 0:
+        raise BenchError("--request-rate must be > 0 (inf sends everything at once)")
+    if args.burstiness <= 0:
+        raise BenchError("--burstiness must be > 0")
+    if args.num_warmups < 0:
+        raise BenchError("--num-warmups must be >= 0")
+
+
+async def run_benchmark(args) -> dict:
+    """One benchmark run; prints progress and the report, returns the result JSON dict."""
+    validate(args)
+    goodput_slos = parse_goodput(args.goodput)
+    percentiles = parse_percentiles(args.metric_percentiles)
+    selected_metrics = parse_percentile_metrics(args.percentile_metrics)
+    base_url, api_url = server_urls(args)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        model, server_model = choose_model(args.model, await fetch_models(session, base_url), base_url)
+        tokenizer_id = args.tokenizer or model
+        try:
+            tokenizer = load_tokenizer(tokenizer_id)
+        except Exception as e:  # any loader failure: say which tokenizer and why
+            raise BenchError(f"cannot load tokenizer {tokenizer_id!r}: {type(e).__name__}: {e}") from None
+        try:
+            requests = sample_requests(args, tokenizer)
+        except DatasetError as e:
+            raise BenchError(str(e)) from None
+        if args.dataset_name == "random":
+            requests = await align_to_server_tokenizer(session, base_url, model, requests)
+
+    ignore_eos = args.ignore_eos
+    if args.dataset_name == "random" and not ignore_eos:
+        print("Note: the random dataset ignores EOS (as vLLM does) so outputs reach their requested length.")
+        ignore_eos = True
+    if args.temperature is None:
+        print("Note: no --temperature given; the server's default sampling applies (as in vLLM).")
+
+    outputs, duration = await run_requests(args, api_url, model, requests, ignore_eos)
+    metrics = calculate_metrics(
+        outputs,
+        duration,
+        percentiles,
+        goodput_slos,
+        count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+        max_concurrency=args.max_concurrency,
+        request_rate=args.request_rate,
+    )
+    print(format_report(metrics, duration, selected_metrics, args.max_concurrency, args.request_rate, bool(goodput_slos)))
+    errors = [o.error for o in outputs if not o.success]
+    if errors:
+        print(f"Failed requests: {len(errors)} of {len(outputs)}. First errors (up to 10):")
+        for i, error in enumerate(errors[:10]):
+            print(f"  Error {i}: {error}")
+
+    date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = {
+        "date": date,
+        "endpoint_type": args.backend,
+        "backend": args.backend,
+        "label": args.label,
+        "model_id": model,
+        "tokenizer_id": tokenizer_id,
+        "num_prompts": args.num_prompts,
+        **dict(item.split("=", 1) for item in args.metadata or [] if "=" in item),
+        "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "duration": duration,
+        "completed": metrics.completed,
+        "failed": metrics.failed,
+        "total_input_tokens": metrics.total_input,
+        "total_output_tokens": metrics.total_output,
+        "request_throughput": metrics.request_throughput,
+        "request_goodput": metrics.request_goodput if goodput_slos else None,
+        "output_throughput": metrics.output_throughput,
+        "total_token_throughput": metrics.total_token_throughput,
+        "input_lens": [o.prompt_len for o in outputs],
+        "output_lens": metrics.output_lens,
+        "ttfts": [o.ttft for o in outputs],
+        "itls": [o.itl for o in outputs],
+        "latencies": [o.latency for o in outputs],
+        "start_times": [o.start_time for o in outputs],
+        "queue_times": [o.client_queue_time for o in outputs],
+        "generated_texts": [o.generated_text for o in outputs],
+        "errors": [o.error for o in outputs],
+        "max_output_tokens_per_s": metrics.max_output_tokens_per_s,
+        "max_concurrent_requests": metrics.max_concurrent_requests,
+        "rtfx": 0.0,
+        **metric_fields(metrics, selected_metrics),
+        "command": shlex.join(sys.argv),
+        "server_model": server_model,
+        "first_errors": errors[:10],
+    }
+    if not args.save_detailed:
+        result = {k: v for k, v in result.items() if k not in DETAIL_FIELDS}
+    if args.save_result:
+        name = args.result_filename or result_filename(
+            args.label or args.backend, args.request_rate, args.max_concurrency, model, date
+        )
+        path = Path(args.result_dir or ".") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+        print(f"Result saved to {path}")
+    return result
+
+
+def run_exit_code(result: dict) -> int:
+    """0 only when every request succeeded."""
+    return 0 if result["failed"] == 0 and result["completed"] > 0 else 1
+
+
+def main(args) -> int:
+    """CLI entry of `bench serve`: the run's exit code; errors as one line on stderr."""
+    try:
+        result = asyncio.run(run_benchmark(args))
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    code = run_exit_code(result)
+    if code:
+        print(f"error: {result['failed']} of {result['failed'] + result['completed']} requests failed "
+              "(see the errors above); these numbers are not a valid measurement.", file=sys.stderr)
+    return code

@@ -1,0 +1,244 @@
+"""The two frozen configurations: what the model is (`ModelConfig`) and how we serve it (`EngineConfig`).
+
+`ModelConfig.from_hf` reads a NemotronH `config.json` from a checkpoint directory, or a preset
+shipped in `hybridserve/presets/<name>/`. Values measured at start-up (KV blocks, state slots) are
+never written back here: the model runner returns them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+_BLOCK_TYPE_TO_CHAR = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
+
+# Old (remote-code era) spellings -> the names we use.
+_KEY_ALIASES = {
+    "mamba_n_heads": "mamba_num_heads",
+    "mamba_d_head": "mamba_head_dim",
+    "mamba_d_state": "ssm_state_size",
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_conv_bias": "use_conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "rms_norm_eps": "layer_norm_epsilon",
+}
+
+
+class ConfigError(ValueError):
+    """A config.json (or preset) that cannot describe a NemotronH model; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layer_types: str  # one char per layer: M mamba, * attention, E moe, - dense mlp
+    vocab_size: int
+    hidden_size: int
+    # attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    # mamba-2
+    mamba_num_heads: int
+    mamba_head_dim: int
+    ssm_state_size: int
+    n_groups: int
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    use_conv_bias: bool = True
+    # moe / mlp
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_shared_expert_intermediate_size: int = 0
+    n_shared_experts: int = 1
+    intermediate_size: int = 0
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    # misc
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int = 0
+    max_position_embeddings: int = 262144
+    torch_dtype: str = "bfloat16"
+    mamba_ssm_cache_dtype: str = "float32"
+    quantization: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    # where it came from: a checkpoint directory or a preset directory
+    path: str | None = None
+    preset: str | None = None
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def in_proj_dim(self) -> int:
+        return self.d_inner + self.conv_dim + self.mamba_num_heads
+
+    def layers_of(self, char: str) -> list[int]:
+        """Indices of the layers of one type ('M', '*', 'E' or '-')."""
+        return [i for i, c in enumerate(self.layer_types) if c == char]
+
+    @property
+    def has_weights(self) -> bool:
+        """A checkpoint directory with safetensors files (presets have none)."""
+        return self.path is not None and any(Path(self.path).glob("*.safetensors"))
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_preset: str | os.PathLike) -> ModelConfig:
+        """Read `config.json` from a checkpoint directory, or load a preset by name."""
+        p = Path(path_or_preset)
+        preset = None
+        if not p.exists() and (PRESETS_DIR / str(path_or_preset)).is_dir():
+            preset = str(path_or_preset)
+            p = PRESETS_DIR / preset
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            names = ", ".join(sorted(d.name for d in PRESETS_DIR.iterdir() if d.is_dir()))
+            raise ConfigError(f"{path_or_preset!s}: no config.json there and no preset of that name (presets: {names})")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from e
+        return cls.from_dict(raw, path=str(p.parent), preset=preset)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str | None = None, preset: str | None = None) -> ModelConfig:
+        d = dict(raw)
+        for old, new in _KEY_ALIASES.items():
+            if old in d and new not in d:
+                d[new] = d.pop(old)
+        model_type = d.get("model_type")
+        if model_type not in (None, "nemotron_h"):
+            raise ConfigError(f"model_type is {model_type!r}; hybridserve serves NemotronH ('nemotron_h') only")
+        d["layer_types"] = _layer_pattern(d)
+        if "n_routed_experts" not in d and "num_experts" in d:
+            d["n_routed_experts"] = d["num_experts"]
+        eos = d.get("eos_token_id", 2)
+        d["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        if d.get("head_dim") is None and d.get("num_attention_heads"):
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        d["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16").replace("torch.", "")
+        d["mamba_ssm_cache_dtype"] = str(d.get("mamba_ssm_cache_dtype") or "float32").replace("torch.", "")
+        d["quantization"] = d.get("quantization_config")
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"config is missing required keys: {', '.join(missing)}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known and k not in ("path", "preset")}, path=path, preset=preset)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.num_layers > 0, "the layer pattern is empty")
+        need(set(self.layer_types) <= set(LAYER_TYPES), f"unknown layer type in pattern {self.layer_types!r}")
+        need(self.vocab_size > 0 and self.hidden_size > 0, "vocab_size and hidden_size must be positive")
+        if "*" in self.layer_types:
+            need(
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})",
+            )
+        if "M" in self.layer_types:
+            need(
+                self.mamba_num_heads % self.n_groups == 0,
+                f"mamba_num_heads ({self.mamba_num_heads}) must be a multiple of n_groups ({self.n_groups})",
+            )
+            need(self.conv_kernel >= 2, "conv_kernel must be >= 2")
+        if "E" in self.layer_types:
+            need(
+                0 < self.num_experts_per_tok <= self.n_routed_experts,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, n_routed_experts={self.n_routed_experts}]",
+            )
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+        if "-" in self.layer_types:
+            need(self.intermediate_size > 0, "intermediate_size must be positive for '-' (dense MLP) layers")
+        need(
+            self.mamba_ssm_cache_dtype in ("float32", "bfloat16", "float16"),
+            f"mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r} must be float32, bfloat16 or float16",
+        )
+
+
+def _layer_pattern(d: dict[str, Any]) -> str:
+    """The per-layer type string, from `hybrid_override_pattern` or `layers_block_type`."""
+    pattern = d.get("hybrid_override_pattern")
+    block_types = d.get("layers_block_type")
+    if pattern is None and block_types is not None:
+        try:
+            pattern = "".join(_BLOCK_TYPE_TO_CHAR[t] for t in block_types)
+        except KeyError as e:
+            raise ConfigError(f"layers_block_type has unknown entry {e.args[0]!r}") from None
+    if pattern is None:
+        raise ConfigError("config has neither hybrid_override_pattern nor layers_block_type")
+    bad = set(pattern) - set(LAYER_TYPES)
+    if bad:
+        raise ConfigError(f"hybrid_override_pattern has unknown layer types {sorted(bad)} (known: M * E -)")
+    n = d.get("num_hidden_layers")
+    if n is not None and n != len(pattern):
+        raise ConfigError(f"num_hidden_layers is {n} but the layer pattern has {len(pattern)} entries")
+    return pattern
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to serve: sizes, dtypes, devices. Built by the CLI or `LLM(...)`."""
+
+    model: str = "tiny"  # checkpoint directory or preset name
+    tokenizer: str | None = None  # defaults to the model's
+    served_model_name: str | None = None
+    load_format: str = "auto"  # auto | dummy
+    dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    seed: int = 0
+    max_model_len: int | None = None  # default: min(model max, 8192)... see resolved_max_model_len
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
+    kv_cache_dtype: str = "auto"  # auto | fp8
+    mamba_ssm_cache_dtype: str = "auto"  # auto (config's) | float32 | bfloat16 | float16
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.load_format in ("auto", "dummy"), f"load_format must be auto or dummy, not {self.load_format!r}")
+        need(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}")
+        need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+        need(
+            self.mamba_ssm_cache_dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}",
+        )
+        need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
+        need(self.block_size >= 1, "block_size must be >= 1")
+        need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet")

@@ -1,0 +1,82 @@
+"""HybridCache: the device tensors that carry state between model steps.
+
+Only attention layers keep keys/values (paged); Mamba layers keep a fixed-size state per live
+sequence (one slot each). The engine decides which pages and slot a sequence owns; this class only
+holds the memory and says how big things are.
+
+Layout (letters: S slots, NB pages, BS page size, K conv kernel, C conv channels, H Mamba heads,
+P head dim, N state size, Hkv kv heads, D head dim):
+  conv_state [L_mamba, S, K-1, C]        model dtype; the last K-1 raw (pre-conv) xBC rows
+  ssm_state  [L_mamba, S, H, P, N]       float32 by default (bfloat16 / float16 allowed)
+  kv         [L_attn, 2, NB, BS, Hkv, D] model dtype; [:, 0] keys, [:, 1] values
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybridserve.config import ModelConfig
+
+
+@dataclass
+class HybridCache:
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+    kv: torch.Tensor
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        num_slots: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> HybridCache:
+        n_mamba = len(config.layers_of("M"))
+        n_attn = len(config.layers_of("*"))
+        conv = torch.zeros(n_mamba, num_slots, config.conv_kernel - 1, config.conv_dim, dtype=dtype, device=device)
+        ssm = torch.zeros(
+            n_mamba, num_slots, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
+            dtype=ssm_dtype, device=device,
+        )
+        kv = torch.zeros(
+            n_attn, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device
+        )
+        return cls(conv_state=conv, ssm_state=ssm, kv=kv, block_size=block_size)
+
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+        """Mamba state bytes of one sequence over all Mamba layers."""
+        n_mamba = len(config.layers_of("M"))
+        conv = (config.conv_kernel - 1) * config.conv_dim * _itemsize(dtype)
+        ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * _itemsize(ssm_dtype)
+        return n_mamba * (conv + ssm)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
+        """KV bytes of one page over all attention layers."""
+        n_attn = len(config.layers_of("*"))
+        return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * _itemsize(kv_dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.ssm_state.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[2]
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Duplicate one sequence's Mamba state (n > 1: the prompt is prefilled once)."""
+        self.conv_state[:, dst].copy_(self.conv_state[:, src])
+        self.ssm_state[:, dst].copy_(self.ssm_state[:, src])
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,22 @@
+"""Reference ops: plain PyTorch, CPU-runnable, float32 math. They are the specification: every
+Triton kernel in `hybridserve/ops/triton/` has the same name, signature and docstring and is tested
+against its twin here."""
+
+from hybridserve.ops.reference.attention import paged_attention, store_kv
+from hybridserve.ops.reference.conv import causal_conv1d, causal_conv1d_update
+from hybridserve.ops.reference.moe import fused_moe, moe_route
+from hybridserve.ops.reference.norm import gated_rms_norm, rms_norm
+from hybridserve.ops.reference.ssd import selective_state_update, ssd_varlen
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "fused_moe",
+    "gated_rms_norm",
+    "moe_route",
+    "paged_attention",
+    "rms_norm",
+    "selective_state_update",
+    "ssd_varlen",
+    "store_kv",
+]

@@ -1,0 +1,184 @@
+"""Depthwise causal conv1d + SiLU of the Mamba-2 mixer, over packed ragged sequences.
+
+The conv state of a sequence is its last K-1 *raw* (pre-conv) input rows, kept in a slot of
+`conv_state [S, K-1, C]`. Sequences without initial state start from zeros.
+
+Triton: the prefill conv is a grid over (token tile, channel tile); each token finds its sequence
+through a [T] index, so one long prompt fills the GPU as well as many short ones. The final states
+are written by a second launch, after every read of the old state. The decode update reads the
+window, writes the shifted state and the output in one pass (memory-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_varlen_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, seq_idx_ptr, cu_ptr, slots_ptr, init_ptr,
+    T, C, stride_x, stride_out, stride_ss, stride_sk,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask = ts < T
+    cmask = cs < C
+    seq = tl.load(seq_idx_ptr + ts, mask=tmask, other=0)
+    start = tl.load(cu_ptr + seq, mask=tmask, other=0)
+    slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
+    has_init = tl.load(init_ptr + seq, mask=tmask, other=0) != 0
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(KW):
+        src = ts - (KW - 1) + k  # source row of this tap; < start means "from the carried state"
+        in_seq = src >= start
+        xv = tl.load(
+            x_ptr + src.to(tl.int64)[:, None] * stride_x + cs[None, :],
+            mask=(tmask & in_seq)[:, None] & cmask[None, :], other=0.0,
+        )
+        srow = (KW - 1) + src - start  # row of the state window, valid when not in_seq
+        sv = tl.load(
+            state_ptr + slot[:, None] * stride_ss + srow[:, None] * stride_sk + cs[None, :],
+            mask=(tmask & ~in_seq & has_init)[:, None] & cmask[None, :], other=0.0,
+        )
+        xv = tl.where(in_seq[:, None], xv, sv.to(xv.dtype))
+        wk = tl.load(w_ptr + cs * KW + k, mask=cmask, other=0.0).to(tl.float32)
+        acc += xv.to(tl.float32) * wk[None, :]
+    y = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + ts.to(tl.int64)[:, None] * stride_out + cs[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_state_kernel(
+    x_ptr, state_ptr, cu_ptr, slots_ptr, init_ptr,
+    C, stride_x, stride_ss, stride_sk,
+    KW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """New state rows j = 0..K-2: row L+j of the window (old state rows, then the sequence's rows)."""
+    b = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    start = tl.load(cu_ptr + b)
+    length = tl.load(cu_ptr + b + 1) - start
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    has_init = tl.load(init_ptr + b) != 0
+    base = state_ptr + slot * stride_ss + cs
+    # row j takes window row L+j > j, which is still unwritten: in-order load/store is safe
+    for j in tl.static_range(KW - 1):
+        w = length + j  # window row
+        from_x = w >= KW - 1
+        xv = tl.load(x_ptr + (start + w - (KW - 1)).to(tl.int64) * stride_x + cs, mask=cmask & from_x, other=0.0)
+        sv = tl.load(base + w * stride_sk, mask=cmask & ~from_x & has_init, other=0.0).to(xv.dtype)
+        tl.store(base + j * stride_sk, tl.where(from_x, xv, sv).to(state_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, slots_ptr,
+    C, stride_x, stride_out, stride_ss, stride_sk,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    base = state_ptr + slot * stride_ss + cs
+    x = tl.load(x_ptr + b.to(tl.int64) * stride_x + cs, mask=cmask, other=0.0)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+    # row k-1 takes old row k, read just before: in-order load/store is safe
+    for k in tl.static_range(KW - 1):
+        cur = tl.load(base + k * stride_sk, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty)
+        acc += cur.to(tl.float32) * tl.load(w_ptr + cs * KW + k, mask=cmask, other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(base + (k - 1) * stride_sk, cur.to(state_ptr.dtype.element_ty), mask=cmask)
+    acc += x.to(tl.float32) * tl.load(w_ptr + cs * KW + KW - 1, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(base + (KW - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=cmask)
+    y = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b.to(tl.int64) * stride_out + cs, y.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _check_state(x, weight, conv_state, state_slots):
+    c, k = weight.shape
+    assert x.dim() == 2 and x.shape[1] == c and x.stride(-1) == 1, "x must be [T, C] with contiguous rows"
+    assert weight.is_contiguous()
+    assert conv_state.dim() == 3 and conv_state.shape[1:] == (k - 1, c) and conv_state.stride(-1) == 1
+    assert state_slots.dim() == 1
+    return c, k
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    conv_state: torch.Tensor,
+    state_slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+) -> torch.Tensor:
+    """Causal conv over each sequence of a packed batch, then SiLU.
+
+    x: [T, C] raw xBC rows of all sequences; weight: [C, K]; bias: [C] or None;
+    cu_seqlens: [B+1] int32; conv_state: [S, K-1, C], read for sequences with has_initial_state and
+    updated in place for every sequence (its last K-1 raw rows, older state shifted in when the
+    sequence is shorter than K-1); state_slots: [B] int64; has_initial_state: [B] bool.
+    Returns [T, C] in x's dtype: out[t] = silu(bias + sum_k weight[:, k] * window[t + k]) where the
+    window is the K-1 state rows followed by the sequence's rows.
+    """
+    c, k = _check_state(x, weight, conv_state, state_slots)
+    nseq = state_slots.shape[0]
+    assert cu_seqlens.shape == (nseq + 1,) and has_initial_state.shape == (nseq,)
+    t = x.shape[0]
+    out = torch.empty((t, c), dtype=x.dtype, device=x.device)
+    if nseq == 0:
+        return out
+    cu = cu_seqlens.to(torch.int32)
+    init = has_initial_state.to(torch.int8)
+    if t > 0:
+        pos = torch.arange(t, device=x.device, dtype=torch.int32)
+        seq_idx = torch.searchsorted(cu[1:], pos, right=True).to(torch.int32)
+        block_t, block_c = 32, 128
+        _conv_varlen_kernel[(triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
+            x, weight, bias, out, conv_state, seq_idx, cu, state_slots, init,
+            t, c, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+            KW=k, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        )
+    block_c = 256
+    _conv_state_kernel[(nseq, triton.cdiv(c, block_c))](
+        x, conv_state, cu, state_slots, init, c, x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        KW=k, BLOCK_C=block_c, num_warps=2,
+    )
+    return out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    state_slots: torch.Tensor,
+) -> torch.Tensor:
+    """One decode token per sequence: shift the window, convolve, SiLU.
+
+    x: [B, C]; weight: [C, K]; bias: [C] or None; conv_state: [S, K-1, C] updated in place;
+    state_slots: [B] int64. Returns [B, C] in x's dtype.
+    """
+    c, k = _check_state(x, weight, conv_state, state_slots)
+    nseq = x.shape[0]
+    assert state_slots.shape == (nseq,)
+    out = torch.empty((nseq, c), dtype=x.dtype, device=x.device)
+    if nseq == 0:
+        return out
+    block_c = 512
+    _conv_update_kernel[(nseq, triton.cdiv(c, block_c))](
+        x, weight, bias, out, conv_state, state_slots,
+        c, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+        KW=k, HAS_BIAS=bias is not None, BLOCK_C=block_c, num_warps=4,
+    )
+    return out

@@ -1,0 +1,113 @@
+"""SamplingParams: how one request is decoded.
+
+Built by the API edge (HTTP server, `LLM.generate`) and carried unchanged into the engine.
+Validation happens here, in `__post_init__`, so a bad value is a clear `ValueError` naming the
+parameter before the request ever reaches the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    max_tokens: int | None = 16  # None: up to the model's context limit
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # number of top logprobs to return besides the sampled token
+    skip_special_tokens: bool = True
+    # Thinking budget: after `thinking_budget` generated tokens with reasoning still open (no
+    # `thinking_end_token_id` generated yet), the engine forces `thinking_end_token_id`, at the first
+    # token in `newline_token_ids` within `thinking_grace_tokens` more tokens, else right at the end
+    # of the grace window.
+    thinking_budget: int | None = None
+    thinking_end_token_id: int | None = None
+    thinking_grace_tokens: int = 0
+    newline_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
+        _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or a positive integer")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]")
+        _check(
+            all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+            "logit_bias",
+            "values must be in [-100, 100]",
+        )
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens",
+            "must be a positive integer",
+        )
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            "must not exceed max_tokens",
+        )
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"must be in [0, {MAX_LOGPROBS}]",
+        )
+        _check(
+            self.thinking_budget is None or (isinstance(self.thinking_budget, int) and self.thinking_budget >= 0),
+            "thinking_token_budget",
+            "must be a non-negative integer",
+        )
+        _check(self.thinking_grace_tokens >= 0, "thinking_grace_tokens", "must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the request must exist in the vocabulary."""
+        for tid in list(self.logit_bias) + self.stop_token_ids:
+            _check(0 <= tid < vocab_size, "logit_bias" if tid in self.logit_bias else "stop_token_ids",
+                   f"token id {tid} is outside the vocabulary [0, {vocab_size})")
+
+
+class SamplingParamsError(ValueError):
+    """A request parameter is invalid; `param` names it (for the OpenAI error envelope)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamsError(param, message)

@@ -1,0 +1,72 @@
+"""Reasoning split: hand-written outputs, and streaming at every split point equals non-streaming."""
+
+import random
+
+import pytest
+
+from hybridserve.serve.reasoning import ReasoningParser, prompt_opens_reasoning, split_reasoning
+
+CASES = [
+    # (output, thinking on?, expected reasoning, expected content)
+    ("I think.\n</think>\nParis.", True, "I think.\n", "Paris."),
+    ("<think>\nI think.</think>Paris.", True, "\nI think.", "Paris."),
+    ("still thinking, cut off", True, "still thinking, cut off", None),
+    ("reason</think>", True, "reason", None),
+    ("</think>answer", True, None, "answer"),
+    ("a</think>b</think>c", True, "a", "b</think>c"),  # only the first end tag splits
+    ("plan\n<tool_call>\n<function=f>\n</function>\n</tool_call>", True, "plan\n",
+     "<tool_call>\n<function=f>\n</function>\n</tool_call>"),  # implicit end of reasoning
+    ("Paris.", False, None, "Paris."),
+    ("\nParis.", False, None, "Paris."),
+    ("oops</think>Paris.", False, None, "oopsParis."),  # thinking off: stray tag dropped
+    ("<think>x</think>y", False, None, "xy"),
+    ("a < b and </thin", True, "a < b and </thin", None),  # partial tag at the end is kept
+    ("", True, None, None),
+    ("   ", False, None, None),
+    ("r</think>\n\n<tool_call>", True, "r", "<tool_call>"),
+]
+
+
+@pytest.mark.parametrize("text,thinking,reasoning,content", CASES)
+def test_split(text, thinking, reasoning, content):
+    assert split_reasoning(text, thinking) == (reasoning, content)
+
+
+def _stream(pieces, thinking):
+    parser = ReasoningParser(thinking)
+    reasoning = content = ""
+    for piece in pieces:
+        d = parser.feed(piece)
+        reasoning += d.reasoning
+        content += d.content
+    d = parser.finish()
+    return (reasoning + d.reasoning) or None, (content + d.content) or None
+
+
+@pytest.mark.parametrize("text,thinking,reasoning,content", CASES)
+def test_streaming_matches_at_every_split(text, thinking, reasoning, content):
+    expected = (reasoning, content)
+    assert _stream(list(text), thinking) == expected  # character by character
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert _stream([text[:i], text[i:j], text[j:]], thinking) == expected, (i, j)
+    rng = random.Random(0)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(1, 6))))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        assert _stream(pieces, thinking) == expected
+
+
+def test_no_text_is_emitted_twice_or_lost_in_reasoning():
+    parser = ReasoningParser(True)
+    deltas = [parser.feed(t) for t in ["Let", " me", " see", "<", "/think", ">", "Hi"]]
+    assert [d.reasoning for d in deltas] == ["Let", " me", " see", "", "", "", ""]
+    assert [d.content for d in deltas] == ["", "", "", "", "", "", "Hi"]
+
+
+def test_prompt_decides_thinking():
+    assert prompt_opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n<think></think>")
+    # history with closed reasoning does not matter: the newest marker decides
+    assert prompt_opens_reasoning("<think></think>old<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_reasoning("plain prompt")

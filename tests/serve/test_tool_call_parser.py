@@ -1,0 +1,175 @@
+"""Tool-call parsing: hand-written outputs, schema conversion, and streaming == non-streaming at any split."""
+
+import itertools
+import json
+import random
+
+import pytest
+
+from hybridserve.serve.tool_calls import (
+    ContentText,
+    ToolCallArguments,
+    ToolCallParser,
+    ToolCallStart,
+    collect,
+    parse_tool_calls,
+)
+from hybridserve.serve.tool_schema import convert_parameter, parameter_type
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "scale": {"type": "number"},
+        "metric": {"type": "boolean"},
+        "opts": {"type": "object"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "note": {"type": ["string", "null"]},
+    }}}},
+    {"type": "function", "function": {"name": "search", "parameters": None}},
+]
+
+CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+
+CASES = [
+    # (text, expected content, [(name, arguments dict)])
+    ("Just text.", "Just text.", []),
+    (CALL, None, [("get_weather", {"city": "Paris"})]),
+    ("Let me check.\n\n" + CALL, "Let me check.", [("get_weather", {"city": "Paris"})]),
+    (CALL + "\n" + CALL.replace("Paris", "Lyon"), None,
+     [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lyon"})]),
+    # every schema type
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+     "<parameter=scale>\n2.5\n</parameter>\n<parameter=metric>\nTrue\n</parameter>\n<parameter=opts>\n"
+     '{"a": {"b": [1, null]}}\n</parameter>\n<parameter=tags>\n["x", "y"]\n</parameter>\n'
+     "<parameter=note>\nnull\n</parameter>\n</function>\n</tool_call>", None,
+     [("get_weather", {"city": "42", "days": 3, "scale": 2.5, "metric": True, "opts": {"a": {"b": [1, None]}},
+                       "tags": ["x", "y"], "note": None})]),
+    # missing final </parameter>, and missing </function></tool_call> at the end of output
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>", None,
+     [("get_weather", {"city": "Paris"})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n2\n", None,
+     [("get_weather", {"city": "Paris", "days": 2})]),
+    # multi-line string values keep inner newlines and quotes; only one leading/trailing \n is stripped
+    ('<tool_call>\n<function=search>\n<parameter=q>\n\nline "1"\nline 2\n\n</parameter>\n</function>\n</tool_call>',
+     None, [("search", {"q": '\nline "1"\nline 2\n'})]),
+    # unknown tool: values stay strings; no parameters gives {}
+    ("<tool_call>\n<function=nope>\n<parameter=n>\n5\n</parameter>\n</function>\n</tool_call>", None,
+     [("nope", {"n": "5"})]),
+    ("<tool_call>\n<function=search>\n</function>\n</tool_call>", None, [("search", {})]),
+    # bare <function= without the <tool_call> wrapper still parses
+    ("<function=search>\n<parameter=q>\nhi\n</parameter>\n</function>", None, [("search", {"q": "hi"})]),
+    # a truncated header never leaks into content
+    ("Sure.<tool_call>\n<function=get_wea", "Sure.", []),
+    ("<tool_call>\n<function=bad name>\n<parameter=q>\nx\n</parameter>\n</function>\n</tool_call>", None, []),
+    # unicode and characters that need JSON escaping
+    ("<tool_call>\n<function=search>\n<parameter=q>\nçà \\ \t 日本\n</parameter>\n</function>\n</tool_call>", None,
+     [("search", {"q": "çà \\ \t 日本"})]),
+    # non-numeric text for a number keeps the string; NaN is never emitted
+    ("<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n<parameter=scale>\nnan\n"
+     "</parameter>\n</function>\n</tool_call>", None, [("get_weather", {"days": "three", "scale": "nan"})]),
+    # text after the calls is not content
+    (CALL + "\ntrailing words", None, [("get_weather", {"city": "Paris"})]),
+    ("a < b <tool", "a < b <tool", []),
+]
+
+
+def _check(result, content, calls):
+    assert result.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in result.tool_calls] == calls
+    for c in result.tool_calls:  # fragments concatenate to exactly the canonical JSON
+        assert c.arguments == json.dumps(json.loads(c.arguments), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_parse(text, content, calls):
+    _check(parse_tool_calls(text, TOOLS), content, calls)
+
+
+def _stream(pieces):
+    ids = (f"call_{i}" for i in itertools.count())
+    parser = ToolCallParser(TOOLS, id_factory=lambda: next(ids))
+    events = []
+    for p in pieces:
+        events += parser.feed(p)
+    return collect(events + parser.finish())
+
+
+def _splits(text, seed=0):
+    yield list(text)
+    for i in range(0, len(text) + 1, max(1, len(text) // 40)):
+        for j in range(i, len(text) + 1, max(1, len(text) // 25)):
+            yield [text[:i], text[i:j], text[j:]]
+    rng = random.Random(seed)
+    for _ in range(40):
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(1, 12))))
+        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_streaming_equals_non_streaming(text, content, calls):
+    whole = _stream([text])
+    _check(whole, content, calls)
+    for pieces in _splits(text):
+        got = _stream(pieces)
+        assert got == whole, pieces
+
+
+def test_every_single_split_point_of_a_call():
+    text = "Hi.\n" + CALL
+    whole = _stream([text])
+    for i in range(len(text) + 1):
+        assert _stream([text[:i], text[i:]]) == whole
+
+
+def test_stream_order_name_first_then_incremental_arguments():
+    parser = ToolCallParser(TOOLS, id_factory=lambda: "call_x")
+    events = []
+    for ch in CALL.replace("Paris", "Paris, France"):
+        events.append(parser.feed(ch))
+    events.append(parser.finish())
+    flat = [e for batch in events for e in batch]
+    assert isinstance(flat[0], ToolCallStart) and flat[0].name == "get_weather" and flat[0].id == "call_x"
+    frags = [e.fragment for e in flat if isinstance(e, ToolCallArguments)]
+    assert len(frags) > 5  # the string value streams character by character
+    assert "".join(frags) == '{"city": "Paris, France"}'
+    assert not any(isinstance(e, ContentText) for e in flat)
+    # nothing is emitted for the name until the closing ">" of <function=...>
+    first_start = next(i for i, b in enumerate(events) if any(isinstance(e, ToolCallStart) for e in b))
+    assert CALL[: first_start + 1].endswith("<function=get_weather>")
+
+
+def test_content_streams_before_the_call():
+    parser = ToolCallParser(TOOLS)
+    assert parser.feed("Hello") == [ContentText("Hello")]
+    assert parser.feed(" there\n") == [ContentText(" there")]  # trailing whitespace held back
+    assert parser.feed("<tool_") == []
+    assert parser.feed("call>") == []
+    assert parser.num_calls == 0
+
+
+def test_parameter_type_resolution():
+    assert parameter_type({"type": "INTEGER "}) == ("integer", False)
+    assert parameter_type({"anyOf": [{"type": "null"}, {"type": "number"}]}) == ("number", True)
+    assert parameter_type({"type": ["null", "boolean"]}) == ("boolean", True)
+    assert parameter_type({}) == ("string", False)
+    assert parameter_type(None) == ("string", False)
+
+
+@pytest.mark.parametrize("value,schema,expected", [
+    ("null", {"type": "string"}, "null"),
+    ("null", {"type": ["string", "null"]}, None),
+    ("null", {"type": "integer"}, None),
+    ("5.0", {"type": "number"}, 5),
+    ("5.5", {"type": "float"}, 5.5),
+    ("7", {"type": "int64"}, 7),
+    ("yes", {"type": "boolean"}, False),
+    ("TRUE", {"type": "bool"}, True),
+    ("{'a': 1}", {"type": "object"}, {"a": 1}),  # Python-literal fallback
+    ("[1, 2", {"type": "array"}, "[1, 2"),
+    ("hello", None, "hello"),
+    ("01", {"type": "string"}, "01"),
+    ("Infinity", {"type": "number"}, "Infinity"),
+])
+def test_convert_parameter(value, schema, expected):
+    assert convert_parameter(value, schema) == expected
