@@ -32,7 +32,7 @@ def timeline():
     C: [1.125, 1.25) 1 token at 1.25, starting exactly when A and B end; D failed."""
     return [
         ok(0.0, 0.5, [0.25, 0.25, 0.125], 4, prompt_len=10),
-        ok(0.25, 0.25, [0.875], 2, prompt_len=20),
+        ok(0.25, 0.25, [0.625], 2, prompt_len=20),
         ok(1.125, 0.125, [], 1, prompt_len=30),
         RequestOutput(success=False, error="HTTP 500: boom", prompt_len=40),
     ]
@@ -68,12 +68,12 @@ def test_ttft_tpot_itl_e2el():
     m = calculate_metrics(timeline(), duration_s=2.0, percentiles=[50, 99])
     assert m.stats["ttft"].mean == pytest.approx(1000 * (0.5 + 0.25 + 0.125) / 3)
     assert m.stats["ttft"].median == pytest.approx(250.0)
-    # TPOT excludes the first token and single-token requests: A (1.125-0.5)/3, B (1.125-.25-.25)/1
-    tpot_a, tpot_b = 0.625 / 3, 0.875
+    # TPOT excludes the first token and single-token requests: A (1.125-.5)/3, B (.875-.25)/1
+    tpot_a, tpot_b = 0.625 / 3, 0.625
     assert m.stats["tpot"].mean == pytest.approx(1000 * (tpot_a + tpot_b) / 2)
     assert m.stats["tpot"].percentiles[99] == pytest.approx(1000 * (tpot_a + 0.99 * (tpot_b - tpot_a)))
     # ITL: every gap of every request in one flat list
-    assert m.stats["itl"].mean == pytest.approx(1000 * (0.25 + 0.25 + 0.125 + 0.875) / 4)
+    assert m.stats["itl"].mean == pytest.approx(1000 * (0.25 + 0.25 + 0.125 + 0.625) / 4)
     assert m.stats["itl"].median == pytest.approx(250.0)
     assert m.stats["e2el"].mean == pytest.approx(1000 * (1.125 + 0.875 + 0.125) / 3)
 
@@ -106,11 +106,11 @@ def test_goodput_needs_every_slo_and_counts_single_token_tpot_as_zero():
     outputs = timeline()
     # TTFT <= 300 ms: B (250) and C (125) pass, A (500) fails
     assert calculate_metrics(outputs, 2.0, goodput_slos_ms={"ttft": 300}).request_goodput == pytest.approx(1.0)
-    # + TPOT <= 300 ms: B's 875 ms fails; C has one token -> TPOT 0 -> passes
+    # + TPOT <= 300 ms: B's 625 ms fails; C has one token -> TPOT 0 -> passes
     both = calculate_metrics(outputs, 2.0, goodput_slos_ms={"ttft": 300, "tpot": 300})
     assert both.request_goodput == pytest.approx(0.5)
     # E2EL <= 1000 ms: B (875) and C (125)
-    assert count_good_requests([0.5, 0.25, 0.125], [0.2, 0.875, 0.0], [1.125, 0.875, 0.125], {"e2el": 1000}) == 2
+    assert count_good_requests([0.5, 0.25, 0.125], [0.2, 0.625, 0.0], [1.125, 0.875, 0.125], {"e2el": 1000}) == 2
     # an SLO is met at equality
     assert count_good_requests([0.25], [0.0], [0.25], {"ttft": 250}) == 1
     assert calculate_metrics(outputs, 2.0).request_goodput == 0.0

@@ -1,0 +1,5 @@
+import sys
+
+from hybridserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Request: one sequence the scheduler runs, from arrival to finish.
+
+A client request with `n` choices becomes `n` Requests sharing a `request_id` (one per `index`).
+The scheduler owns every field that changes: `num_computed_tokens` (tokens whose KV and Mamba state
+are in the caches), the KV pages in `block_ids`, the Mamba `state_slot`, and the status. Invariant:
+`num_computed_tokens <= num_tokens`, and the gap is what the next steps must feed the model (the
+rest of the prompt, or the one token sampled last step). Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from hybridserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no blocks and no slot
+    WAITING_FOR_FORK = "waiting_for_fork"  # a sibling of an n > 1 request, until choice 0's prompt is done
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """One sequence: prompt, generated tokens, cache ownership, stop conditions."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        index: int = 0,
+        arrival: int = 0,
+        seed: int = 0,
+        max_tokens: int,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.arrival = arrival  # FCFS order; a preempted request keeps its place
+        self.seed = seed  # sampling key; per-token noise depends on (seed, output position) only
+        self.max_tokens = max_tokens
+        self.stop_token_ids = stop_token_ids  # eos (unless ignore_eos) + the request's stop ids
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt followed by the generated tokens
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        self.state_slot: int | None = None
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.forks: list[Request] = []  # n > 1: siblings that start from this sequence's prompt state
+        self.thinking_open = params.thinking_budget is not None and params.thinking_end_token_id is not None
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to feed the model before the next sample."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    # ---- decoding rules ------------------------------------------------------------------------
+    @property
+    def suppress_stop_tokens(self) -> bool:
+        """min_tokens: stop tokens may not be sampled yet."""
+        return self.num_output_tokens < self.params.min_tokens
+
+    def forced_next_token(self) -> int | None:
+        """Thinking budget: the token to force as the next output, or None (see SamplingParams)."""
+        p = self.params
+        if not self.thinking_open:
+            return None
+        i = self.num_output_tokens  # index of the token about to be generated
+        if i < p.thinking_budget:
+            return None
+        if i >= p.thinking_budget + p.thinking_grace_tokens:
+            return p.thinking_end_token_id
+        newline_in_grace = i - 1 >= p.thinking_budget and self.token_ids[-1] in p.newline_token_ids
+        return p.thinking_end_token_id if newline_in_grace else None
+
+    def append_token(self, token_id: int) -> bool:
+        """Add a sampled token; returns True when it ends the sequence (finish_reason set)."""
+        self.token_ids.append(token_id)
+        if self.thinking_open and token_id == self.params.thinking_end_token_id:
+            self.thinking_open = False
+        if token_id in self.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token_id
+        elif self.num_output_tokens >= self.max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, slot={self.state_slot})"
+        )
