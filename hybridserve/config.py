@@ -15,7 +15,15 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
-_BLOCK_TYPE_TO_CHAR = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
+# `layers_block_type` entries; transformers >= 5 writes linear_attention / full_attention.
+_BLOCK_TYPE_TO_CHAR = {
+    "mamba": "M",
+    "linear_attention": "M",
+    "attention": "*",
+    "full_attention": "*",
+    "moe": "E",
+    "mlp": "-",
+}
 
 # Old (remote-code era) spellings -> the names we use.
 _KEY_ALIASES = {
@@ -122,6 +130,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str | None = None, preset: str | None = None) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config must be a JSON object, not {type(raw).__name__}")
         d = dict(raw)
         for old, new in _KEY_ALIASES.items():
             if old in d and new not in d:
@@ -134,8 +144,9 @@ class ModelConfig:
             d["n_routed_experts"] = d["num_experts"]
         eos = d.get("eos_token_id", 2)
         d["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
-        if d.get("head_dim") is None and d.get("num_attention_heads"):
-            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+        if d.get("head_dim") is None and isinstance(heads, int) and heads > 0 and isinstance(hidden, int):
+            d["head_dim"] = hidden // heads
         d["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16").replace("torch.", "")
         d["mamba_ssm_cache_dtype"] = str(d.get("mamba_ssm_cache_dtype") or "float32").replace("torch.", "")
         d["quantization"] = d.get("quantization_config")
@@ -153,16 +164,25 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        for f in fields(self):
+            if f.type == "int" and not f.name.endswith("_token_id"):  # token ids may be null
+                value = getattr(self, f.name)
+                need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                     f"{f.name} must be a non-negative integer, not {value!r}")
         need(self.num_layers > 0, "the layer pattern is empty")
         need(set(self.layer_types) <= set(LAYER_TYPES), f"unknown layer type in pattern {self.layer_types!r}")
         need(self.vocab_size > 0 and self.hidden_size > 0, "vocab_size and hidden_size must be positive")
         if "*" in self.layer_types:
+            need(min(self.num_attention_heads, self.num_key_value_heads, self.head_dim) > 0,
+                 "num_attention_heads, num_key_value_heads and head_dim must be positive")
             need(
                 self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})",
             )
         if "M" in self.layer_types:
+            need(min(self.mamba_num_heads, self.mamba_head_dim, self.ssm_state_size, self.n_groups) > 0,
+                 "mamba_num_heads, mamba_head_dim, ssm_state_size and n_groups must be positive")
             need(
                 self.mamba_num_heads % self.n_groups == 0,
                 f"mamba_num_heads ({self.mamba_num_heads}) must be a multiple of n_groups ({self.n_groups})",
@@ -177,6 +197,10 @@ class ModelConfig:
         if "-" in self.layer_types:
             need(self.intermediate_size > 0, "intermediate_size must be positive for '-' (dense MLP) layers")
         need(
+            self.torch_dtype in ("float32", "bfloat16", "float16"),
+            f"torch_dtype {self.torch_dtype!r} must be float32, bfloat16 or float16",
+        )
+        need(
             self.mamba_ssm_cache_dtype in ("float32", "bfloat16", "float16"),
             f"mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r} must be float32, bfloat16 or float16",
         )
@@ -187,12 +211,16 @@ def _layer_pattern(d: dict[str, Any]) -> str:
     pattern = d.get("hybrid_override_pattern")
     block_types = d.get("layers_block_type")
     if pattern is None and block_types is not None:
+        if not isinstance(block_types, list):
+            raise ConfigError(f"layers_block_type must be a list of layer types, not {block_types!r}")
         try:
             pattern = "".join(_BLOCK_TYPE_TO_CHAR[t] for t in block_types)
         except KeyError as e:
             raise ConfigError(f"layers_block_type has unknown entry {e.args[0]!r}") from None
     if pattern is None:
         raise ConfigError("config has neither hybrid_override_pattern nor layers_block_type")
+    if not isinstance(pattern, str):
+        raise ConfigError(f"hybrid_override_pattern must be a string such as 'M*E-', not {pattern!r}")
     bad = set(pattern) - set(LAYER_TYPES)
     if bad:
         raise ConfigError(f"hybrid_override_pattern has unknown layer types {sorted(bad)} (known: M * E -)")

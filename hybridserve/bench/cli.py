@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import uuid
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--custom-output-len", type=int, default=256)
     data.add_argument("--custom-skip-chat-template", action="store_true")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--request-id-prefix", default="bench-")
+    data.add_argument("--request-id-prefix", default=f"bench-{uuid.uuid4().hex[:8]}-",
+                      help="x-request-id prefix (default: bench-<random>-, unique per run)")
 
     load = parser.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=float("inf"),
@@ -110,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry: `python -m hybridserve.bench.cli {serve,sweep} ...`."""
     parser = argparse.ArgumentParser(prog="hybridserve")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(["bench", *argv])
+    args.command_line = shlex.join(["hybridserve", "bench", *argv])
     return args.func(args)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+RANDOM_PROMPT_TRIES = 20
+
 
 @dataclass
 class SampleRequest:
@@ -35,15 +37,21 @@ def load_tokenizer(name_or_path: str):
     """A hybridserve preset name or a checkpoint path -> a Hugging Face tokenizer.
 
     Uses `hybridserve.tokenizer.load_tokenizer` when that module exists (it knows the presets),
-    else `transformers.AutoTokenizer`.
+    and `transformers.AutoTokenizer` for anything it does not know (a hub id).
     """
-    if importlib.util.find_spec("hybridserve.tokenizer") is not None:
-        from hybridserve.tokenizer import load_tokenizer as load_hybridserve_tokenizer
-
-        return load_hybridserve_tokenizer(name_or_path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    if importlib.util.find_spec("hybridserve.tokenizer") is None:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    from hybridserve.tokenizer import load_tokenizer as load_hybridserve_tokenizer
+
+    try:
+        return load_hybridserve_tokenizer(name_or_path)
+    except FileNotFoundError as not_local:
+        try:  # neither a directory nor a preset: maybe a Hugging Face hub id
+            return AutoTokenizer.from_pretrained(name_or_path)
+        except Exception:
+            raise not_local from None
 
 
 def allowed_token_ids(tokenizer) -> np.ndarray:
@@ -89,7 +97,11 @@ def sample_random(
     prefix_len: int = 0,
     seed: int = 0,
 ) -> list[SampleRequest]:
-    """Synthetic prompts of exact token lengths (vLLM's `random` dataset)."""
+    """Synthetic prompts of exact token lengths (vLLM's `random` dataset).
+
+    Where vLLM keeps a prompt whose fix-up did not settle (and logs the mismatch), this tries
+    another run of consecutive ids, so byte-level BPE tokenizers get exact lengths too.
+    """
     if not 0.0 <= range_ratio < 1.0:
         raise DatasetError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     rng = np.random.default_rng(seed)
@@ -111,10 +123,15 @@ def sample_random(
     prefix = allowed[rng.integers(0, len(allowed), size=prefix_len)].tolist() if prefix_len else []
     requests, total_mismatch = [], 0
     for i in range(num_prompts):
-        body = allowed[(offsets[i] + i + np.arange(input_lens[i])) % len(allowed)].tolist()
-        text, ids, mismatch = decode_to_target_len(
-            tokenizer, prefix + body, prefix_len + int(input_lens[i]), rng, allowed
-        )
+        offset = int(offsets[i])
+        for _ in range(RANDOM_PROMPT_TRIES):
+            body = allowed[(offset + i + np.arange(input_lens[i])) % len(allowed)].tolist()
+            text, ids, mismatch = decode_to_target_len(
+                tokenizer, prefix + body, prefix_len + int(input_lens[i]), rng, allowed
+            )
+            if mismatch == 0:
+                break
+            offset = int(rng.integers(0, len(allowed)))  # this run of ids would not settle: another
         total_mismatch += mismatch
         requests.append(SampleRequest(text, len(ids), int(output_lens[i])))
     if total_mismatch:

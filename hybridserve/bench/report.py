@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from hybridserve.bench.metrics import BenchmarkMetrics, Stats
+from hybridserve.bench.request import RequestOutput
 
 METRIC_TITLES = {
     "ttft": ("TTFT", "Time to First Token"),
@@ -87,6 +89,40 @@ def metric_fields(metrics: BenchmarkMetrics, selected_metrics: list[str]) -> dic
         for p, value in stats.percentiles.items():
             fields[f"p{percentile_word(p)}_{name}_ms"] = value
     return fields
+
+
+def result_fields(
+    outputs: Sequence[RequestOutput],
+    metrics: BenchmarkMetrics,
+    duration_s: float,
+    selected_metrics: list[str],
+    goodput: bool,
+) -> dict:
+    """The measured part of the result JSON, in vLLM's field order (per-request arrays included)."""
+    return {
+        "duration": duration_s,
+        "completed": metrics.completed,
+        "failed": metrics.failed,
+        "total_input_tokens": metrics.total_input,
+        "total_output_tokens": metrics.total_output,
+        "request_throughput": metrics.request_throughput,
+        "request_goodput": metrics.request_goodput if goodput else None,
+        "output_throughput": metrics.output_throughput,
+        "total_token_throughput": metrics.total_token_throughput,
+        "input_lens": [o.prompt_len for o in outputs],
+        "output_lens": metrics.output_lens,
+        "ttfts": [o.ttft for o in outputs],
+        "itls": [o.itl for o in outputs],
+        "latencies": [o.latency for o in outputs],
+        "start_times": [o.start_time for o in outputs],
+        "queue_times": [o.client_queue_time for o in outputs],
+        "generated_texts": [o.generated_text for o in outputs],
+        "errors": [o.error for o in outputs],
+        "max_output_tokens_per_s": metrics.max_output_tokens_per_s,
+        "max_concurrent_requests": metrics.max_concurrent_requests,
+        "rtfx": 0.0,
+        **metric_fields(metrics, selected_metrics),
+    }
 
 
 def result_filename(label: str, request_rate: float, max_concurrency: int | None, model_id: str, date: str) -> str:

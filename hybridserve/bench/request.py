@@ -138,12 +138,14 @@ async def send_request(
             parser = SSEParser()
             done = False
             async for chunk in resp.content.iter_any():
+                now = time.perf_counter()
                 for data in parser.feed(chunk):
                     done = done or data == "[DONE]"
                     if done:
                         break
                     message = json.loads(data)
-                    now = time.perf_counter()
+                    if not isinstance(message, dict):
+                        raise ValueError(f"SSE message is not a JSON object: {data[:100]}")
                     if "error" in message or message.get("object") == "error":
                         output.error = f"server error mid-stream: {error_text(data)}"
                         return output

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from hybridserve.bench.datasets import DatasetError, SampleRequest, load_tokenizer, sample_requests
 from hybridserve.bench.metrics import GOODPUT_METRICS, calculate_metrics
-from hybridserve.bench.report import DETAIL_FIELDS, format_report, metric_fields, result_filename
+from hybridserve.bench.report import DETAIL_FIELDS, format_report, result_fields, result_filename
 from hybridserve.bench.request import RequestInput, error_text, send_request
 
 SESSION_TIMEOUT = aiohttp.ClientTimeout(total=6 * 60 * 60)
@@ -183,8 +183,12 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
 
         if args.num_warmups > 0:
             print(f"Warming up with {args.num_warmups} requests...")
+            first = requests[0]
             warmups = await asyncio.gather(
-                *(limited(requests[0], time.perf_counter(), None) for _ in range(args.num_warmups))
+                *(
+                    limited(replace(first, request_id=f"{first.request_id}-warmup-{i}"), time.perf_counter(), None)
+                    for i in range(args.num_warmups)
+                )
             )
             if failed := [w for w in warmups if not w.success]:
                 raise BenchError(f"{len(failed)} of {len(warmups)} warmup requests failed: {failed[0].error}")
@@ -267,7 +271,7 @@ async def run_benchmark(args) -> dict:
             print(f"  Error {i}: {error}")
 
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
-    result = {
+    setup = {
         "date": date,
         "endpoint_type": args.backend,
         "backend": args.backend,
@@ -279,32 +283,14 @@ async def run_benchmark(args) -> dict:
         "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
-        "duration": duration,
-        "completed": metrics.completed,
-        "failed": metrics.failed,
-        "total_input_tokens": metrics.total_input,
-        "total_output_tokens": metrics.total_output,
-        "request_throughput": metrics.request_throughput,
-        "request_goodput": metrics.request_goodput if goodput_slos else None,
-        "output_throughput": metrics.output_throughput,
-        "total_token_throughput": metrics.total_token_throughput,
-        "input_lens": [o.prompt_len for o in outputs],
-        "output_lens": metrics.output_lens,
-        "ttfts": [o.ttft for o in outputs],
-        "itls": [o.itl for o in outputs],
-        "latencies": [o.latency for o in outputs],
-        "start_times": [o.start_time for o in outputs],
-        "queue_times": [o.client_queue_time for o in outputs],
-        "generated_texts": [o.generated_text for o in outputs],
-        "errors": [o.error for o in outputs],
-        "max_output_tokens_per_s": metrics.max_output_tokens_per_s,
-        "max_concurrent_requests": metrics.max_concurrent_requests,
-        "rtfx": 0.0,
-        **metric_fields(metrics, selected_metrics),
-        "command": shlex.join(sys.argv),
+    }
+    provenance = {
+        "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
+        "base_url": base_url,
         "server_model": server_model,
         "first_errors": errors[:10],
     }
+    result = setup | result_fields(outputs, metrics, duration, selected_metrics, bool(goodput_slos)) | provenance
     if not args.save_detailed:
         result = {k: v for k, v in result.items() if k not in DETAIL_FIELDS}
     if args.save_result:

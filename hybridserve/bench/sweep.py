@@ -78,6 +78,7 @@ class ManagedServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: no proxy
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BenchError(
@@ -85,7 +86,7 @@ class ManagedServer:
                     f"last log lines ({self.log_path}):\n{self._log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as resp:
+                with direct.open(f"{self.base_url}/health", timeout=2) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -98,14 +99,17 @@ class ManagedServer:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the server's process group, SIGKILL it if it is still there after `grace_s`."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
+        try:  # the whole group: a server may have started workers of its own
+            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(grace_s)
+        except ProcessLookupError:  # already gone: just reap it
+            self.process.wait()
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self.process = None
 
 
 def summary_row(axis: str, value: float, result: dict | None, error: str = "") -> dict:
@@ -140,6 +144,8 @@ def run_one(args, axis: str, value, out_dir: Path) -> tuple[dict | None, str]:
     setattr(run_args, "max_concurrency" if axis == "concurrency" else "request_rate", value)
     run_args.save_result, run_args.result_dir = True, str(out_dir)
     run_args.result_filename = f"run-{axis}-{value:g}.json"
+    chosen = [m for m in args.percentile_metrics.split(",") if m]
+    run_args.percentile_metrics = ",".join(dict.fromkeys(["ttft", "tpot", "itl", *chosen]))  # the CSV needs them
     try:
         if not args.server_cmd:
             return asyncio.run(run_benchmark(run_args)), ""
@@ -187,11 +193,15 @@ def main(args) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, runs = [], []
-    for value in values:
-        print(f"\n=== sweep: {axis} = {value:g} ===")
-        result, error = run_one(args, axis, value, out_dir)
-        rows.append(summary_row(axis, value, result, error))
-        runs.append({axis: value, "result": result, "error": error})
+    try:
+        for value in values:
+            print(f"\n=== sweep: {axis} = {value:g} ===")
+            result, error = run_one(args, axis, value, out_dir)
+            rows.append(summary_row(axis, value, result, error))
+            runs.append({axis: value, "result": result, "error": error})
+    except KeyboardInterrupt:
+        print("error: interrupted; no sweep summary written", file=sys.stderr)
+        return 130
 
     slos = {"tpot": args.slo_tpot_ms, "ttft": args.slo_ttft_ms}
     best = best_setting(rows, args.slo_tpot_ms, args.slo_ttft_ms, args.slo_stat)

@@ -31,7 +31,6 @@ class Request:
         params: SamplingParams,
         *,
         index: int = 0,
-        arrival: int = 0,
         seed: int = 0,
         max_tokens: int,
         stop_token_ids: frozenset[int] = frozenset(),
@@ -39,7 +38,7 @@ class Request:
         self.request_id = request_id
         self.index = index
         self.params = params
-        self.arrival = arrival  # FCFS order; a preempted request keeps its place
+        self.arrival = (0, index)  # (request order, choice): FCFS; set by the scheduler, kept on preemption
         self.seed = seed  # sampling key; per-token noise depends on (seed, output position) only
         self.max_tokens = max_tokens
         self.stop_token_ids = stop_token_ids  # eos (unless ignore_eos) + the request's stop ids

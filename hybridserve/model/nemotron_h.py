@@ -173,11 +173,17 @@ class NemotronHForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
         super().__init__()
         self.config = cfg
-        with torch.device(device):
+        # Built on the meta device, given its dtypes, then allocated once on `device`: the full model
+        # in float32 (126 GB) never exists, and no time goes into an init the loader overwrites.
+        with torch.device("meta"):
             self.backbone = Backbone(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():
             p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
+        self.to_empty(device=device)
+        if torch.device(device).type != "meta":
+            for p in self.parameters():
+                p.data.zero_()  # deterministic until loaded (load_model) or init_random
         self.dtype = dtype
         self.ops = get_ops(device)
 

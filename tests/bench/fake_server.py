@@ -39,6 +39,7 @@ class FakeRecord:
     """What the server saw and produced, for the tests to compare with the client's report."""
 
     payloads: list[dict] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)  # the x-request-id headers
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)  # successful streams only
     inflight: int = 0
@@ -46,7 +47,8 @@ class FakeRecord:
 
 
 def build_app(tokenizer: Tokenizer, options: FakeOptions, record: FakeRecord) -> web.Application:
-    words = [w for w, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if w.startswith("w")]
+    vocab = [w for w, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    words = [w for w in vocab if w.startswith("w")] or vocab
     slots = asyncio.Semaphore(options.max_num_seqs) if options.max_num_seqs else None
 
     def count(text: str) -> int:
@@ -80,6 +82,7 @@ def build_app(tokenizer: Tokenizer, options: FakeOptions, record: FakeRecord) ->
             return web.json_response({"error": {"message": message, "type": "NotFoundError", "code": 404}}, status=404)
         index = len(record.payloads)
         record.payloads.append(body)
+        record.request_ids.append(request.headers.get("x-request-id", ""))
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         budget = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         n_tokens = budget if body.get("ignore_eos") else min(budget, options.eos_after)

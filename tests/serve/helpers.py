@@ -29,3 +29,38 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = TEMPLATE_PATH.read_text()
     return fast
+
+
+class ServerThread:
+    """A real uvicorn server for `app` on a free port, in a background thread (one event loop)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = None
+        self.port = None
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

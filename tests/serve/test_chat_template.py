@@ -101,7 +101,7 @@ def test_tool_responses_merge_into_one_user_turn(tok):
     ]
     out = render(tok, msgs)
     assert out.endswith(
-        "<|im_start|>assistant\n<think></think><tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n"
+        "<|im_start|>assistant\n<think></think>\n<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n"
         "</function>\n</tool_call>\n<tool_call>\n<function=g>\n</function>\n</tool_call>\n<|im_end|>\n"
         "<|im_start|>user\n<tool_response>\nr1\n</tool_response>\n<tool_response>\nr2\n</tool_response>\n"
         "<|im_end|>\n<|im_start|>assistant\n<think>\n")

@@ -143,7 +143,7 @@ def causal_conv1d(
     if t > 0:
         pos = torch.arange(t, device=x.device, dtype=torch.int32)
         seq_idx = torch.searchsorted(cu[1:], pos, right=True).to(torch.int32)
-        block_t, block_c = 32, 128
+        block_t, block_c = 16, 128
         _conv_varlen_kernel[(triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
             x, weight, bias, out, conv_state, seq_idx, cu, state_slots, init,
             t, c, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),

@@ -163,7 +163,7 @@ def ssd_varlen(
         p, n, h // g,
         x.stride(0), x.stride(1), dt_raw.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1),
-        BLOCK_T=64, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4, num_stages=2,
+        BLOCK_T=32, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4, num_stages=2,
     )
     return y
 

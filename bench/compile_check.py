@@ -1,0 +1,123 @@
+"""Compile every Triton kernel of hybridserve/ops/triton for sm_90 (H100/H200) on a machine without a
+GPU, and print registers, spills and shared memory per kernel at the model's launch configurations.
+
+Catches compile errors before a GPU run and answers "does it spill" for free.
+Usage: python bench/compile_check.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hybridserve.ops.triton import attention, conv, moe, norm, ssd
+
+FLOAT_ARGS = {"eps", "scale", "scale_log2"}
+
+
+def compile_one(fn, ptrs: dict, consts: dict, num_warps: int, num_stages: int = 3):
+    """As the JIT specialises at launch on the model's shapes: pointers 16-byte aligned, integer
+    arguments multiples of 16 (2688, 1856, 6144, 4096, ... are), a stride of 1 a constant (consts)."""
+    names = fn.arg_names
+    sig, cx, attrs = {}, {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+            cx[(i,)] = consts[n]
+        elif n in ptrs:
+            sig[n] = ptrs[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in FLOAT_ARGS:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_report(kernel) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return f"regs {regs.group(1) if regs else '?'}, spill st/ld {spill.groups() if spill else '?'}"
+
+
+BF = "*bf16"
+CASES = [
+    ("rms_norm", norm._rms_norm_kernel, dict(x_ptr=BF, res_ptr=BF, w_ptr=BF, out_ptr=BF, res_out_ptr=BF),
+     dict(HAS_RES=True, BLOCK=4096), 16, 1),
+    ("gated_rms_norm", norm._gated_rms_norm_kernel, dict(y_ptr=BF, z_ptr=BF, w_ptr=BF, out_ptr=BF),
+     dict(BLOCK=512), 2, 1),
+    ("conv_varlen", conv._conv_varlen_kernel,
+     dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, seq_idx_ptr="*i32", cu_ptr="*i32",
+          slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, HAS_BIAS=True, BLOCK_T=16, BLOCK_C=128), 4, 1),
+    ("conv_state", conv._conv_state_kernel,
+     dict(x_ptr=BF, state_ptr=BF, cu_ptr="*i32", slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, BLOCK_C=256), 2, 1),
+    ("conv_update", conv._conv_update_kernel,
+     dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, slots_ptr="*i64"),
+     dict(KW=4, HAS_BIAS=True, BLOCK_C=512), 4, 1),
+    ("ssu fp32 state", ssd._ssu_kernel,
+     dict(x_ptr=BF, dt_ptr=BF, a_ptr="*fp32", b_ptr=BF, c_ptr=BF, d_ptr="*fp32", dtb_ptr="*fp32",
+          state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF), dict(BLOCK_P=32, BLOCK_N=128), 4, 1),
+    ("ssd_varlen", ssd._ssd_varlen_kernel,
+     dict(x_ptr=BF, dt_ptr=BF, a_ptr="*fp32", b_ptr=BF, c_ptr=BF, d_ptr="*fp32", dtb_ptr="*fp32", cu_ptr="*i32",
+          state_ptr="*fp32", slots_ptr="*i64", init_ptr="*i8", y_ptr=BF),
+     dict(BLOCK_T=32, BLOCK_P=32, BLOCK_N=128, DOT_PREC="tf32"), 4, 2),
+    ("moe_route", moe._route_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64"),
+     dict(TOP_K=6, K_PAD=8, BLOCK_E=128, RENORM=True), 1, 1),
+]
+for t in (1, 64, 4096):
+    cfg = moe._config(t)
+    for up in (True, False):
+        CASES.append((
+            f"moe_gemm T={t} {'up' if up else 'down'}", moe._moe_gemm_kernel,
+            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF if up else "*fp32", sorted_ptr="*i32", block_expert_ptr="*i32",
+                 topk_w_ptr="*fp32"),
+            dict(TOP_K=6, UP=up, DOT_PREC="tf32", stride_wk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], cfg["num_stages"],
+        ))
+CASES += [
+    ("store_kv", attention._store_kv_kernel, dict(k_ptr=BF, v_ptr=BF, cache_ptr=BF, slot_ptr="*i64"),
+     dict(BLOCK=256), 1, 1),
+    ("attn decode", attention._attn_kernel,
+     dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
+          tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
+     dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=1, BLOCK_D=128, BLOCK_N=64, SPLITS=8, DOT_PREC="tf32"), 4, 2),
+    ("attn prefill", attention._attn_kernel,
+     dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
+          tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
+     dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=8, BLOCK_D=128, BLOCK_N=64, SPLITS=1, DOT_PREC="tf32"), 8, 2),
+    ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),
+     dict(SPLITS=8, BLOCK_D=128), 1, 1),
+]
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, ptrs, consts, warps, stages in CASES:
+        try:
+            k = compile_one(fn, ptrs, consts, warps, stages)
+            print(f"{name:28s} ok   smem {k.metadata.shared:6d} B, {ptxas_report(k)}")
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"{name:28s} FAIL {type(e).__name__}: {str(e)[:400]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Kernel benchmark at Nemotron-3-Nano-30B-A3B's shapes: time, GB/s, TFLOP/s and the fraction of the
+card's ceilings measured in the same run (device-to-device copy bandwidth, bf16 matmul rate).
+
+Usage (on a CUDA machine): python bench/ops.py [--quick] [--json-out PATH]
+Prints a table, then one JSON line. Times are medians of `triton.testing.do_bench_cudagraph`
+(kernel time as a decode step's CUDA graph sees it; `do_bench` where capture fails). Inputs rotate
+over several copies so that repeated runs do not measure the 50 MB L2 instead of HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import triton
+import triton.testing as tt
+
+from hybridserve.ops import reference as R
+from hybridserve.ops import triton as K  # noqa: N812
+from hybridserve.ops.triton import moe as KM
+
+# real model shapes (docs/model-spec.md §1.3)
+HIDDEN, V = 2688, 131072
+MH, MP, MN, MG, CONV_C, KW = 64, 64, 128, 8, 6144, 4
+QH, KVH, HD = 32, 2, 128
+E, TOPK, INTER = 128, 6, 1856
+BF = torch.bfloat16
+DEV = "cuda"
+L2_BYTES = 50 * 2**20
+
+
+def timed(fn, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn()."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return float(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    except Exception:  # noqa: BLE001  (not capturable)
+        return float(tt.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def copies(bytes_one: float) -> int:
+    """How many input sets to rotate over so that one sweep is >= 4x the L2."""
+    return max(1, min(16, math.ceil(4 * L2_BYTES / max(bytes_one, 1))))
+
+
+def rotating(make, bytes_one):
+    """Build n input sets; returns (fn running the op on each set once, n)."""
+    n = copies(bytes_one)
+    sets = [make() for _ in range(n)]
+    return sets, n
+
+
+class Table:
+    def __init__(self, copy_gbs: float, mm_tflops: float):
+        self.copy_gbs, self.mm_tflops = copy_gbs, mm_tflops
+        self.rows = []
+
+    def add(self, name, shape, ms, nbytes, flops, target=None):
+        gbs = nbytes / ms / 1e6 if nbytes else 0.0
+        tfl = flops / ms / 1e9 if flops else 0.0
+        row = dict(kernel=name, shape=shape, ms=round(ms, 5), GBps=round(gbs, 1), TFLOPs=round(tfl, 2),
+                   frac_bw=round(gbs / self.copy_gbs, 3), frac_mm=round(tfl / self.mm_tflops, 3), target=target)
+        self.rows.append(row)
+        print(f"{name:26s} {shape:34s} {ms * 1000:10.1f} us {gbs:8.0f} GB/s {tfl:7.1f} TF/s "
+              f"{100 * row['frac_bw']:5.1f}% bw {100 * row['frac_mm']:5.1f}% mm  {target or ''}", flush=True)
+
+
+def ceilings():
+    n = 1 << 30  # 1 GiB
+    src = torch.randn(n // 4, device=DEV)
+    dst = torch.empty_like(src)
+    ms = tt.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    copy_gbs = 2 * n / ms / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, device=DEV, dtype=BF)
+    b = torch.randn(8192, 8192, device=DEV, dtype=BF)
+    ms = tt.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    mm = 2 * 8192**3 / ms / 1e9
+    del a, b
+    return copy_gbs, mm
+
+
+def ssm_params():
+    A = -torch.exp(torch.randn(MH, device=DEV) * 0.5)
+    D = torch.randn(MH, device=DEV)
+    dtb = torch.randn(MH, device=DEV) * 0.5 - 1
+    return A, D, dtb
+
+
+def bench_norms(tb, quick):
+    for t in (256, 4096):
+        nbytes = 4 * t * HIDDEN * 2
+
+        def make():
+            return (torch.randn(t, HIDDEN, device=DEV, dtype=BF), torch.randn(t, HIDDEN, device=DEV, dtype=BF))
+
+        sets, n = rotating(make, nbytes)
+        w = torch.ones(HIDDEN, device=DEV, dtype=BF)
+        ms = timed(lambda: [K.rms_norm(x, w, 1e-5, r) for x, r in sets]) / n
+        tb.add("rms_norm+residual", f"T={t} hidden={HIDDEN}", ms, nbytes, 0)
+    for t in (256, 4096):
+        d = MH * MP
+        nbytes = 3 * t * d * 2
+
+        def make():
+            return (torch.randn(t, d, device=DEV, dtype=BF), torch.randn(t, d, device=DEV, dtype=BF))
+
+        sets, n = rotating(make, nbytes)
+        w = torch.ones(d, device=DEV, dtype=BF)
+        ms = timed(lambda: [K.gated_rms_norm(y, z, w, d // MG, 1e-5) for y, z in sets]) / n
+        tb.add("gated_rms_norm", f"T={t} d={d} groups={MG}", ms, nbytes, 0)
+
+
+def bench_conv(tb, quick):
+    w = torch.randn(CONV_C, KW, device=DEV, dtype=BF)
+    bias = torch.randn(CONV_C, device=DEV, dtype=BF)
+    for b in (1, 64, 256) if not quick else (256,):
+        nbytes = b * CONV_C * 2 * (2 * (KW - 1) + 2)
+
+        def make():
+            return (torch.randn(b, CONV_C, device=DEV, dtype=BF),
+                    torch.randn(b, KW - 1, CONV_C, device=DEV, dtype=BF), torch.arange(b, device=DEV))
+
+        sets, n = rotating(make, nbytes)
+        ms = timed(lambda: [K.causal_conv1d_update(x, w, bias, s, sl) for x, s, sl in sets]) / n
+        tb.add("conv_update", f"B={b} C={CONV_C}", ms, nbytes, 0, ">=70% bw" if b >= 64 else None)
+    for lens in ([4096], [1024] * 4):
+        t = sum(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        nb = len(lens)
+        x = torch.randn(t, CONV_C, device=DEV, dtype=BF)
+        st = torch.randn(nb, KW - 1, CONV_C, device=DEV, dtype=BF)
+        sl = torch.arange(nb, device=DEV)
+        init = torch.ones(nb, dtype=torch.bool, device=DEV)
+        ms = timed(lambda: K.causal_conv1d(x, w, bias, cu, st, sl, init))
+        tb.add("causal_conv1d (prefill)", f"T={t} seqs={nb} C={CONV_C}", ms, 2 * t * CONV_C * 2, 0)
+
+
+def bench_ssm(tb, quick):
+    A, D, dtb = ssm_params()
+    for sdt in (torch.float32, torch.bfloat16):
+        for b in (1, 64, 256) if not quick else (256,):
+            state_bytes = b * MH * MP * MN * torch.empty((), dtype=sdt).element_size()
+            nbytes = 2 * state_bytes + b * (MH * MP + 2 * MG * MN + MH) * 2 + b * MH * MP * 2
+
+            def make():
+                conv_out = torch.randn(b, MH * MP + 2 * MG * MN, device=DEV, dtype=BF)
+                return (conv_out[:, : MH * MP].view(b, MH, MP),
+                        conv_out[:, MH * MP : MH * MP + MG * MN].view(b, MG, MN),
+                        conv_out[:, MH * MP + MG * MN :].view(b, MG, MN),
+                        torch.randn(b, MH, device=DEV, dtype=BF),
+                        (torch.randn(b, MH, MP, MN, device=DEV) * 0.1).to(sdt), torch.arange(b, device=DEV))
+
+            sets, n = rotating(make, nbytes)
+            ms = timed(lambda: [K.selective_state_update(x, dt, A, Bm, Cm, D, dtb, s, sl)
+                                for x, Bm, Cm, dt, s, sl in sets]) / n
+            tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms, nbytes,
+                   b * MH * MP * MN * 5, ">=70% bw" if b >= 64 else None)
+    for lens in ([4096], [1024] * 4, [256] * 16):
+        t, nb = sum(lens), len(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        x = torch.randn(t, MH, MP, device=DEV, dtype=BF)
+        dt = torch.randn(t, MH, device=DEV, dtype=BF)
+        Bm = torch.randn(t, MG, MN, device=DEV, dtype=BF)
+        Cm = torch.randn(t, MG, MN, device=DEV, dtype=BF)
+        st = torch.randn(nb, MH, MP, MN, device=DEV) * 0.1
+        sl = torch.arange(nb, device=DEV)
+        init = torch.ones(nb, dtype=torch.bool, device=DEV)
+        ms = timed(lambda: K.ssd_varlen(x, dt, A, Bm, Cm, D, dtb, cu, st, sl, init, 128))
+        q = 32  # the kernel's chunk
+        flops = t * MH * (2 * q * MN + 2 * q * MP + 4 * MP * MN)
+        nbytes = t * (2 * MH * MP + 2 * MG * MN + MH) * 2 + 2 * nb * MH * MP * MN * 4
+        tb.add("ssd_varlen (prefill)", f"T={t} seqs={nb}", ms, nbytes, flops)
+
+
+def moe_inputs(t):
+    x = torch.randn(t, HIDDEN, device=DEV, dtype=BF)
+    logits = torch.randn(t, E, device=DEV)
+    w, ids = K.moe_route(logits, torch.zeros(E, device=DEV), TOPK, 2.5)
+    return x, w, ids
+
+
+def bench_moe(tb, quick, w_up, w_down):
+    expert_bytes = 2 * INTER * HIDDEN * 2
+    for t in (256, 4096):
+        logits = torch.randn(t, E, device=DEV)
+        bias = torch.zeros(E, device=DEV)
+        ms = timed(lambda: K.moe_route(logits, bias, TOPK, 2.5))
+        tb.add("moe_route", f"T={t} E={E} k={TOPK}", ms, t * E * 4, 0)
+    for t in (1, 8, 64, 256) if not quick else (1, 64):
+        x, w, ids = moe_inputs(t)
+        touched = ids.unique().numel()
+        nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
+        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+        ms = timed(lambda: K.fused_moe(x, w_up, w_down, w, ids))
+        tb.add("fused_moe (decode)", f"T={t} experts touched={touched}", ms, nbytes, flops,
+               ">=70% bw" if t <= 64 else None)
+    t = 4096
+    x, w, ids = moe_inputs(t)
+    flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+    nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
+    best = None
+    configs = [KM._config(t)] + ([] if quick else [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    ])
+    for i, cfg in enumerate(configs):
+        try:
+            ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
+        except Exception as e:  # noqa: BLE001
+            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        label = "default" if i == 0 else f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        tb.add("fused_moe (prefill)", f"T={t} cfg={label}", ms, nbytes, flops, ">=50% mm" if i == 0 else None)
+        if best is None or ms < best[0]:
+            best = (ms, label)
+    print(f"  best prefill MoE config: {best[1]} ({best[0] * 1000:.0f} us)")
+    # the two grouped GEMMs alone (alignment excluded), default config
+    cfg = KM._config(t)
+    sp, be = KM.align_by_expert(ids, E, cfg["BLOCK_M"])
+    ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"]))
+    tb.add("moe align (torch ops)", f"T={t}", ms_align, 0, 0)
+
+
+def bench_attention(tb, quick):
+    bs = 16
+    for b, ctx in ((1, 1024), (1, 8192), (64, 1024), (256, 1024)) if not quick else ((64, 1024),):
+        nblk = b * (ctx // bs + 1)
+        kv_bytes = b * ctx * 2 * KVH * HD * 2
+        nbytes = kv_bytes + 2 * b * QH * HD * 2
+
+        def make():
+            kv = torch.randn(2, nblk, bs, KVH, HD, device=DEV, dtype=BF)
+            tables = torch.randperm(nblk, device=DEV, dtype=torch.int32)[: b * (ctx // bs + 1)].view(b, -1)
+            return kv, tables
+
+        sets, n = rotating(make, kv_bytes)
+        q = torch.randn(b, QH, HD, device=DEV, dtype=BF)
+        cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+        lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+        ms = timed(lambda: [K.paged_attention(q, kv, tb_, cu, lens, HD**-0.5) for kv, tb_ in sets]) / n
+        flops = 4 * b * QH * HD * ctx
+        tb.add("paged_attention (decode)", f"B={b} ctx={ctx}", ms, nbytes, flops, ">=70% bw" if b >= 64 else None)
+    for new, cached in (([1024] * 4, [0] * 4), ([2048], [2048]), ([4096], [0])):
+        b = len(new)
+        tot = [n_ + c for n_, c in zip(new, cached)]
+        per = max(tot) // bs + 1
+        kv = torch.randn(2, b * per, bs, KVH, HD, device=DEV, dtype=BF)
+        tables = torch.arange(b * per, device=DEV, dtype=torch.int32).view(b, per)
+        t = sum(new)
+        q = torch.randn(t, QH, HD, device=DEV, dtype=BF)
+        cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+        lens = torch.tensor(tot, dtype=torch.int32, device=DEV)
+        ms = timed(lambda: K.paged_attention(q, kv, tables, cu, lens, HD**-0.5))
+        flops = sum(4 * QH * HD * n_ * (c + (n_ + 1) / 2) for n_, c in zip(new, cached))
+        tb.add("paged_attention (prefill)", f"new={new[0]}x{b} cached={cached[0]}", ms,
+               sum(tot) * 2 * KVH * HD * 2 + 2 * t * QH * HD * 2, flops)
+    t = 256
+    k = torch.randn(t, KVH, HD, device=DEV, dtype=BF)
+    v = torch.randn(t, KVH, HD, device=DEV, dtype=BF)
+    kv = torch.zeros(2, 1024, bs, KVH, HD, device=DEV, dtype=BF)
+    sm = torch.randperm(1024 * bs, device=DEV)[:t]
+    ms = timed(lambda: K.store_kv(k, v, kv, sm))
+    tb.add("store_kv", f"T={t}", ms, 4 * t * KVH * HD * 2, 0)
+
+
+def reference_spot_check(w_up, w_down):
+    """One decode-sized MoE against the reference, so a fast-but-wrong kernel cannot pass unnoticed."""
+    x, w, ids = moe_inputs(8)
+    a = K.fused_moe(x, w_up, w_down, w, ids).float()
+    b = R.fused_moe(x, w_up, w_down, w, ids).float()
+    err = ((a - b).norm() / b.norm()).item()
+    print(f"spot check fused_moe vs reference (bf16, T=8): rel err {err:.2e}")
+    assert err < 2e-2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    t0 = time.time()
+    copy_gbs, mm = ceilings()
+    print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}")
+    print(f"ceilings: device copy {copy_gbs:.0f} GB/s (read+write), bf16 matmul 8192^3 {mm:.0f} TFLOP/s")
+    tb = Table(copy_gbs, mm)
+    w_up = (torch.randn(E, INTER, HIDDEN, device=DEV) * HIDDEN**-0.5).to(BF)
+    w_down = (torch.randn(E, HIDDEN, INTER, device=DEV) * INTER**-0.5).to(BF)
+    reference_spot_check(w_up, w_down)
+    print(f"{'kernel':26s} {'shape':34s} {'time':>13s} {'':>13s}")
+    for section in (lambda: bench_ssm(tb, args.quick), lambda: bench_conv(tb, args.quick),
+                    lambda: bench_attention(tb, args.quick), lambda: bench_moe(tb, args.quick, w_up, w_down),
+                    lambda: bench_norms(tb, args.quick)):
+        try:
+            section()
+        except Exception as e:  # noqa: BLE001  (one failing section must not hide the others)
+            print(f"SECTION FAILED: {type(e).__name__}: {str(e)[:500]}", flush=True)
+    result = dict(card=name, copy_GBps=round(copy_gbs, 1), bf16_mm_TFLOPs=round(mm, 1), rows=tb.rows,
+                  seconds=round(time.time() - t0, 1))
+    line = json.dumps(result)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

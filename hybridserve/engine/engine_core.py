@@ -1,0 +1,187 @@
+"""EngineCore: the engine loop — take requests, schedule, run the model, sample, emit token outputs.
+
+Used in-process (`LLM`, tests: call `add_request` / `abort` / `step`) or as its own process
+(`run_engine_core_process`, started by `EngineClient`): a busy loop that drains the input socket
+without blocking while there is work, sends each step's outputs at once, and only sleeps on the
+socket when idle. It never waits on the API process (the output socket has no send limit).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import traceback
+
+from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.model_runner import ModelRunner
+from hybridserve.engine.outputs import EngineOutput
+from hybridserve.engine.request import Request
+from hybridserve.engine.scheduler import Scheduler
+from hybridserve.engine.stats import EngineStats
+from hybridserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_SEED_MASK = (1 << 63) - 1
+
+
+class EngineCore:
+    """Scheduler + ModelRunner; one `step()` is one model forward."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig | None = None,
+        *,
+        extra_stop_token_ids: tuple[int, ...] = (),
+        model=None,
+    ) -> None:
+        """extra_stop_token_ids: end-of-turn ids besides the model's eos (the tokenizer's
+        `<|im_end|>`), stopped on unless `ignore_eos`. model: an already built model (tests)."""
+        self.config = config
+        self.model_config = model_config or ModelConfig.from_hf(config.model)
+        self.runner = ModelRunner(config, self.model_config, model=model)
+        self.max_model_len = self.runner.max_model_len
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            num_blocks=self.runner.num_blocks,
+            num_slots=self.runner.num_slots,
+            block_size=config.block_size,
+        )
+        self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
+        self._seeds = random.Random(config.seed)  # seeds of requests that bring none
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError (SamplingParamsError) if it is invalid or can never fit."""
+        vocab = self.model_config.vocab_size
+        params.validate_vocab(vocab)
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        self.scheduler.check_fits(len(prompt_token_ids), max_tokens)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seed = (params.seed if params.seed is not None else self._seeds.getrandbits(63)) & _SEED_MASK
+        sequences = [
+            Request(
+                request_id, prompt_token_ids, params, index=i, seed=_choice_seed(seed, i),
+                max_tokens=max_tokens, stop_token_ids=stop_ids,
+            )
+            for i in range(params.n)
+        ]
+        self.scheduler.add(sequences)
+
+    def abort(self, request_id: str, indices: list[int] | None = None) -> EngineOutput | None:
+        """Finish a request (or some of its choices) now; the output says so, or None if unknown."""
+        return self.scheduler.abort(request_id, indices)
+
+    def step(self) -> list[EngineOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        token_ids, logprobs = self.runner.execute(batch)
+        outputs = self.scheduler.update(batch, token_ids, logprobs)
+        forks = self.scheduler.take_forks()
+        if forks:
+            self.runner.apply_forks(forks)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv.usage,
+            state_slot_usage=s.states.usage,
+            num_preemptions_total=s.num_preemptions_total,
+            prompt_tokens_total=s.prompt_tokens_total,
+            generation_tokens_total=s.generation_tokens_total,
+            num_free_blocks=s.kv.num_free_blocks,
+            num_free_slots=s.states.num_free_slots,
+            num_blocks=s.kv.num_blocks,
+            num_slots=s.states.num_slots,
+        )
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """Distinct sampling keys for the n choices of one request."""
+    return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) & _SEED_MASK
+
+
+def run_engine_core_process(
+    config: EngineConfig,
+    input_address: str,
+    output_address: str,
+    extra_stop_token_ids: tuple[int, ...],
+    parent_pid: int | None = None,
+) -> None:
+    """Entry point of the engine-core process (or thread, in-process mode): serve until Shutdown.
+
+    Exits by itself when the parent process is gone (parent_pid set), so no orphan survives.
+    """
+    import msgspec
+    import zmq
+
+    from hybridserve.engine.messages import AbortRequest, AddRequest, EngineInput, EngineReady, EngineStep, Shutdown
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    inputs.connect(input_address)
+    outputs = ctx.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.SNDHWM, 0)  # never block on a slow reader
+    outputs.setsockopt(zmq.LINGER, 2000)
+    outputs.connect(output_address)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(EngineInput)
+    try:
+        core = EngineCore(config, extra_stop_token_ids=extra_stop_token_ids)
+    except Exception:
+        outputs.send(encoder.encode(EngineReady(error=traceback.format_exc())))
+        outputs.close()
+        inputs.close(linger=0)
+        ctx.term()
+        return
+    r = core.runner
+    outputs.send(encoder.encode(EngineReady(core.max_model_len, r.block_size, r.num_blocks, r.num_slots)))
+
+    poller = zmq.Poller()
+    poller.register(inputs, zmq.POLLIN)
+    running = True
+    try:
+        while running:
+            timeout = 0 if core.has_unfinished() else 1000
+            step_outputs: list[EngineOutput] = []
+            while poller.poll(timeout):
+                timeout = 0
+                msg = decoder.decode(inputs.recv())
+                if isinstance(msg, AddRequest):
+                    try:
+                        core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                    except ValueError as e:
+                        step_outputs.append(EngineOutput(msg.request_id, [], finished=True, error=str(e)))
+                elif isinstance(msg, AbortRequest):
+                    out = core.abort(msg.request_id, msg.indices)
+                    if out is not None:
+                        step_outputs.append(out)
+                elif isinstance(msg, Shutdown):
+                    running = False
+                    break
+            if not running:
+                break
+            if core.has_unfinished():
+                step_outputs += core.step()
+            if step_outputs:
+                outputs.send(encoder.encode(EngineStep(step_outputs, core.stats())))
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("the API process is gone; engine core exits")
+                break
+    finally:
+        inputs.close(linger=0)
+        outputs.close()
+        ctx.term()

@@ -1,0 +1,185 @@
+"""ModelRunner: owns the model, the cache memory and the sampler; runs one ScheduledBatch.
+
+Start-up: load the weights, measure what memory is left (GPU: `gpu_memory_utilization` of the card
+minus weights, other processes and the activation peak of a warm-up step at
+`max_num_batched_tokens`; CPU: `cpu_cache_bytes`), give `max_num_seqs` Mamba state slots their
+share and the rest to KV blocks. One extra slot and one extra block are kept out of the pools as
+padding targets (for CUDA-graph batch padding). The sizes are returned to the engine through
+`num_slots` / `num_blocks`, never written into a config.
+
+Per step: ScheduledBatch -> ForwardBatch -> model -> sampler -> one device->host copy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.outputs import TokenLogprob
+from hybridserve.engine.request import Request
+from hybridserve.engine.sampler import Sampler, SamplingMetadata
+from hybridserve.engine.scheduler import Fork, ScheduledBatch
+from hybridserve.model.cache import HybridCache
+from hybridserve.model.forward_batch import ForwardBatch
+from hybridserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    if config.max_model_len is not None:
+        if config.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's limit {model_config.max_position_embeddings}"
+            )
+        return config.max_model_len
+    return min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+
+
+class ModelRunner:
+    """Model + HybridCache + Sampler on one device."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module | None = None) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES[model_config.torch_dtype if config.dtype == "auto" else config.dtype]
+        ssm_name = model_config.mamba_ssm_cache_dtype if config.mamba_ssm_cache_dtype == "auto" else config.mamba_ssm_cache_dtype
+        self.ssm_dtype = _DTYPES[ssm_name]
+        if config.kv_cache_dtype != "auto":
+            logger.warning("kv_cache_dtype %s is not supported yet; keeping KV in %s", config.kv_cache_dtype, self.dtype)
+        self.block_size = config.block_size
+        self.max_model_len = resolve_max_model_len(config, model_config)
+        if model is None:
+            from hybridserve.model.loader import load_model
+
+            model = load_model(model_config, load_format=config.load_format, dtype=self.dtype, device=self.device)
+        self.model = model
+        self.sampler = Sampler(self.device)
+        self.num_slots, self.num_blocks = self._cache_sizes()
+        self.cache = HybridCache.allocate(
+            model_config, self.num_slots + 1, self.num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+        )
+        self.pad_slot, self.pad_block = self.num_slots, self.num_blocks
+        kv_tokens = self.num_blocks * self.block_size
+        logger.info(
+            "cache: %d KV blocks x %d tokens = %d tokens of KV, %d Mamba state slots (SSM state %s); "
+            "max concurrency %d requests of %d tokens",
+            self.num_blocks, self.block_size, kv_tokens, self.num_slots, ssm_name,
+            min(self.num_slots, kv_tokens // self.max_model_len), self.max_model_len,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
+        """Run the batch; returns the sampled token ids (one per sampled row, batch order) and
+        their logprob entries (None when no row asked)."""
+        reqs = batch.requests
+        forward_batch = ForwardBatch.build(
+            new_tokens=[r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n] for r, n in zip(reqs, batch.num_new_tokens)],
+            num_cached=[r.num_computed_tokens for r in reqs],
+            state_slots=[r.state_slot for r in reqs],
+            block_tables=[r.block_ids for r in reqs],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        rows: list[Request] = []
+        logits_indices: list[int] = []
+        last = 0
+        for r, n, s in zip(reqs, batch.num_new_tokens, batch.num_samples):
+            last += n
+            if s:
+                rows += [r, *r.forks[: s - 1]]
+                logits_indices += [last - 1] * s
+        forward_batch.logits_indices = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
+        logits = self.model(forward_batch, self.cache)
+        if not rows:
+            return [], None
+        meta = SamplingMetadata.build(rows, self.device)
+        host = self.sampler(logits, meta).tolist()  # the step's one device->host copy
+        return Sampler.unpack(host, meta)
+
+    @torch.inference_mode()
+    def apply_forks(self, forks: list[Fork]) -> None:
+        """n > 1: copy each parent's Mamba state and prompt KV blocks into its sibling's."""
+        src_blocks, dst_blocks = [], []
+        for f in forks:
+            self.cache.copy_slot(f.src_slot, f.dst_slot)
+            src_blocks += f.src_blocks
+            dst_blocks += f.dst_blocks
+        if src_blocks:
+            src = torch.tensor(src_blocks, dtype=torch.int64, device=self.device)
+            dst = torch.tensor(dst_blocks, dtype=torch.int64, device=self.device)
+            self.cache.kv[:, :, dst] = self.cache.kv[:, :, src]
+
+    # ---- start-up ------------------------------------------------------------------------------
+    def _cache_sizes(self) -> tuple[int, int]:
+        """(state slots, KV blocks) that fit the memory budget, one padding slot and block excluded."""
+        slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
+        block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.dtype)
+        budget = self._memory_budget() - slot_bytes - block_bytes
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        room_for_slots = (budget - blocks_per_seq * block_bytes) // slot_bytes
+        num_slots = min(self.config.max_num_seqs, room_for_slots)
+        if num_slots < 1:
+            raise RuntimeError(
+                f"not enough memory for the cache: {max(budget, 0) / 2**20:.1f} MiB left, one sequence of "
+                f"{self.max_model_len} tokens needs {(slot_bytes + blocks_per_seq * block_bytes) / 2**20:.1f} MiB; "
+                "lower max_model_len or raise gpu_memory_utilization / cpu_cache_bytes"
+            )
+        num_blocks = (budget - num_slots * slot_bytes) // block_bytes
+        return int(num_slots), int(num_blocks)
+
+    def _memory_budget(self) -> int:
+        """Bytes the cache may use."""
+        if self.device.type != "cuda":
+            return self.config.cpu_cache_bytes
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._warm_up()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free  # weights, other processes, the CUDA context
+        return int(total * self.config.gpu_memory_utilization - used - (peak - current))
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One step at max_num_batched_tokens (and a full sampler pass) on a scratch cache, for the
+        activation peak."""
+        tokens = self.config.max_num_batched_tokens
+        lengths = []
+        while sum(lengths) < tokens:
+            lengths.append(min(self.max_model_len, tokens - sum(lengths)))
+        tables, next_block = [], 0
+        for n in lengths:
+            nb = -(-n // self.block_size)
+            tables.append(list(range(next_block, next_block + nb)))
+            next_block += nb
+        scratch = HybridCache.allocate(
+            self.model_config, len(lengths), next_block, self.block_size, self.dtype, self.ssm_dtype, self.device
+        )
+        batch = ForwardBatch.build(
+            [[0] * n for n in lengths], [0] * len(lengths), list(range(len(lengths))), tables, self.block_size, self.device
+        )
+        rows = min(tokens, self.config.max_num_seqs)
+        batch.logits_indices = torch.arange(rows, device=self.device)
+        logits = self.model(batch, scratch)
+        probe = Request("warm-up", [0], SamplingParams(top_p=0.9, logprobs=5), max_tokens=1)
+        self.sampler(logits, SamplingMetadata.build([probe] * rows, self.device))
+        del scratch, logits
+

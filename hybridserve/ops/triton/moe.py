@@ -1,0 +1,206 @@
+"""Sigmoid-routed mixture of non-gated squared-ReLU experts.
+
+Routing (float32): score = sigmoid(logits); choose top-k on score + correction bias; weight with
+the *unbiased* score, renormalise, multiply by the routed scaling factor. Expert e computes
+down_e(relu(up_e(x))^2). The shared expert is added by the model layer, not here.
+
+Triton:
+- `moe_route`: one program per token; top-k by k rounds of (max, lowest index at the max, mask).
+- `fused_moe`: the T*K (token, expert) pairs are sorted by expert and each expert's run padded to
+  BLOCK_M (device-side torch ops, no host sync, so decode steps stay graph-capturable). Then one
+  grouped GEMM launch per projection: every BLOCK_M block belongs to one expert and streams only
+  that expert's weights. Up: gather token rows, x @ w_up[e]^T, relu^2, store in sorted order.
+  Down: h @ w_down[e]^T, times the pair's routing weight, atomically added into a float32 [T, hidden]
+  sum (the reference's float32 accumulation), cast to x's dtype at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    es = tl.arange(0, BLOCK_E)
+    emask = es < E
+    score = tl.sigmoid(tl.load(logits_ptr + t * stride_l + es, mask=emask, other=0.0).to(tl.float32))
+    sel = tl.where(emask, score + tl.load(bias_ptr + es, mask=emask, other=0.0).to(tl.float32), -float("inf"))
+    ks = tl.arange(0, K_PAD)
+    weights = tl.zeros((K_PAD,), dtype=tl.float32)
+    ids = tl.zeros((K_PAD,), dtype=tl.int64)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(sel, axis=0)
+        idx = tl.min(tl.where(sel == best, es, BLOCK_E), axis=0)
+        hit = es == idx
+        weights = tl.where(ks == k, tl.sum(tl.where(hit, score, 0.0), axis=0), weights)
+        ids = tl.where(ks == k, idx.to(tl.int64), ids)
+        sel = tl.where(hit, -float("inf"), sel)
+    if RENORM:
+        weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    kmask = ks < TOP_K
+    tl.store(w_ptr + t * TOP_K + ks, weights * scale, mask=kmask)
+    tl.store(ids_ptr + t * TOP_K + ks, ids, mask=kmask)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
+    N, K, num_pairs, num_experts,
+    stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    TOP_K: tl.constexpr, UP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
+    not UP: a = h (sorted rows), out[token] += topk_w * (a w^T), float32 atomics."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= num_experts:  # past the last padded block
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    valid = pair < num_pairs
+    if UP:
+        arow = (pair // TOP_K).to(tl.int64)
+    else:
+        arow = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + arow[:, None] * stride_am + ks[None, :]
+    w_ptrs = w_ptr + e * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = ks < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    # the reference rounds each matmul to the activation dtype
+    acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+    omask = valid[:, None] & nmask[None, :]
+    if UP:
+        acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
+                 (acc * acc).to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+        token = (pair // TOP_K).to(tl.int64)
+        tl.atomic_add(out_ptr + token[:, None] * stride_om + cols[None, :], acc * tw[:, None], mask=omask, sem="relaxed")
+
+
+def moe_route(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    scaling_factor: float,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] float32; correction_bias: [E] float32.
+
+    Returns (topk_weights [T, K] float32, topk_ids [T, K] int64).
+    """
+    assert router_logits.dim() == 2 and router_logits.stride(-1) == 1
+    t, e = router_logits.shape
+    assert correction_bias.shape == (e,) and correction_bias.is_contiguous() and 0 < top_k <= e
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=router_logits.device)
+    if t:
+        _route_kernel[(t,)](
+            router_logits, correction_bias, weights, ids, e, router_logits.stride(0), float(scaling_factor),
+            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(e),
+            RENORM=renormalize, num_warps=1,
+        )
+    return weights, ids
+
+
+def _config(num_tokens: int) -> dict:
+    """Block shapes for H100/H200 (small batches: narrow tiles, many programs to stream weights)."""
+    if num_tokens <= 32:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if num_tokens <= 256:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if num_tokens <= 1024:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the flattened (token, k) pairs by expert, each expert's run padded to block_m.
+
+    Returns (sorted_pairs [max_blocks * block_m] int32, pad entries = T*K;
+    block_expert [max_blocks] int32, = num_experts for blocks past the end). Device ops only.
+    """
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
+    dev = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(pairs, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
+    dest = (ends - padded)[sorted_e] + rank
+    max_blocks = min(num_experts, pairs) + triton.cdiv(pairs, block_m)
+    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=dev)
+    sorted_pairs[dest] = order.to(torch.int32)
+    starts = torch.arange(max_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts for every token.
+
+    x: [T, hidden]; w_up: [E, I, hidden]; w_down: [E, hidden, I]; topk_weights: [T, K] float32;
+    topk_ids: [T, K] int. Returns [T, hidden] in x's dtype: sum_k w[t,k] * expert_{id[t,k]}(x[t]),
+    each expert's two matmuls in x's dtype, the weighted sum accumulated in float32.
+    """
+    return _fused_moe(x, w_up, w_down, topk_weights, topk_ids, _config(x.shape[0]))
+
+
+def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tensor:
+    t, hidden = x.shape
+    e, inter, _ = w_up.shape
+    assert w_up.shape == (e, inter, hidden) and w_down.shape == (e, hidden, inter)
+    assert w_up.stride(-1) == 1 and w_down.stride(-1) == 1 and x.stride(-1) == 1
+    assert w_up.dtype == w_down.dtype == x.dtype, "weights and activations share one dtype"
+    top_k = topk_ids.shape[1]
+    assert topk_ids.shape == topk_weights.shape == (t, top_k)
+    out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out.to(x.dtype)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    sorted_pairs, block_expert = align_by_expert(topk_ids.long(), e, bm)
+    max_blocks = block_expert.shape[0]
+    h = torch.empty((max_blocks * bm, inter), dtype=x.dtype, device=x.device)
+    tw = topk_weights.float().contiguous()
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    _moe_gemm_kernel[(max_blocks * triton.cdiv(inter, bn),)](
+        x, w_up, h, sorted_pairs, block_expert, tw,
+        inter, hidden, t * top_k, e,
+        x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), h.stride(0),
+        TOP_K=top_k, UP=True, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )
+    _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn),)](
+        h, w_down, out, sorted_pairs, block_expert, tw,
+        hidden, inter, t * top_k, e,
+        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
+        TOP_K=top_k, UP=False, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )
+    return out.to(x.dtype)

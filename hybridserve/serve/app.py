@@ -1,0 +1,237 @@
+"""The FastAPI application: routes, body parsing, API-key check, readiness, drain.
+
+`build_app` takes either a ready engine client (tests, in-process use) or an async factory that
+creates one after the server is listening, so `/health` can answer 503 while the model loads.
+Bodies are parsed by hand: a non-JSON content type is 415, a body that is not a JSON object is 400,
+and validation failures are 400 naming the parameter (never 422, never a stack trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from hybridserve import __version__
+from hybridserve.serve.chat import normalize_messages, render_chat
+from hybridserve.serve.chat_completion import create_chat_completion
+from hybridserve.serve.completion import create_completion
+from hybridserve.serve.context import RequestTracker, ServerContext, ServeSettings
+from hybridserve.serve.errors import APIError, error_body, install_error_handlers, validation_error
+from hybridserve.serve.metrics import Metrics
+from hybridserve.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from hybridserve.serve.responses import ClientDisconnected
+
+logger = logging.getLogger("hybridserve.serve")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+OPEN_PATHS = ("/health", "/ping", "/metrics")  # readable without the API key (orchestrators, scrapers)
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiKeyMiddleware:
+    """Every path except OPEN_PATHS needs `Authorization: Bearer <key>`; failures use the error envelope."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        response = JSONResponse(error_body(401, "Invalid or missing API key."), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json (got {ctype or 'none'!r})")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def build_app(settings: ServeSettings, engine: Any | None = None,
+              engine_factory: Callable[[], Awaitable[Any]] | None = None,
+              on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    tracker = RequestTracker(None if settings.max_queued_requests is None
+                             else settings.max_num_seqs + settings.max_queued_requests)
+    holder: dict[str, Any] = {"engine": engine, "failed": None}
+
+    def stats() -> Any:
+        eng = holder["engine"]
+        return eng.stats() if eng is not None else None
+
+    metrics = Metrics(settings.model_name, stats,
+                      lambda: {"in_flight": tracker.in_flight, "rejected": tracker.rejected})
+    ctx = ServerContext(engine, settings, tracker, metrics)
+
+    async def start_engine() -> None:
+        try:
+            eng = await engine_factory()
+        except BaseException as e:
+            holder["failed"] = e
+            logger.exception("engine failed to start")
+            if on_engine_failure:
+                on_engine_failure(e)
+            return
+        holder["engine"] = ctx.engine = eng
+        logger.info("engine ready: serving %s (max_model_len %d)", settings.model_name, eng.max_model_len)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.ensure_future(start_engine()) if engine is None and engine_factory else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                if holder["engine"] is not None:
+                    await holder["engine"].shutdown()
+
+    app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+
+    def ready_error() -> APIError | None:
+        eng = ctx.engine
+        if tracker.draining:
+            return APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+        if eng is None:
+            failed = holder["failed"]
+            return APIError(503, "The engine failed to start." if failed else "The engine is starting.",
+                            headers={"Retry-After": "5"})
+        if getattr(eng, "errored", False) or not getattr(eng, "is_ready", True):
+            return APIError(503, "The engine is not running.")
+        return None
+
+    def require_engine() -> None:
+        err = ready_error()
+        if err is not None:
+            raise err
+
+    async def health(_: Request) -> Response:
+        err = ready_error()
+        if err is not None:
+            return JSONResponse(error_body(503, err.message), status_code=503)
+        return Response(status_code=200)
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        max_len = ctx.engine.max_model_len if ctx.engine is not None else None
+        root = getattr(getattr(ctx.engine, "model_config", None), "path", None)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "hybridserve",
+             "root": root or settings.model_name, "parent": None, "max_model_len": max_len}
+            for name in settings.served_model_names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        require_engine()
+        try:
+            return await create_chat_completion(ctx, request, req)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        require_engine()
+        try:
+            return await create_completion(ctx, request, req)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, TokenizeRequest)
+        require_engine()
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
+            rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), tools,
+                                   dict(req.chat_template_kwargs or {}), req.add_generation_prompt)
+            ids = rendered.prompt_token_ids
+        else:
+            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, DetokenizeRequest)
+        require_engine()
+        ctx.check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < ctx.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of vocabulary (size {ctx.vocab_size})", "tokens")
+        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+async def drain(ctx: ServerContext, timeout: float) -> None:
+    """Stop admitting, let in-flight requests finish for `timeout` seconds, then abort the rest."""
+    ctx.tracker.draining = True
+    logger.info("draining: %d requests in flight, waiting up to %.0fs", ctx.tracker.in_flight, timeout)
+    if await ctx.tracker.wait_idle(timeout):
+        return
+    ids = list(ctx.tracker.engine_request_ids)
+    logger.warning("shutdown timeout reached: aborting %d requests", len(ids))
+    for rid in ids:
+        try:
+            await ctx.engine.abort(rid)
+        except Exception:
+            logger.exception("abort of %s failed", rid)
+    await ctx.tracker.wait_idle(5.0)

@@ -1,0 +1,250 @@
+"""POST /v1/chat/completions: messages -> template -> engine -> reasoning / content / tool calls.
+
+Streaming sends one chunk per engine step that produced visible output (one token per step), no
+empty first chunk, `finish_reason` on the last chunk of each choice, an optional usage chunk, then
+`[DONE]`. Non-streaming folds exactly the same deltas. `tool_choice` "required" or a named function
+cannot be enforced (no constrained decoding yet): when the model stops without the call, the
+request fails with a clear error instead of pretending it succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from hybridserve.serve.chat import normalize_messages, render_chat, thinking_tokens, THINKING_GRACE_TOKENS
+from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
+from hybridserve.serve.context import ServerContext, engine_outputs
+from hybridserve.serve.errors import APIError, bad_request
+from hybridserve.serve.protocol import ChatCompletionRequest
+from hybridserve.serve.request_checks import reject_unsupported
+from hybridserve.serve.responses import (
+    SSE_DONE,
+    ManagedStreamingResponse,
+    TokenText,
+    chat_logprobs,
+    new_id,
+    now,
+    sse,
+    sse_error,
+    until_disconnected,
+    usage,
+)
+from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
+
+logger = logging.getLogger("hybridserve.serve")
+
+
+class _ToolPolicy:
+    def __init__(self, req: ChatCompletionRequest):
+        self.tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
+        choice = req.tool_choice
+        if choice is None:
+            choice = "auto" if self.tools else "none"
+        self.function: str | None = None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise bad_request('tool_choice must be "none", "auto", "required" or '
+                                  '{"type": "function", "function": {"name": ...}}', "tool_choice")
+            self.function = name
+            choice = "named"
+        if choice != "none" and not self.tools:
+            raise bad_request(f"tool_choice {choice!r} needs a non-empty tools list", "tool_choice")
+        if self.function is not None and self.function not in {t["function"]["name"] for t in self.tools or []}:
+            raise bad_request(f"tool_choice names function {self.function!r}, which is not in tools", "tool_choice")
+        self.choice = choice
+        self.parallel = req.parallel_tool_calls
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return None if self.choice == "none" else self.tools
+
+    def parser(self, reasoning_open: bool) -> ChatOutputParser:
+        tools = None if self.choice == "none" else self.tools
+        return ChatOutputParser(reasoning_open, tools, self.function, self.parallel)
+
+    def check(self, finish_reason: str | None, num_calls: int) -> None:
+        if self.choice in ("required", "named") and finish_reason == "stop" and num_calls == 0:
+            what = f"a call to {self.function!r}" if self.function else "a tool call"
+            raise APIError(500, f"tool_choice asked for {what}, but the model answered without one. hybridserve has "
+                                "no constrained decoding yet, so tool_choice 'required' / named is a request to the "
+                                "model, not a guarantee; retry, or use tool_choice 'auto'.", "tool_choice",
+                           type="ToolCallNotGenerated")
+
+
+def _thinking_budget(ctx: ServerContext, req: ChatCompletionRequest, kwargs: dict[str, Any]) -> int | None:
+    budget = req.thinking_token_budget
+    if budget is None:
+        budget = req.reasoning_budget
+    if budget is None and "reasoning_budget" in kwargs:
+        budget = kwargs["reasoning_budget"]
+        if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+            raise bad_request("must be a non-negative integer", "chat_template_kwargs.reasoning_budget")
+    return ctx.settings.default_thinking_budget if budget is None else budget
+
+
+async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest) -> Response:
+    arrival = time.monotonic()
+    ctx.check_model(req.model)
+    reject_unsupported(req)
+    policy = _ToolPolicy(req)
+    ticket = ctx.tracker.admit()
+    stream = None
+    handed_off = False  # a streaming response owns the ticket and the engine stream from then on
+    try:
+        kwargs = dict(req.chat_template_kwargs or {})
+        rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools, kwargs,
+                               req.add_generation_prompt, req.continue_final_message)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = resolve_max_tokens(requested, len(rendered.prompt_token_ids), ctx.max_model_len,
+                                        ctx.settings.default_max_tokens)
+        extra: dict[str, Any] = {}
+        budget = _thinking_budget(ctx, req, kwargs)
+        if budget is not None and rendered.reasoning_open:
+            ids = thinking_tokens(ctx.tokenizer)
+            if ids is None:
+                raise bad_request("this tokenizer has no </think> token; a thinking budget cannot be applied",
+                                  "thinking_token_budget")
+            extra = {"thinking_budget": budget, "thinking_end_token_id": ids.end_token_id,
+                     "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids)}
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = build_sampling_params(req, max_tokens=max_tokens, logprobs=top,
+                                       defaults=ctx.settings.generation_defaults, vocab_size=ctx.vocab_size, **extra)
+        request_id = req.request_id or new_id("chatcmpl")
+        stream = engine_outputs(ctx, rendered.prompt_token_ids, params, request_id, arrival)
+        run = _ChatRun(ctx, req, policy, rendered.reasoning_open, request_id, len(rendered.prompt_token_ids))
+        if not req.stream:
+            return JSONResponse(await until_disconnected(request, run.collect(stream)))
+        first = await until_disconnected(request, stream.__anext__())
+        body, engine_stream = run.sse(first, stream), stream
+
+        async def close() -> None:
+            await body.aclose()
+            await engine_stream.aclose()
+            ticket.release()
+
+        handed_off = True
+        return ManagedStreamingResponse(body, close)
+    finally:
+        if not handed_off:
+            if stream is not None:
+                await stream.aclose()
+            ticket.release()
+
+
+class _ChatRun:
+    """The per-request state shared by the streaming and non-streaming paths."""
+
+    def __init__(self, ctx: ServerContext, req: ChatCompletionRequest, policy: _ToolPolicy, reasoning_open: bool,
+                 request_id: str, prompt_tokens: int):
+        self.ctx, self.req, self.policy = ctx, req, policy
+        self.id, self.created, self.model = request_id, now(), ctx.settings.model_name
+        self.prompt_tokens = prompt_tokens
+        self.parsers = [policy.parser(reasoning_open) for _ in range(req.n)]
+        self.reasoning_tokens = [0] * req.n
+        self.completion_tokens = [0] * req.n
+        self.finished = [False] * req.n
+        self.text_of = TokenText(ctx.tokenizer) if req.logprobs else None
+
+    def _step(self, o: Any) -> ChoiceDelta:
+        i = o.index
+        if self.parsers[i].in_reasoning:
+            self.reasoning_tokens[i] += len(o.token_ids_delta)
+        self.completion_tokens[i] = len(o.token_ids)
+        final = o.finish_reason is not None and not self.finished[i]
+        self.finished[i] = self.finished[i] or final
+        return self.parsers[i].feed(o.text_delta, final=final)
+
+    def _finish_reason(self, i: int, reason: str | None) -> str | None:
+        if reason == "stop" and self.parsers[i].num_tool_calls:
+            return "tool_calls"
+        return reason
+
+    def _usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, sum(self.completion_tokens), sum(self.reasoning_tokens))
+
+    async def collect(self, stream: AsyncIterator[Any]) -> dict[str, Any]:
+        accs = [ChoiceAccumulator() for _ in range(self.req.n)]
+        logprobs: list[list[Any]] = [[] for _ in range(self.req.n)]
+        reasons: list[Any] = [None] * self.req.n
+        stop_reasons: list[Any] = [None] * self.req.n
+        async for out in stream:
+            if out.error:
+                raise APIError(500, f"generation failed: {out.error}")
+            for o in out.outputs:
+                if self.finished[o.index]:
+                    continue
+                accs[o.index].add(self._step(o))
+                logprobs[o.index].extend(o.logprobs_delta or [])
+                reasons[o.index], stop_reasons[o.index] = o.finish_reason, o.stop_reason
+        choices = []
+        for i, acc in enumerate(accs):
+            self.policy.check(reasons[i], self.parsers[i].num_tool_calls)
+            message = {"role": "assistant", "content": acc.content or None, "reasoning": acc.reasoning or None,
+                       "reasoning_content": acc.reasoning or None, "tool_calls": acc.tool_calls}
+            lp = chat_logprobs(logprobs[i], self.text_of, self.req.top_logprobs or 0) if self.text_of else None
+            choices.append({"index": i, "message": message, "logprobs": lp,
+                            "finish_reason": self._finish_reason(i, reasons[i]), "stop_reason": stop_reasons[i]})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage()}
+
+    def _chunk(self, choices: list[dict[str, Any]], usage_now: bool) -> bytes:
+        payload: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                   "model": self.model, "choices": choices}
+        if usage_now:
+            payload["usage"] = self._usage()
+        return sse(payload)
+
+    async def sse(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+        opts = self.req.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+        started = [False] * self.req.n
+        checks: list[tuple[str | None, int]] = []
+        try:
+            out = first
+            while out is not None:
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}")
+                choices = []
+                for o in out.outputs:
+                    if self.finished[o.index]:
+                        continue
+                    i = o.index
+                    delta = self._step(o)
+                    lp = None
+                    if self.text_of and o.logprobs_delta:
+                        lp = chat_logprobs(o.logprobs_delta, self.text_of, self.req.top_logprobs or 0)
+                    if not (delta or lp or self.finished[i]):
+                        continue  # e.g. a </think> token: nothing visible to send
+                    d: dict[str, Any] = {}
+                    if not started[i]:
+                        d["role"] = "assistant"
+                        started[i] = True
+                    d["content"] = delta.content or None
+                    d["reasoning"] = d["reasoning_content"] = delta.reasoning or None
+                    if delta.tool_calls:
+                        d["tool_calls"] = delta.tool_calls
+                    reason = self._finish_reason(i, o.finish_reason) if self.finished[i] else None
+                    choices.append({"index": i, "delta": d, "logprobs": lp, "finish_reason": reason})
+                    if reason is not None:
+                        checks.append((o.finish_reason, self.parsers[i].num_tool_calls))
+                if choices:
+                    yield self._chunk(choices, continuous)
+                for reason, calls in checks:
+                    self.policy.check(reason, calls)
+                checks.clear()
+                out = await anext(stream, None)
+            if opts and opts.include_usage:
+                yield self._chunk([], True)
+        except APIError as e:
+            yield sse_error(e)
+        except Exception as e:  # the stream is already 200: report in-band, never hang
+            logger.exception("chat stream %s failed", self.id)
+            yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
+        yield SSE_DONE

@@ -1,0 +1,103 @@
+"""One chat choice's output text -> reasoning, content and tool calls, delta by delta.
+
+Chains the reasoning parser (whose content goes on) into the tool-call parser, and applies the
+request's tool policy: a named `tool_choice` keeps only calls to that function, and
+`parallel_tool_calls=false` keeps only the first call; kept calls are renumbered from 0. Streaming
+sends each `feed` result as one chunk (the last with `final=True`); non-streaming folds the same deltas with `ChoiceAccumulator`,
+so both paths produce the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hybridserve.serve.reasoning import ReasoningParser
+from hybridserve.serve.tool_calls import ContentText, ToolCallArguments, ToolCallParser, ToolCallStart
+
+
+@dataclass
+class ChoiceDelta:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI delta entries, one per call index
+
+    def __bool__(self) -> bool:
+        return bool(self.reasoning or self.content or self.tool_calls)
+
+
+class ChatOutputParser:
+    def __init__(self, reasoning_open: bool, tools: list[dict[str, Any]] | None = None,
+                 only_function: str | None = None, parallel_tool_calls: bool = True):
+        self._reasoning = ReasoningParser(reasoning_open)
+        self._tools = ToolCallParser(tools) if tools is not None else None
+        self._only_function = only_function
+        self._parallel = parallel_tool_calls
+        self._kept: dict[int, int] = {}  # parser call index -> output index
+        self._dropped: set[int] = set()
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._reasoning.in_reasoning
+
+    @property
+    def num_tool_calls(self) -> int:
+        return len(self._kept)
+
+    def feed(self, text: str, final: bool = False) -> ChoiceDelta:
+        """The delta for new output text; `final` also flushes everything held back."""
+        r = self._reasoning.feed(text)
+        reasoning, content = r.reasoning, r.content
+        if final:
+            rest = self._reasoning.finish()
+            reasoning, content = reasoning + rest.reasoning, content + rest.content
+        return self._route(reasoning, content, final)
+
+    def _route(self, reasoning: str, content: str, final: bool) -> ChoiceDelta:
+        out = ChoiceDelta(reasoning=reasoning)
+        if self._tools is None:
+            out.content = content
+            return out
+        events = self._tools.feed(content) if content else []
+        if final:
+            events += self._tools.finish()
+        entries: dict[int, dict[str, Any]] = {}
+        for ev in events:
+            if isinstance(ev, ContentText):
+                out.content += ev.text
+            elif isinstance(ev, ToolCallStart):
+                if self._keep(ev):
+                    k = self._kept[ev.index] = len(self._kept)
+                    entries[k] = {"index": k, "id": ev.id, "type": "function",
+                                  "function": {"name": ev.name, "arguments": ""}}
+                else:
+                    self._dropped.add(ev.index)
+            elif isinstance(ev, ToolCallArguments) and ev.index in self._kept:
+                k = self._kept[ev.index]
+                entry = entries.setdefault(k, {"index": k, "function": {"arguments": ""}})
+                entry["function"]["arguments"] += ev.fragment
+        out.tool_calls = [entries[k] for k in sorted(entries)]
+        return out
+
+    def _keep(self, start: ToolCallStart) -> bool:
+        if self._only_function is not None and start.name != self._only_function:
+            return False
+        return self._parallel or not self._kept
+
+
+class ChoiceAccumulator:
+    """Folds deltas into the final message fields (non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self.reasoning = ""
+        self.content = ""
+        self.tool_calls: list[dict[str, Any]] = []
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.reasoning += delta.reasoning
+        self.content += delta.content
+        for entry in delta.tool_calls:
+            if "id" in entry:
+                self.tool_calls.append({"id": entry["id"], "type": "function",
+                                        "function": {"name": entry["function"]["name"], "arguments": ""}})
+            self.tool_calls[entry["index"]]["function"]["arguments"] += entry["function"]["arguments"]

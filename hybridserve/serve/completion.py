@@ -1,0 +1,222 @@
+"""POST /v1/completions: raw prompts (text, token ids, or a bounded list of either), no chat parsing.
+
+Each prompt is one engine request; choice index = prompt index * n + sequence index. Streaming
+merges the prompts' outputs as they arrive, one chunk per step; the output is raw model text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from hybridserve.serve.context import ServerContext, engine_outputs
+from hybridserve.serve.errors import APIError, bad_request
+from hybridserve.serve.protocol import CompletionRequest
+from hybridserve.serve.request_checks import reject_unsupported
+from hybridserve.serve.responses import (
+    SSE_DONE,
+    ManagedStreamingResponse,
+    TokenText,
+    completion_logprobs,
+    new_id,
+    now,
+    sse,
+    sse_error,
+    until_disconnected,
+    usage,
+)
+from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
+
+
+def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt, validated."""
+    raw = req.prompt
+    items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    out = []
+    for k, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{k}]"
+        if isinstance(item, str):
+            ids = ctx.tokenizer.encode(item, add_special_tokens=False)
+            text: str | None = item
+        else:
+            ids, text = list(item), None
+            bad = next((t for t in ids if not 0 <= t < ctx.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"token id {bad} is out of vocabulary (size {ctx.vocab_size})", param)
+        if not ids:
+            raise bad_request("prompt must not be empty", param)
+        out.append((text, ids))
+    return out
+
+
+async def create_completion(ctx: ServerContext, request: Request, req: CompletionRequest) -> Response:
+    arrival = time.monotonic()
+    ctx.check_model(req.model)
+    reject_unsupported(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of must equal n (beam-style best_of is not supported)", "best_of")
+    ticket = ctx.tracker.admit()
+    streams: list[AsyncIterator[Any]] = []
+    handed_off = False
+    try:
+        prompts = _prompts(ctx, req)
+        base_id = req.request_id or new_id("cmpl")
+        run = _CompletionRun(ctx, req, base_id, prompts)
+        for k, (_, ids) in enumerate(prompts):
+            max_tokens = resolve_max_tokens(req.max_tokens, len(ids), ctx.max_model_len,
+                                            ctx.settings.default_max_tokens)
+            params = build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                                           defaults=ctx.settings.generation_defaults, vocab_size=ctx.vocab_size)
+            rid = base_id if len(prompts) == 1 else f"{base_id}-{k}"
+            streams.append(engine_outputs(ctx, ids, params, rid, arrival))
+        if not req.stream:
+            return JSONResponse(await until_disconnected(request, run.collect(streams)))
+        merged = _merge(streams)
+        first = await until_disconnected(request, merged.__anext__())
+        body = run.sse(first, merged)
+
+        async def close() -> None:
+            await body.aclose()
+            await merged.aclose()
+            for s in streams:
+                await s.aclose()
+            ticket.release()
+
+        handed_off = True
+        return ManagedStreamingResponse(body, close)
+    finally:
+        if not handed_off:
+            for s in streams:
+                await s.aclose()
+            ticket.release()
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """(prompt index, output) from several streams, in arrival order."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(k: int, s: AsyncIterator[Any]) -> None:
+        try:
+            async for out in s:
+                await queue.put((k, out))
+        except BaseException as e:  # forwarded to the consumer
+            await queue.put((k, e))
+            return
+        await queue.put((k, done))
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            k, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _CompletionRun:
+    def __init__(self, ctx: ServerContext, req: CompletionRequest, request_id: str,
+                 prompts: list[tuple[str | None, list[int]]]):
+        self.ctx, self.req, self.id = ctx, req, request_id
+        self.created, self.model = now(), ctx.settings.model_name
+        self.prompts = prompts
+        self.prompt_tokens = sum(len(ids) for _, ids in prompts)
+        self.completion_tokens: dict[int, int] = {}
+        self.text_of = TokenText(ctx.tokenizer) if req.logprobs is not None else None
+
+    def _echo(self, k: int) -> str:
+        text, ids = self.prompts[k]
+        return text if text is not None else self.ctx.tokenizer.decode(ids)
+
+    def _usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+
+    async def collect(self, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
+        async def one(k: int, stream: AsyncIterator[Any]) -> Any:
+            last = None
+            async for out in stream:
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}")
+                last = out
+            return last
+
+        finals = await asyncio.gather(*(one(k, s) for k, s in enumerate(streams)))
+        choices = []
+        for k, final in enumerate(finals):
+            for o in sorted(final.outputs, key=lambda o: o.index):
+                index = k * self.req.n + o.index
+                self.completion_tokens[index] = len(o.token_ids)
+                prefix = self._echo(k) if self.req.echo else ""
+                lp = None
+                if self.text_of is not None:
+                    lp = completion_logprobs(o.logprobs or [], self.text_of, self.req.logprobs or 0, len(prefix))
+                choices.append({"index": index, "text": prefix + o.text, "logprobs": lp,
+                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage()}
+
+    async def sse(self, first: tuple[int, Any], merged: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[bytes]:
+        opts = self.req.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+        started: set[int] = set()
+        offsets: dict[int, int] = {}
+        finished: set[int] = set()
+        try:
+            item: tuple[int, Any] | None = first
+            while item is not None:
+                k, out = item
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}")
+                choices = []
+                for o in out.outputs:
+                    index = k * self.req.n + o.index
+                    if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
+                        continue
+                    self.completion_tokens[index] = len(o.token_ids)
+                    text = o.text_delta
+                    if self.req.echo and index not in started:
+                        text = self._echo(k) + text
+                    started.add(index)
+                    lp = None
+                    if self.text_of is not None and o.logprobs_delta:
+                        lp = completion_logprobs(o.logprobs_delta, self.text_of, self.req.logprobs or 0,
+                                                 offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                    if o.finish_reason:
+                        finished.add(index)
+                    choices.append({"index": index, "text": text, "logprobs": lp,
+                                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                if choices:
+                    payload: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
+                                               "model": self.model, "choices": choices}
+                    if continuous:
+                        payload["usage"] = self._usage()
+                    yield sse(payload)
+                item = await anext(merged, None)
+            if opts and opts.include_usage:
+                yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                           "choices": [], "usage": self._usage()})
+        except APIError as e:
+            yield sse_error(e)
+        except Exception as e:
+            yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
+        yield SSE_DONE

@@ -1,0 +1,141 @@
+"""Response plumbing shared by chat and completions: usage, logprobs, SSE framing, disconnects.
+
+`ManagedStreamingResponse` runs a cleanup coroutine however the response ends (finished, client
+gone before or during the body, server shutdown), so an admission ticket or an engine request is
+never leaked. `until_disconnected` runs a non-streaming handler and cancels it when the client
+goes away, which aborts its engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from hybridserve.engine.outputs import TokenLogprob
+from hybridserve.serve.errors import APIError, error_body
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(err: APIError) -> bytes:
+    return sse(error_body(err.status, err.message, err.param, err.type))
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict[str, Any]:
+    u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning_tokens is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return u
+
+
+class TokenText:
+    """Token id -> text for logprobs, cached (decoding single tokens is slow in bulk)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tok = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def chat_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText, top: int) -> dict[str, Any]:
+    """OpenAI chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    content = []
+    for entries in per_token:
+        sampled, alternatives = entries[0], entries[1:]
+
+        def item(lp: TokenLogprob) -> dict[str, Any]:
+            t = text_of(lp.token_id)
+            return {"token": t, "logprob": _finite(lp.logprob), "bytes": list(t.encode("utf-8"))}
+
+        d = item(sampled)
+        d["top_logprobs"] = [item(lp) for lp in alternatives[:top]]
+        content.append(d)
+    return {"content": content}
+
+
+def completion_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText, top: int,
+                        offset: int) -> dict[str, Any]:
+    """Legacy completions format: parallel lists of tokens, logprobs, top dicts and text offsets."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for entries in per_token:
+        t = text_of(entries[0].token_id)
+        tokens.append(t)
+        token_logprobs.append(_finite(entries[0].logprob))
+        tops.append({text_of(lp.token_id): _finite(lp.logprob) for lp in entries[: top + 1]} if top else None)
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(x: float) -> float:
+    return x if x > -9999.0 else -9999.0  # -inf is not JSON
+
+
+class ManagedStreamingResponse(StreamingResponse):
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected()

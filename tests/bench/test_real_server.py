@@ -1,0 +1,40 @@
+"""`bench serve` against the real `hybridserve serve` (tiny preset, CPU), started as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import run_cli
+
+from hybridserve.bench.sweep import ManagedServer, free_port
+
+try:
+    import hybridserve.serve.app  # noqa: F401
+
+    SERVER_MISSING = ""
+except ImportError as e:
+    SERVER_MISSING = f"hybridserve.serve.app cannot be imported yet ({e}); the lead enables this test"
+
+
+@pytest.mark.skipif(bool(SERVER_MISSING), reason=SERVER_MISSING)
+def test_bench_serve_against_hybridserve_tiny(tmp_path, capsys):
+    port = free_port()
+    command = f"{sys.executable} -m hybridserve.cli serve tiny --host 127.0.0.1 --port {port}"
+    with ManagedServer(command, f"http://127.0.0.1:{port}", tmp_path / "server.log", ready_timeout=300):
+        code, out, err = run_cli(
+            ["serve", "--port", str(port), "--tokenizer", "tiny", "--num-prompts", "8",
+             "--random-input-len", "32", "--random-output-len", "12", "--ignore-eos", "--max-concurrency", "4",
+             "--disable-tqdm", "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
+             "--result-filename", "r.json"],
+            capsys,
+        )  # fmt: skip
+    assert code == 0, err + out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["completed"], result["failed"]) == (8, 0)
+    assert result["output_lens"] == [12] * 8  # from the server's usage chunks
+    assert result["total_output_tokens"] == 96
+    assert result["input_lens"] == [32] * 8  # the server counts the prompt as the client built it
+    assert all(len(itl) == 11 for itl in result["itls"])  # one SSE chunk per token
+    assert result["server_model"] is not None

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny preset in float32 on CPU, and cache budgets of an exact size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.engine_core import EngineCore
+from hybridserve.model.cache import HybridCache
+from hybridserve.model.loader import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return ModelConfig.from_hf("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    return load_model(tiny_config, load_format="dummy", dtype=torch.float32, device="cpu")
+
+
+def cache_bytes(config: ModelConfig, num_slots: int, num_blocks: int, block_size: int = 16) -> int:
+    """A cpu_cache_bytes that yields exactly this many slots and blocks (plus the padding pair)."""
+    slot = HybridCache.bytes_per_slot(config, torch.float32, torch.float32)
+    block = HybridCache.bytes_per_block(config, block_size, torch.float32)
+    return (num_slots + 1) * slot + (num_blocks + 1) * block
+
+
+@pytest.fixture
+def make_core(tiny_config, tiny_model):
+    """EngineCore factory over the shared tiny model: make_core(num_blocks=..., max_num_seqs=..., ...)."""
+
+    def make(num_blocks: int = 256, max_num_seqs: int = 32, **fields) -> EngineCore:
+        fields.setdefault("max_model_len", 256)
+        config = EngineConfig(
+            model="tiny", device="cpu", max_num_seqs=max_num_seqs,
+            cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks), **fields,
+        )
+        core = EngineCore(config, tiny_config, model=tiny_model)
+        assert (core.runner.num_slots, core.runner.num_blocks) == (max_num_seqs, num_blocks)
+        return core
+
+    return make

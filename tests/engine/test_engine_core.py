@@ -1,0 +1,190 @@
+"""EngineCore on CPU with the tiny model: batching never changes greedy outputs (together vs alone,
+heavy chunking, preemption), the sampler sees the model's true logits, n > 1 forks, seeds, and
+every block and slot comes back after finishes and aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hybridserve.engine.engine_core import EngineCore
+from hybridserve.model.forward_batch import ForwardBatch
+from hybridserve.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def mixed_prompts(count: int = 32, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 2, 3, 15, 16, 17, 33, 64, 90] + [rng.randint(1, 80) for _ in range(count - 9)]
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths[:count]]
+
+
+def run(core: EngineCore, prompts, params=GREEDY, *, aborts: dict[str, int] | None = None) -> dict[str, list]:
+    """Add everything, step to the end; returns request id -> list of token lists (per choice).
+    aborts: request id -> the step at which to abort it."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        core.add_request(f"r{i}", prompt, p)
+    tokens = {f"r{i}": [[] for _ in range(p.n)] for i, p in enumerate(params_list)}
+    step = 0
+    while core.has_unfinished():
+        for rid, at in (aborts or {}).items():
+            if at == step:
+                core.abort(rid)
+        for out in core.step():
+            for d in out.deltas:
+                tokens[out.request_id][d.index] += d.token_ids
+        core.scheduler.check_invariants()
+        step += 1
+    assert_all_free(core)
+    return tokens
+
+
+def assert_all_free(core: EngineCore) -> None:
+    s = core.scheduler
+    s.check_invariants()
+    assert not s.running and not s.waiting and not s.groups
+    assert s.kv.num_free_blocks == s.kv.num_blocks and s.states.num_free_slots == s.states.num_slots
+
+
+def run_alone(core: EngineCore, prompts, params=GREEDY) -> list[list[int]]:
+    return [run(core, [p], params)["r0"][0] for p in prompts]
+
+
+def test_batched_greedy_equals_each_prompt_alone(make_core):
+    prompts = mixed_prompts()
+    alone = run_alone(make_core(), prompts)
+    assert len({tuple(t) for t in alone}) > 16  # distinct prompts give distinct continuations
+    together = make_core()
+    out = run(together, prompts)
+    assert [out[f"r{i}"][0] for i in range(len(prompts))] == alone
+    assert together.scheduler.num_preemptions_total == 0
+    # heavy chunking: 7 tokens per step (prompts split into many chunks, mixed with decodes)
+    chunked = make_core(max_num_batched_tokens=7)
+    out = run(chunked, prompts)
+    assert [out[f"r{i}"][0] for i in range(len(prompts))] == alone
+    # a KV cache so small that requests are preempted and recomputed
+    tight = make_core(num_blocks=16, max_num_batched_tokens=64)
+    out = run(tight, prompts)
+    assert [out[f"r{i}"][0] for i in range(len(prompts))] == alone
+    assert tight.scheduler.num_preemptions_total > 0
+    assert tight.stats().num_preemptions_total == tight.scheduler.num_preemptions_total
+
+
+def model_logits(core: EngineCore, token_ids: list[int]) -> torch.Tensor:
+    """The oracle: a fresh forward of the whole sequence; logits of every position [L, V]."""
+    runner = core.runner
+    blocks = list(range(-(-len(token_ids) // runner.block_size)))  # the engine is idle: any blocks do
+    batch = ForwardBatch.build([token_ids], [0], [runner.pad_slot], [blocks], runner.block_size, logits="all")
+    with torch.inference_mode():
+        return runner.model(batch, runner.cache)
+
+
+def test_greedy_and_logprobs_follow_the_models_logits(make_core):
+    core = make_core()
+    prompt = mixed_prompts()[5]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    core.add_request("a", prompt, params)
+    tokens, logprobs = [], []
+    while core.has_unfinished():
+        for out in core.step():
+            tokens += out.deltas[0].token_ids
+            logprobs += out.deltas[0].logprobs
+    logits = model_logits(core, prompt + tokens[:-1])[len(prompt) - 1 :]
+    expected = torch.log_softmax(logits, dim=-1)
+    assert tokens == logits.argmax(-1).tolist()
+    for i, entries in enumerate(logprobs):
+        sampled, *top = entries
+        torch.testing.assert_close(sampled.logprob, expected[i, tokens[i]].item(), rtol=1e-4, atol=1e-5)
+        values, ids = expected[i].topk(3)
+        assert [t.token_id for t in top] == ids.tolist()
+        torch.testing.assert_close([t.logprob for t in top], values.tolist(), rtol=1e-4, atol=1e-5)
+
+
+def test_seeds_reproduce_whatever_the_batch(make_core):
+    prompts = mixed_prompts(12, seed=1)
+    sampled = [SamplingParams(temperature=1.0, top_p=0.9, seed=1000 + i, max_tokens=10, ignore_eos=True)
+               for i in range(12)]
+    alone = [run(make_core(), [p], [s])["r0"][0] for p, s in zip(prompts, sampled)]
+    together = run(make_core(max_num_batched_tokens=9), prompts, sampled)
+    assert [together[f"r{i}"][0] for i in range(12)] == alone
+    other_seed = run(make_core(), [prompts[0]], [SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)])
+    assert other_seed["r0"][0] != alone[0]
+    # temperature 0 is greedy whatever the seed and filters
+    greedy = run(make_core(), prompts[:3], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    zero_t = run(make_core(), prompts[:3], SamplingParams(temperature=0, top_p=0.5, seed=3, max_tokens=10, ignore_eos=True))
+    assert greedy == zero_t
+
+
+def test_n_choices_fork_from_one_prefill(make_core):
+    prompt = mixed_prompts()[7] + [11, 12, 13]  # 67 tokens: 4 full KV blocks and a partial one
+    greedy = SamplingParams(temperature=0, max_tokens=8, n=3, ignore_eos=True)
+    out = run(make_core(), [prompt], greedy)["r0"]
+    single = run(make_core(), [prompt], GREEDY)["r0"][0][:8]
+    assert out == [single] * 3  # forked state and KV continue exactly like the original
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=8, n=4, ignore_eos=True)
+    core = make_core()
+    forked = run(core, [prompt], sampled)["r0"]
+    assert len({tuple(t) for t in forked}) == 4  # distinct choices
+    # no room to fork (max_num_seqs=1): siblings recompute their prompt instead, same tokens
+    recomputed = run(make_core(max_num_seqs=1, num_blocks=32), [prompt], sampled)["r0"]
+    assert recomputed == forked
+
+
+def test_min_tokens_and_stop_token_ids(make_core):
+    prompt = mixed_prompts()[3]
+    free = run(make_core(), [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))["r0"][0]
+    stop_at = free[2]
+    first = free.index(stop_at)
+    stopped = run(make_core(), [prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at]))["r0"][0]
+    assert stopped == free[: first + 1]  # ends on the stop token, which is included in token ids
+    core = make_core()
+    core.add_request("m", prompt, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at], min_tokens=first + 2))
+    tokens, last = [], None
+    while core.has_unfinished():
+        for out in core.step():
+            tokens += out.deltas[0].token_ids
+            last = out.deltas[0]
+    assert stop_at not in tokens[: first + 2]  # suppressed until min_tokens
+    assert len(tokens) >= first + 2
+    assert last.finish_reason in ("stop", "length")
+
+
+def test_eos_stops_unless_ignore_eos(make_core, tiny_config):
+    core = make_core()
+    prompt = mixed_prompts()[4]
+    free = run(core, [prompt], GREEDY)["r0"][0]
+    eos = free[1]
+    core = EngineCore(core.config, tiny_config, model=core.runner.model, extra_stop_token_ids=(eos,))
+    stopped = run(core, [prompt], SamplingParams(temperature=0, max_tokens=12))["r0"][0]
+    assert stopped == free[: free.index(eos) + 1]
+    assert run(core, [prompt], GREEDY)["r0"][0] == free
+
+
+def test_aborts_and_finishes_free_every_block_and_slot(make_core):
+    prompts = mixed_prompts(20, seed=3)
+    core = make_core(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=32)
+    params = [SamplingParams(temperature=0, max_tokens=random.Random(i).randint(1, 20), n=1 + i % 3, ignore_eos=True)
+              for i in range(20)]
+    aborts = {f"r{i}": i for i in range(0, 20, 3)}  # some waiting, some mid-prefill, some decoding
+    out = run(core, prompts, params, aborts=aborts)
+    assert core.scheduler.num_preemptions_total > 0
+    for i in range(20):
+        if f"r{i}" not in aborts:
+            assert all(len(t) == params[i].max_tokens for t in out[f"r{i}"])
+
+
+def test_requests_that_can_never_fit_are_rejected(make_core):
+    core = make_core(num_blocks=20)  # 320 tokens of KV, max_model_len 256
+    with pytest.raises(ValueError, match="maximum context length"):
+        core.add_request("a", [5] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="vocabulary"):
+        core.add_request("b", [5], SamplingParams(logit_bias={10_000: 1.0}))
+    with pytest.raises(ValueError, match="prompt token ids"):
+        core.add_request("c", [100_000], SamplingParams())
+    core.add_request("d", [5] * 200, SamplingParams(max_tokens=None, temperature=0))  # up to max_model_len
+    assert core.scheduler.groups["d"][0].max_tokens == 56
+    assert not core.scheduler.waiting[1:]

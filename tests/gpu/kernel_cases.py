@@ -1,0 +1,284 @@
+"""Triton kernels against their reference twins, shared by tests/gpu (CUDA, model-sized shapes) and
+tests/ops_interp (CPU through Triton's interpreter, small shapes). The importing module provides
+the fixtures `device` and `big`.
+
+Tolerance: `gold` is the reference evaluated on float32 copies of the same (rounded) inputs. The
+reference run in the test dtype has an error against gold (its own roundings); the kernel must be
+within `C_TOL` times that error plus a small epsilon. Updated states are checked over the whole
+cache, so a slot that should not change must stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridserve.ops import reference as R
+from hybridserve.ops import triton as K  # noqa: N812
+from hybridserve.ops.reference.ssd import ssd_recurrent
+
+C_TOL = 2.0
+EPS = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rel_err(a: torch.Tensor, gold: torch.Tensor) -> float:
+    a, gold = a.double(), gold.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - gold).norm() / gold.norm().clamp_min(1e-30)).item()
+
+
+def check(kernel_out, ref_out, gold, dtype, what=""):
+    assert kernel_out.shape == gold.shape and kernel_out.dtype == ref_out.dtype, what
+    ek, er = rel_err(kernel_out, gold), rel_err(ref_out, gold)
+    assert ek <= C_TOL * er + EPS[dtype], f"{what}: kernel error {ek:.3e} vs reference error {er:.3e}"
+
+
+def f32(*ts):
+    return [t.float() if t is not None and t.is_floating_point() else t for t in ts]
+
+
+def packed(lens, device):
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+# ------------------------------------------------------------------------------------------ norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(device, big, dtype, with_residual):
+    hidden = 2688 if big else 100
+    for t in (1, 7, 33):
+        x = torch.randn(t, hidden, device=device).to(dtype)
+        w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+        res = torch.randn(t, hidden, device=device).to(dtype) if with_residual else None
+        out_k, res_k = K.rms_norm(x, w, 1e-5, res)
+        out_r, res_r = R.rms_norm(x, w, 1e-5, res)
+        out_g, res_g = R.rms_norm(*f32(x, w), 1e-5, *f32(res))
+        check(out_k, out_r, out_g, dtype, "normed")
+        torch.testing.assert_close(res_k, res_r, rtol=0, atol=0)  # the sum is one rounding either way
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_rms_norm(device, big, dtype):
+    d, gs = (4096, 512) if big else (96, 48)  # non-power-of-two group on the small path
+    for t in (1, 9):
+        proj = torch.randn(t, 2 * d + 5, device=device).to(dtype)
+        y, z = proj[:, :d], proj[:, d : 2 * d]  # strided views, as sliced from in_proj's output
+        w = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+        out_k = K.gated_rms_norm(y, z, w, gs, 1e-5)
+        out_r = R.gated_rms_norm(y, z, w, gs, 1e-5)
+        out_g = R.gated_rms_norm(*f32(y, z, w), gs, 1e-5)
+        check(out_k, out_r, out_g, dtype, "gated")
+
+
+# ------------------------------------------------------------------------------------------ conv
+
+
+def _conv_inputs(device, big, dtype, nseq):
+    c = 6144 if big else 40
+    kw = 4
+    slots = torch.randperm(nseq + 3, device=device)[:nseq]
+    state = torch.randn(nseq + 3, kw - 1, c, device=device).to(dtype)
+    w = torch.randn(c, kw, device=device).to(dtype) * 0.5
+    bias = torch.randn(c, device=device).to(dtype)
+    return c, slots, state, w, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv1d(device, big, dtype, with_bias):
+    lens = [1, 2, 5, 37, 3, 70] if not big else [1, 2, 3, 300, 1000, 17]
+    nseq = len(lens)
+    c, slots, state, w, bias = _conv_inputs(device, big, dtype, nseq)
+    bias = bias if with_bias else None
+    cu = packed(lens, device)
+    init = torch.tensor([i % 3 != 1 for i in range(nseq)], device=device)
+    proj = torch.randn(sum(lens), c + 7, device=device).to(dtype)
+    x = proj[:, 3 : 3 + c]  # a strided view
+    s_k, s_r, s_g = state.clone(), state.clone(), state.float()
+    out_k = K.causal_conv1d(x, w, bias, cu, s_k, slots, init)
+    out_r = R.causal_conv1d(x, w, bias, cu, s_r, slots, init)
+    out_g = R.causal_conv1d(*f32(x, w, bias), cu, s_g, slots, init)
+    check(out_k, out_r, out_g, dtype, "conv out")
+    torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)  # raw rows are copied, never computed
+    # then a few decode steps on top of the prefilled states
+    for _ in range(3):
+        xu = torch.randn(nseq, c, device=device).to(dtype)
+        out_k = K.causal_conv1d_update(xu, w, bias, s_k, slots)
+        out_r = R.causal_conv1d_update(xu, w, bias, s_r, slots)
+        out_g = R.causal_conv1d_update(*f32(xu, w, bias), s_g, slots)
+        check(out_k, out_r, out_g, dtype, "conv update out")
+        torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- ssd
+
+
+def _ssm_dims(big):
+    return (64, 64, 8, 128) if big else (4, 16, 2, 16)  # H, P, G, N
+
+
+def _ssm_params(device, h):
+    A = -torch.exp(torch.randn(h, device=device) * 0.5)
+    D = torch.randn(h, device=device)
+    dt_bias = torch.randn(h, device=device) * 0.5 - 1.0
+    return A, D, dt_bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_ssd_varlen(device, big, dtype, state_dtype):
+    h, p, g, n = _ssm_dims(big)
+    chunk = 128 if big else 16
+    lens = [1, 64, 65, 130, 3] if not big else [1, 127, 129, 600, 2]
+    nseq = len(lens)
+    t = sum(lens)
+    cu = packed(lens, device)
+    slots = torch.randperm(nseq + 2, device=device)[:nseq]
+    init = torch.tensor([True, False, True, True, False], device=device)
+    A, D, dt_bias = _ssm_params(device, h)
+    x = torch.randn(t, h, p, device=device).to(dtype)
+    dt_raw = torch.randn(t, h, device=device).to(dtype)
+    bc = torch.randn(t, 2, g, n, device=device).to(dtype)
+    B, C = bc[:, 0], bc[:, 1]  # strided views
+    state = (torch.randn(nseq + 2, h, p, n, device=device) * 0.5).to(state_dtype)
+    s_k, s_r, s_g = state.clone(), state.clone(), state.float()
+    y_k = K.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, cu, s_k, slots, init, chunk)
+    y_r = R.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, cu, s_r, slots, init, chunk)
+    y_g = R.ssd_varlen(*f32(x, dt_raw), A, *f32(B, C), D, dt_bias, cu, s_g, slots, init, chunk)
+    check(y_k, y_r, y_g, dtype, "ssd y")
+    check(s_k, s_r, s_g, state_dtype if dtype == torch.float32 else dtype, "ssd state")
+    # untouched slots stay bit-identical
+    used = torch.zeros(nseq + 2, dtype=torch.bool, device=device)
+    used[slots] = True
+    assert torch.equal(s_k[~used], state[~used])
+
+
+def test_ssd_matches_recurrence(device, big):
+    """The chunked kernel against the token-by-token oracle, on one sequence over several chunks."""
+    h, p, g, n = _ssm_dims(False)
+    length = 150
+    A, D, dt_bias = _ssm_params(device, h)
+    x = torch.randn(length, h, p, device=device)
+    dt_raw = torch.randn(length, h, device=device)
+    B, C = torch.randn(length, g, n, device=device), torch.randn(length, g, n, device=device)
+    state0 = torch.randn(1, h, p, n, device=device)
+    s_k = state0.clone()
+    one = torch.ones(1, dtype=torch.bool, device=device)
+    y_k = K.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, packed([length], device), s_k,
+                       torch.zeros(1, dtype=torch.int64, device=device), one, 16)
+    y_o, s_o = ssd_recurrent(x, dt_raw, A, B, C, D, dt_bias, state0[0])
+    torch.testing.assert_close(y_k, y_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_k[0], s_o, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_selective_state_update(device, big, dtype, state_dtype):
+    h, p, g, n = _ssm_dims(big)
+    nb = 5
+    A, D, dt_bias = _ssm_params(device, h)
+    slots = torch.randperm(nb + 3, device=device)[:nb]
+    state = (torch.randn(nb + 3, h, p, n, device=device) * 0.5).to(state_dtype)
+    s_k, s_r, s_g = state.clone(), state.clone(), state.float()
+    for _ in range(2):
+        conv_out = torch.randn(nb, h * p + 2 * g * n, device=device).to(dtype)  # x | B | C, as sliced
+        x = conv_out[:, : h * p].view(nb, h, p)
+        B = conv_out[:, h * p : h * p + g * n].view(nb, g, n)
+        C = conv_out[:, h * p + g * n :].view(nb, g, n)
+        dt_raw = torch.randn(nb, h, device=device).to(dtype)
+        y_k = K.selective_state_update(x, dt_raw, A, B, C, D, dt_bias, s_k, slots)
+        y_r = R.selective_state_update(x, dt_raw, A, B, C, D, dt_bias, s_r, slots)
+        y_g = R.selective_state_update(*f32(x, dt_raw), A, *f32(B, C), D, dt_bias, s_g, slots)
+        check(y_k, y_r, y_g, dtype, "ssu y")
+        worst = state_dtype if state_dtype != torch.float32 else dtype
+        check(s_k, s_r, s_g, worst, "ssu state")
+
+
+# ------------------------------------------------------------------------------------------- moe
+
+
+def test_moe_route(device, big):
+    t, e, k = (300, 128, 6) if big else (37, 16, 3)
+    logits = torch.randn(t, e, device=device) * 2
+    bias = torch.randn(e, device=device) * 0.1
+    for renorm in (True, False):
+        w_k, id_k = K.moe_route(logits, bias, k, 2.5, renorm)
+        w_r, id_r = R.moe_route(logits, bias, k, 2.5, renorm)
+        assert id_k.dtype == torch.int64 and torch.equal(id_k, id_r)
+        torch.testing.assert_close(w_k, w_r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe(device, big, dtype):
+    e, k, hidden, inter = (128, 6, 2688, 1856) if big else (16, 3, 64, 48)
+    w_up = (torch.randn(e, inter, hidden, device=device) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(e, hidden, inter, device=device) / inter**0.5).to(dtype)
+    for t in ((1, 5, 64, 700) if big else (1, 5, 40)):  # tiny batches leave most experts empty
+        x = torch.randn(t, hidden, device=device).to(dtype)
+        logits = torch.randn(t, e, device=device)
+        if t == 40:  # skewed routing: a few crowded experts, several empty
+            logits[:, :4] += 3
+        w, ids = R.moe_route(logits, torch.zeros(e, device=device), k, 2.5)
+        out_k = K.fused_moe(x, w_up, w_down, w, ids)
+        out_r = R.fused_moe(x, w_up, w_down, w, ids)
+        out_g = R.fused_moe(*f32(x, w_up, w_down), w, ids)
+        check(out_k, out_r, out_g, dtype, f"moe T={t}")
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def _kv_batch(device, dtype, new, cached, hkv, d, bs, num_blocks):
+    """Random pages for each sequence; returns (kv_cache, block_tables, cu, seq_lens, slot_mapping)."""
+    perm = torch.randperm(num_blocks).tolist()
+    tables, i = [], 0
+    for n, c in zip(new, cached):
+        need = -(-(n + c) // bs)
+        tables.append(perm[i : i + need])
+        i += need
+    width = max(len(tb) for tb in tables)
+    bt = torch.tensor([tb + [-1] * (width - len(tb)) for tb in tables], dtype=torch.int32, device=device)
+    slots = [tb[pos // bs] * bs + pos % bs for tb, n, c in zip(tables, new, cached) for pos in range(c, c + n)]
+    kv = torch.randn(2, num_blocks, bs, hkv, d, device=device).to(dtype)
+    lens = torch.tensor([n + c for n, c in zip(new, cached)], dtype=torch.int32, device=device)
+    return kv, bt, packed(new, device), lens, torch.tensor(slots, dtype=torch.int64, device=device)
+
+
+def _attn_case(device, dtype, new, cached, h, hkv, d, bs):
+    num_blocks = sum(-(-(n + c) // bs) for n, c in zip(new, cached)) + 3
+    kv, bt, cu, lens, sm = _kv_batch(device, dtype, new, cached, hkv, d, bs, num_blocks)
+    t = sum(new)
+    q = torch.randn(t, h, d, device=device).to(dtype)
+    k_new = torch.randn(t, hkv, d, device=device).to(dtype)
+    v_new = torch.randn(t, hkv, d, device=device).to(dtype)
+    sm[t // 2] = -1  # a padding row is skipped
+    kv_k, kv_r = kv.clone(), kv.clone()
+    K.store_kv(k_new, v_new, kv_k, sm)
+    R.store_kv(k_new, v_new, kv_r, sm)
+    assert torch.equal(kv_k, kv_r)
+    scale = d**-0.5
+    out_k = K.paged_attention(q, kv_r, bt, cu, lens, scale)
+    out_r = R.paged_attention(q, kv_r, bt, cu, lens, scale)
+    out_g = R.paged_attention(q.float(), kv_r.float(), bt, cu, lens, scale)
+    check(out_k, out_r, out_g, dtype, f"attention new={new} cached={cached}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_prefill(device, big, dtype):
+    h, hkv, d, bs = (32, 2, 128, 16) if big else (6, 2, 16, 4)  # small: group of 3 (padded rows)
+    new, cached = ([1, 300, 17, 129], [0, 0, 40, 700]) if big else ([1, 9, 17, 5], [0, 0, 6, 13])
+    _attn_case(device, dtype, new, cached, h, hkv, d, bs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode(device, big, dtype):
+    h, hkv, d, bs = (32, 2, 128, 16) if big else (4, 2, 16, 4)
+    cached = [0, 5, 2100, 63, 1] if big else [0, 5, 70, 3, 1]  # long contexts take split-K
+    _attn_case(device, dtype, [1] * len(cached), cached, h, hkv, d, bs)
+    _attn_case(device, dtype, [1], [cached[2]], h, hkv, d, bs)  # batch 1: most splits
