@@ -120,7 +120,7 @@ class ModelConfig:
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
-            names = ", ".join(sorted(d.name for d in PRESETS_DIR.iterdir() if d.is_dir()))
+            names = ", ".join(sorted(c.parent.name for c in PRESETS_DIR.glob("*/config.json")))
             raise ConfigError(f"{path_or_preset!s}: no config.json there and no preset of that name (presets: {names})")
         try:
             raw = json.loads(p.read_text())

@@ -34,9 +34,15 @@ TAG_TOKENS = {
     16: "<tool_response>",
     17: "</tool_response>",
 }
-NAMED_TOKENS = dict(bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>", pad_token="<unk>")
+NAMED_TOKENS = dict(
+    bos_token="<s>",
+    eos_token="<|im_end|>",
+    unk_token="<unk>",
+    pad_token="<unk>",
+    extra_special_tokens=["</s>", "<|im_start|>"],  # so all_special_ids lists every special token
+)
 CHAT_TEMPLATE = PRESETS_DIR / "chat_template.jinja"
-_SYNTHETIC_VERSION = 1  # bump when the synthetic layout changes: the cache is keyed on it
+_SYNTHETIC_VERSION = 2  # bump when the synthetic layout changes: the cache is keyed on it
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 AXIS_LABELS = {"concurrency": "max concurrency (requests)", "request_rate": "request rate (req/s)"}
 
@@ -51,12 +52,14 @@ def frontier_figure(series: dict, axis: str) -> Figure:
 
 def ttft_figure(series: dict, axis: str) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 5))
-    for key in ("median_ttft_ms", "p99_ttft_ms"):
+    for key, label in (("median_ttft_ms", "median TTFT"), ("p99_ttft_ms", "P99 TTFT")):
         if key in series:
-            ax.plot(series["setting"], series[key], marker="o", label=key.split("_")[0] + " TTFT")
+            ax.plot(series["setting"], series[key], marker="o", label=label)
     settings = [s for s in series["setting"] if s > 0]
     if settings and max(settings) / min(settings) >= 8:
         ax.set_xscale("log", base=2)
+    elif axis == "concurrency":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(AXIS_LABELS[axis])
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"Time to first token vs {axis}")

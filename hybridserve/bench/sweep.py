@@ -53,8 +53,11 @@ def free_port() -> int:
 class ManagedServer:
     """A server process for one setting: started, awaited on /health, stopped with SIGTERM."""
 
-    def __init__(self, command: str, base_url: str, log_path: Path, ready_timeout: float) -> None:
-        self.command, self.base_url, self.log_path, self.ready_timeout = command, base_url, log_path, ready_timeout
+    def __init__(
+        self, command: str, base_url: str, log_path: Path, ready_timeout: float, stop_grace_s: float = 30.0
+    ) -> None:
+        self.command, self.base_url, self.log_path = command, base_url, log_path
+        self.ready_timeout, self.stop_grace_s = ready_timeout, stop_grace_s
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ManagedServer:
@@ -97,13 +100,13 @@ class ManagedServer:
     def _log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it if it is still there after `grace_s`."""
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL it if it is still there after the grace time."""
         if self.process is None:
             return
         try:  # the whole group: a server may have started workers of its own
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(grace_s)
+            self.process.wait(self.stop_grace_s)
         except ProcessLookupError:  # already gone: just reap it
             self.process.wait()
         except subprocess.TimeoutExpired:

@@ -3,7 +3,7 @@
 Decoding each new token on its own breaks multi-byte characters and word-boundary spaces, so each
 step decodes a short window (`prefix_offset`..end) and emits only what that window adds beyond its
 already-emitted part (`prefix_offset`..`read_offset`). Text that still ends in U+FFFD (an incomplete
-byte sequence) waits for the next token. The last prompt tokens seed the window so the first output
+byte sequence) waits for the next token, or for `flush` at the end. The last prompt tokens seed the window so the first output
 token gets its leading space right. Used by the output processor, one per choice.
 """
 
@@ -31,6 +31,15 @@ class IncrementalDetokenizer:
         new = full[len(prefix) :]
         self.text += new
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever is still waiting, incomplete characters included."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        new = full[len(prefix) :]
+        self.text += new
+        self.prefix_offset = self.read_offset = len(self.ids)
         return new
 
     def _decode(self, ids: list[int]) -> str:

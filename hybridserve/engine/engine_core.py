@@ -13,7 +13,18 @@ import os
 import random
 import traceback
 
+import msgspec
+import zmq
+
 from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineInput,
+    EngineReady,
+    EngineStep,
+    Shutdown,
+)
 from hybridserve.engine.model_runner import ModelRunner
 from hybridserve.engine.outputs import EngineOutput
 from hybridserve.engine.request import Request
@@ -124,11 +135,6 @@ def run_engine_core_process(
 
     Exits by itself when the parent process is gone (parent_pid set), so no orphan survives.
     """
-    import msgspec
-    import zmq
-
-    from hybridserve.engine.messages import AbortRequest, AddRequest, EngineInput, EngineReady, EngineStep, Shutdown
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)

@@ -18,9 +18,34 @@ from hybridserve.sampling_params import SamplingParams
 
 @dataclass
 class _Choice:
-    output: CompletionOutput
+    """One choice's running state; `snapshot` turns it into an immutable-by-convention output."""
+
+    index: int
     detokenizer: IncrementalDetokenizer | None
-    text: str = ""  # everything detokenized so far (output.text is the part released)
+    want_logprobs: bool
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    text: str = ""  # everything detokenized so far
+    released: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # this step
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list = field(default_factory=list)
+    text_delta: str = ""
+
+    def snapshot(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text[: self.released],
+            token_ids=list(self.token_ids),
+            logprobs=list(self.logprobs) if self.want_logprobs else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            text_delta=self.text_delta,
+            token_ids_delta=self.new_token_ids,
+            logprobs_delta=self.new_logprobs if self.want_logprobs else None,
+        )
 
 
 @dataclass
@@ -50,8 +75,7 @@ class OutputProcessor:
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-            logprobs = [] if params.logprobs is not None else None
-            state.choices.append(_Choice(CompletionOutput(index=i, logprobs=logprobs), detok))
+            state.choices.append(_Choice(i, detok, params.logprobs is not None))
         self.requests[request_id] = state
 
     def remove(self, request_id: str) -> None:
@@ -64,27 +88,24 @@ class OutputProcessor:
         if state is None:
             return None, []
         for choice in state.choices:
-            out = choice.output
-            out.text_delta, out.token_ids_delta = "", []
-            out.logprobs_delta = [] if out.logprobs is not None else None
+            choice.new_token_ids, choice.new_logprobs, choice.text_delta = [], [], ""
         stopped = []
         for delta in engine_output.deltas:
             choice = state.choices[delta.index]
-            if choice.output.finished:
+            if choice.finish_reason is not None:
                 continue  # already ended by a stop string; the engine's abort is on its way
             if self._apply(state, choice, delta):
                 stopped.append(delta.index)
         if engine_output.error is not None:
             for choice in state.choices:
-                if not choice.output.finished:
-                    choice.output.finish_reason = "error"
-        finished = all(c.output.finished for c in state.choices)
+                choice.finish_reason = choice.finish_reason or "error"
+        finished = all(c.finish_reason is not None for c in state.choices)
         if finished:
             self.remove(state.request_id)
         result = RequestOutput(
             request_id=state.request_id,
             prompt_token_ids=state.prompt_token_ids,
-            outputs=[c.output for c in state.choices],
+            outputs=[c.snapshot() for c in state.choices],
             finished=finished,
             prompt=state.prompt,
             error=engine_output.error,
@@ -94,29 +115,33 @@ class OutputProcessor:
 
     def _apply(self, state: _RequestState, choice: _Choice, delta) -> bool:
         """Add one choice's new tokens; returns True when a stop string ended it."""
-        out, params = choice.output, state.params
-        out.token_ids += delta.token_ids
-        out.token_ids_delta += delta.token_ids
-        if delta.logprobs is not None and out.logprobs is not None:
-            out.logprobs += delta.logprobs
-            out.logprobs_delta += delta.logprobs
+        params = state.params
+        choice.token_ids += delta.token_ids
+        choice.new_token_ids += delta.token_ids
+        if delta.logprobs is not None and choice.want_logprobs:
+            choice.logprobs += delta.logprobs
+            choice.new_logprobs += delta.logprobs
         stop_string = None
         if choice.detokenizer is not None:
             ids = delta.token_ids
             if delta.finish_reason == "stop" and isinstance(delta.stop_reason, int) and not params.include_stop_str_in_output:
                 ids = ids[:-1]  # the stop token's own text is not part of the answer
             start = max(0, len(choice.text) - max((len(s) for s in params.stop), default=0) + 1)
-            choice.text += choice.detokenizer.add(ids) if ids else ""
+            if ids:
+                choice.text += choice.detokenizer.add(ids)
+            if delta.finish_reason is not None:
+                choice.text += choice.detokenizer.flush()
             stop_string, cut = _find_stop(choice.text, params.stop, start, params.include_stop_str_in_output)
             if stop_string is not None:
                 choice.text = choice.text[:cut]
         if stop_string is not None:
-            out.finish_reason, out.stop_reason = "stop", stop_string
+            choice.finish_reason, choice.stop_reason = "stop", stop_string
         elif delta.finish_reason is not None:
-            out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
-        release = len(choice.text) if out.finished else max(len(out.text), len(choice.text) - state.hold_back)
-        out.text_delta += choice.text[len(out.text) : release]
-        out.text = choice.text[:release]
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        done = choice.finish_reason is not None
+        release = len(choice.text) if done else max(choice.released, len(choice.text) - state.hold_back)
+        choice.text_delta += choice.text[choice.released : release]
+        choice.released = release
         return stop_string is not None
 
 

@@ -26,7 +26,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64: flat KV slot (page * block_size + offset) of each new token
     logits_indices: torch.Tensor | None = None  # [R] int64 rows of the T tokens to compute logits for; None: all
     max_query_len: int = 0  # host copy of max(cu[b+1] - cu[b])
-    is_decode: bool = False  # host flag: every sequence has exactly one new token
+    is_decode: bool = False  # host flag: every sequence has exactly one new token and carried state
 
     @property
     def num_seqs(self) -> int:
@@ -80,5 +80,6 @@ class ForwardBatch:
             slot_mapping=tensor(slot_mapping, torch.int64),
             logits_indices=None if logits_indices is None else tensor(logits_indices, torch.int64),
             max_query_len=max(lens),
-            is_decode=all(n == 1 for n in lens),
+            # a one-token prompt is a first step (zero state), not a decode: the decode ops read the slot
+            is_decode=all(n == 1 for n in lens) and all(c > 0 for c in num_cached),
         )

@@ -80,6 +80,8 @@ def load_checkpoint(model: NemotronHForCausalLM, directory: str | Path) -> None:
         for name in files.names:
             if _MTP.match(name) or name.endswith(KV_SCALE_SUFFIXES):
                 continue
+            if name.endswith(".weight_scale_2"):
+                raise CheckpointError(f"{name}: unsupported quantization (NVFP4 two-level scales)")
             if name.endswith(SCALE_SUFFIXES):
                 weight = name.rsplit(".", 1)[0] + ".weight"
                 if weight not in files.names or files.dtype(weight) != "F8_E4M3":

@@ -211,21 +211,24 @@ class NemotronHForCausalLM(nn.Module):
     def init_random(self, seed: int = 0) -> None:
         """Random weights of the right shapes (dummy load format, tiny preset): a stable forward pass
         with distinctive logits, not a trained model."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # drawn on the model's device: the full model's 31.6B values would take ~10 minutes on a CPU
+        # (so the same seed gives different weights on CPU and CUDA)
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(seed)
         cfg = self.config
 
         def normal(p: torch.Tensor, std: float) -> None:
-            p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+            p.copy_((torch.randn(p.shape, generator=gen, device=dev) * std).to(p.dtype))
 
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
                 p.fill_(1.0)
             elif name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 15 + 1))
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen, device=dev) * 15 + 1))
             elif name.endswith(".D"):
                 p.fill_(1.0)
             elif name.endswith("dt_bias"):
-                dt = torch.exp(torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+                dt = torch.exp(torch.rand(p.shape, generator=gen, device=dev) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
                 p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             elif name.endswith("conv1d.bias") or name.endswith("e_score_correction_bias"):
                 p.zero_()

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from hybridserve.serve.chat import normalize_messages, render_chat, thinking_tokens, THINKING_GRACE_TOKENS
+from hybridserve.serve.chat import THINKING_GRACE_TOKENS, normalize_messages, render_chat, thinking_tokens
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request

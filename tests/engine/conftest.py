@@ -10,6 +10,10 @@ from hybridserve.engine.engine_core import EngineCore
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.loader import load_model
 
+# The tiny model's ops are far too small to gain from threads; on a busy 2-core CI box extra
+# OpenMP threads only fight each other (60x slower steps measured).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:

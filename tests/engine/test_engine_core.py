@@ -74,6 +74,14 @@ def test_batched_greedy_equals_each_prompt_alone(make_core):
     assert tight.stats().num_preemptions_total == tight.scheduler.num_preemptions_total
 
 
+def test_a_reused_state_slot_starts_clean(make_core):
+    """A one-token prompt is a first step, not a decode: it must not read the slot's old state."""
+    fresh = run(make_core(), [[77]], GREEDY)["r0"][0]
+    core = make_core(max_num_seqs=1)  # one slot, reused by every request
+    run(core, [mixed_prompts()[8]], GREEDY)
+    assert run(core, [[77]], GREEDY)["r0"][0] == fresh
+
+
 def model_logits(core: EngineCore, token_ids: list[int]) -> torch.Tensor:
     """The oracle: a fresh forward of the whole sequence; logits of every position [L, V]."""
     runner = core.runner

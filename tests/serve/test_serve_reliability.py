@@ -179,5 +179,5 @@ def test_sigterm_drains_then_exits_zero(shutdown_timeout, expected_reason):
         if proc.poll() is None:
             proc.kill()
     assert chunks and chunks[-1]["choices"][0]["finish_reason"] == expected_reason
-    text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
+    text = "".join(c["choices"][0]["delta"]["reasoning"] or "" for c in chunks)
     assert (text == "x" * 400) == (expected_reason == "stop")

@@ -85,7 +85,7 @@ def ssd_recurrent(x, dt_raw, A, B, C, D, dt_bias, state):
     ys = []
     state = state.float().clone()
     for t in range(x.shape[0]):
-        slot = torch.zeros(1, dtype=torch.int64)
+        slot = torch.zeros(1, dtype=torch.int64, device=x.device)
         cache = state[None].clone()
         y = selective_state_update(x[t : t + 1].float(), dt_raw[t : t + 1], A, B[t : t + 1].float(),
                                    C[t : t + 1].float(), D, dt_bias, cache, slot)
@@ -109,7 +109,7 @@ def _ssd_one(x, dt_raw, A, B, C, D, dt_bias, state, chunk_size):
         ac = torch.cumsum(a[s:e], dim=0)  # [Q, H] cumulative log-decay inside the chunk
         # decay from step j to step i (i >= j): exp(ac[i] - ac[j]); masked above the diagonal
         seg = ac[:, None, :] - ac[None, :, :]  # [Q(i), Q(j), H]
-        causal = torch.tril(torch.ones(e - s, e - s, dtype=torch.bool))
+        causal = torch.tril(torch.ones(e - s, e - s, dtype=torch.bool, device=x.device))
         decay = torch.exp(seg.masked_fill(~causal[..., None], float("-inf")))
         scores = torch.einsum("ihn,jhn->ijh", Ch[s:e], Bh[s:e]) * decay  # [Q, Q, H]
         dtx = dt[s:e, :, None] * xf[s:e]  # [Q, H, P]

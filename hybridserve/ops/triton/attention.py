@@ -40,15 +40,19 @@ def _attn_kernel(
     scale_log2, H, D, BS, T,
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ks, stride_kh, stride_tb, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DECODE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq_ptr + tile)
-    if seq < 0:  # grid is sized for the worst case
-        return
-    q0 = tl.load(tile_q0_ptr + tile)  # first query (index within the sequence's new tokens)
+    if DECODE:  # one token per sequence: tile b is sequence b, no mapping needed
+        seq = tile
+        q0 = 0
+    else:
+        seq = tl.load(tile_seq_ptr + tile)
+        if seq < 0:  # grid is sized for the worst case
+            return
+        q0 = tl.load(tile_q0_ptr + tile)  # first query (index within the sequence's new tokens)
     start = tl.load(cu_ptr + seq)
     new = tl.load(cu_ptr + seq + 1) - start
     total = tl.load(lens_ptr + seq)
@@ -122,6 +126,11 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, T, H, D, stride_ot, stride_oh,
     tl.store(o_ptr + t * stride_ot + h * stride_oh + ds, out.to(o_ptr.dtype.element_ty), mask=ds < D)
 
 
+# decode launch shape (bench/ops.py sweeps these): KV tile rows, pipeline depth, warps, and the
+# number of programs the KV splits aim for (two waves of the H100's 132 SMs)
+DECODE_TUNE = dict(BLOCK_N=64, num_stages=2, num_warps=4, target_programs=264)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D]; kv_cache: [2, NB, BS, Hkv, D] updated in place; slot_mapping: [T] int64
     flat slots (page * BS + offset); negative slots are skipped (padding)."""
@@ -160,25 +169,28 @@ def paged_attention(
         return out
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
-    decode = t == nseq  # every sequence brings one token (each brings at least one)
+    decode = t == nseq  # every sequence brings one token (ForwardBatch guarantees at least one each)
     block_q = 1 if decode else max(1, 128 // group_pad)
     block_q = max(block_q, triton.cdiv(16, group_pad))  # tl.dot needs >= 16 rows
-    # query tiles: sum_b cdiv(new_b, block_q) <= cdiv(T, block_q) + B, mapped on the device
     cu = cu_seqlens.to(torch.int32)
-    new = cu[1:] - cu[:-1]
-    tiles_per_seq = (new + block_q - 1) // block_q
-    tile_end = tiles_per_seq.cumsum(0)
-    max_tiles = nseq if decode else triton.cdiv(t, block_q) + nseq
-    tile_ids = torch.arange(max_tiles, device=q.device)
-    tile_seq = torch.searchsorted(tile_end, tile_ids, right=True)
-    first_tile = torch.cat([tile_end.new_zeros(1), tile_end])[tile_seq.clamp(max=nseq - 1)]
-    tile_q0 = ((tile_ids - first_tile) * block_q).to(torch.int32)
-    tile_seq = torch.where(tile_seq < nseq, tile_seq, -1).to(torch.int32)
+    if decode:
+        max_tiles, tile_seq, tile_q0 = nseq, cu, cu  # unused
+    else:
+        # query tiles: sum_b cdiv(new_b, block_q) <= cdiv(T, block_q) + B, mapped on the device
+        new = cu[1:] - cu[:-1]
+        tile_end = ((new + block_q - 1) // block_q).cumsum(0)
+        max_tiles = triton.cdiv(t, block_q) + nseq
+        tile_ids = torch.arange(max_tiles, device=q.device)
+        tile_seq = torch.searchsorted(tile_end, tile_ids, right=True)
+        first_tile = torch.cat([tile_end.new_zeros(1), tile_end])[tile_seq.clamp(max=nseq - 1)]
+        tile_q0 = ((tile_ids - first_tile) * block_q).to(torch.int32)
+        tile_seq = torch.where(tile_seq < nseq, tile_seq, -1).to(torch.int32)
     # split the KV range when the grid would not fill the GPU (decode, short batches)
     programs = max_tiles * hkv
-    splits = 1 if not decode else min(16, max(1, triton.next_power_of_2(triton.cdiv(264, programs))))
+    tune = DECODE_TUNE
+    splits = 1 if not decode else min(16, max(1, triton.next_power_of_2(triton.cdiv(tune["target_programs"], programs))))
     block_d = triton.next_power_of_2(d)
-    block_n = 64 if block_d <= 128 else 32
+    block_n = (tune["BLOCK_N"] if decode else 64) if block_d <= 128 else 32
     if splits > 1:
         part = torch.empty((splits, t, h, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((splits, t, h, 2), dtype=torch.float32, device=q.device)
@@ -189,9 +201,10 @@ def paged_attention(
         scale * 1.4426950408889634, h, d, bs, t,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits, DECODE=decode,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_q * group_pad <= 64 else 8, num_stages=2,
+        num_warps=tune["num_warps"] if decode else 8 if block_q * group_pad > 64 else 4,
+        num_stages=tune["num_stages"] if decode else 2,
     )
     if splits > 1:
         _merge_kernel[(t, h)](part, ml, out, t, h, d, out.stride(0), out.stride(1),

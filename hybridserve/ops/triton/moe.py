@@ -7,9 +7,10 @@ down_e(relu(up_e(x))^2). The shared expert is added by the model layer, not here
 Triton:
 - `moe_route`: one program per token; top-k by k rounds of (max, lowest index at the max, mask).
 - `fused_moe`: the T*K (token, expert) pairs are sorted by expert and each expert's run padded to
-  BLOCK_M (device-side torch ops, no host sync, so decode steps stay graph-capturable). Then one
-  grouped GEMM launch per projection: every BLOCK_M block belongs to one expert and streams only
-  that expert's weights. Up: gather token rows, x @ w_up[e]^T, relu^2, store in sorted order.
+  BLOCK_M by two small kernels (a counting sort: atomic ranks, then a scatter; no host sync, so
+  decode steps stay graph-capturable). Then one grouped GEMM launch per projection: every BLOCK_M
+  block belongs to one expert and streams only that expert's weights. Tiny batches (T*K <= 32)
+  skip the sort: each pair is its own block, read straight from topk_ids. Up: gather token rows, x @ w_up[e]^T, relu^2, store in sorted order.
   Down: h @ w_down[e]^T, times the pair's routing weight, atomically added into a float32 [T, hidden]
   sum (the reference's float32 accumulation), cast to x's dtype at the end.
 """
@@ -53,11 +54,12 @@ def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
     N, K, num_pairs, num_experts,
     stride_am, stride_we, stride_wn, stride_wk, stride_om,
-    TOP_K: tl.constexpr, UP: tl.constexpr, DOT_PREC: tl.constexpr,
+    TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
-    not UP: a = h (sorted rows), out[token] += topk_w * (a w^T), float32 atomics."""
+    not UP: a = h (sorted rows), out[token] += topk_w * (a w^T), float32 atomics.
+    PAIR_MODE: block b is pair b alone (row 0); block_expert_ptr is then the flat topk_ids."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
     pid_n = tl.program_id(0) % n_tiles
@@ -65,7 +67,10 @@ def _moe_gemm_kernel(
     if e >= num_experts:  # past the last padded block
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    if PAIR_MODE:
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+    else:
+        pair = tl.load(sorted_ptr + rows)
     valid = pair < num_pairs
     if UP:
         arow = (pair // TOP_K).to(tl.int64)
@@ -122,38 +127,72 @@ def moe_route(
     return weights, ids
 
 
+PAIR_MODE_MAX_PAIRS = 32  # up to here every pair is its own block (no sort; few repeated experts)
+
+
 def _config(num_tokens: int) -> dict:
-    """Block shapes for H100/H200 (small batches: narrow tiles, many programs to stream weights)."""
-    if num_tokens <= 32:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if num_tokens <= 256:
+    """Block shapes for H100/H200 (small batches: narrow tiles, many programs streaming weights)."""
+    if num_tokens <= 128:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    if num_tokens <= 512:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if num_tokens <= 1024:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, P, BLOCK: tl.constexpr):
+    """rank[i] = how many pairs of the same expert took a rank before i (atomic counter)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    e = tl.load(ids_ptr + offs, mask=m, other=0)
+    r = tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=m, sem="relaxed")
+    tl.store(rank_ptr + offs, r, mask=m)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, P, E, num_blocks,
+                    BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """sorted[start[e] + rank] = pair; block_expert[b] = expert owning block b (E past the end).
+    Each program recomputes the tiny padded prefix sum over experts."""
+    es = tl.arange(0, BLOCK_E)
+    c = tl.load(counts_ptr + es, mask=es < E, other=0)
+    padded = (c + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    e = tl.load(ids_ptr + offs, mask=m, other=0)
+    r = tl.load(rank_ptr + offs, mask=m, other=0)
+    start_e = tl.sum(tl.where(e[:, None] == es[None, :], starts[None, :], 0), axis=1)
+    tl.store(sorted_ptr + start_e + r, offs.to(tl.int32), mask=m)
+    bmask = offs < num_blocks
+    owner = tl.sum((ends[None, :] <= (offs * BM)[:, None]).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + offs, owner, mask=bmask)
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the flattened (token, k) pairs by expert, each expert's run padded to block_m.
 
     Returns (sorted_pairs [max_blocks * block_m] int32, pad entries = T*K;
-    block_expert [max_blocks] int32, = num_experts for blocks past the end). Device ops only.
+    block_expert [max_blocks] int32, = num_experts for blocks past the end). Device work only.
+    Within an expert the order of pairs is arbitrary (rows of a block are independent).
     """
     flat = topk_ids.reshape(-1)
     pairs = flat.numel()
     dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(pairs, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
-    dest = (ends - padded)[sorted_e] + rank
     max_blocks = min(num_experts, pairs) + triton.cdiv(pairs, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    rank = torch.empty(pairs, dtype=torch.int32, device=dev)
     sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=dev)
-    sorted_pairs[dest] = order.to(torch.int32)
-    starts = torch.arange(max_blocks, device=dev) * block_m
-    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    block = 256
+    _rank_kernel[(triton.cdiv(pairs, 1024),)](flat, counts, rank, pairs, BLOCK=1024, num_warps=4)
+    _scatter_kernel[(triton.cdiv(max(pairs, max_blocks), block),)](
+        flat, counts, rank, sorted_pairs, block_expert, pairs, num_experts, max_blocks,
+        BM=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, num_warps=4,
+    )
     return sorted_pairs, block_expert
 
 
@@ -186,8 +225,13 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
         return out.to(x.dtype)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    sorted_pairs, block_expert = align_by_expert(topk_ids.long(), e, bm)
-    max_blocks = block_expert.shape[0]
+    pair_mode = t * top_k <= PAIR_MODE_MAX_PAIRS
+    if pair_mode:
+        sorted_pairs, block_expert = None, topk_ids.reshape(-1)
+        max_blocks = t * top_k
+    else:
+        sorted_pairs, block_expert = align_by_expert(topk_ids, e, bm)
+        max_blocks = block_expert.shape[0]
     h = torch.empty((max_blocks * bm, inter), dtype=x.dtype, device=x.device)
     tw = topk_weights.float().contiguous()
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -195,12 +239,12 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
         x, w_up, h, sorted_pairs, block_expert, tw,
         inter, hidden, t * top_k, e,
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), h.stride(0),
-        TOP_K=top_k, UP=True, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        TOP_K=top_k, UP=True, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn),)](
         h, w_down, out, sorted_pairs, block_expert, tw,
         hidden, inter, t * top_k, e,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
-        TOP_K=top_k, UP=False, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        TOP_K=top_k, UP=False, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     return out.to(x.dtype)

@@ -114,6 +114,10 @@ def _ssd_varlen_kernel(
     tl.store(sptr, state.to(state_ptr.dtype.element_ty), mask=smask)
 
 
+# prefill scan launch shape (bench/ops.py sweeps these); 32 x 32 tiles keep the 4 warps spill-free
+SSD_TUNE = dict(BLOCK_T=32, BLOCK_P=32, num_warps=4, num_stages=2)
+
+
 def _check(x, dt_raw, A, B, C, D, dt_bias, ssm_state):
     t, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
@@ -153,7 +157,7 @@ def ssd_varlen(
     y = torch.empty((t, h, p), dtype=x.dtype, device=x.device)
     if nseq == 0:
         return y
-    block_p = min(32, max(16, triton.next_power_of_2(p)))
+    block_p = min(SSD_TUNE["BLOCK_P"], max(16, triton.next_power_of_2(p)))
     block_n = max(16, triton.next_power_of_2(n))
     # fp32 activations (tests, the tiny model) get exact fp32 dots; 16-bit ones tensor-core tf32
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -163,7 +167,8 @@ def ssd_varlen(
         p, n, h // g,
         x.stride(0), x.stride(1), dt_raw.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1),
-        BLOCK_T=32, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4, num_stages=2,
+        BLOCK_T=SSD_TUNE["BLOCK_T"], BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec,
+        num_warps=SSD_TUNE["num_warps"], num_stages=SSD_TUNE["num_stages"],
     )
     return y
 
