@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridserve.ops.triton import attention, conv, moe, norm, ssd
+from hybridserve.ops.triton import attention, conv, moe, norm, sampling, ssd
 
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 
@@ -70,7 +70,7 @@ CASES = [
      dict(x_ptr=BF, state_ptr=BF, cu_ptr="*i32", slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, BLOCK_C=256), 2, 1),
     ("conv_update", conv._conv_update_kernel,
      dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, slots_ptr="*i64"),
-     dict(KW=4, HAS_BIAS=True, BLOCK_C=512), 4, 1),
+     dict(KW=4, HAS_BIAS=True, BLOCK_C=1024), 4, 1),
     ("ssu fp32 state", ssd._ssu_kernel,
      dict(x_ptr=BF, dt_ptr=BF, a_ptr="*fp32", b_ptr=BF, c_ptr=BF, d_ptr="*fp32", dtb_ptr="*fp32",
           state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF), dict(BLOCK_P=32, BLOCK_N=128), 4, 1),
@@ -102,6 +102,9 @@ CASES += [
      dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
           tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
      dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=8, BLOCK_D=128, BLOCK_N=64, SPLITS=1, DOT_PREC="tf32"), 8, 2),
+    ("sample", sampling._sample_kernel, dict(logits_ptr="*fp32", temp_ptr="*fp32", key_ptr="*i64",
+                                             thresh_ptr="*fp32", out_ptr="*i64"),
+     dict(HAS_THRESH=True, PRECISE=True, BLOCK=2048), 8, 2),
     ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),
      dict(SPLITS=8, BLOCK_D=128), 1, 1),
 ]

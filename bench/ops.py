@@ -21,7 +21,9 @@ import triton.testing as tt
 
 from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
+from hybridserve.ops.triton import attention as KA
 from hybridserve.ops.triton import moe as KM
+from hybridserve.ops.triton import ssd as KS
 
 # real model shapes (docs/model-spec.md §1.3)
 HIDDEN, V = 2688, 131072
@@ -31,6 +33,24 @@ E, TOPK, INTER = 128, 6, 1856
 BF = torch.bfloat16
 DEV = "cuda"
 L2_BYTES = 50 * 2**20
+
+
+class tuned:
+    """Temporarily override a kernel module's launch-shape dict (DECODE_TUNE, SSD_TUNE)."""
+
+    def __init__(self, table: dict, **kw):
+        self.table, self.kw, self.old = table, kw, dict(table)
+
+    def __enter__(self):
+        self.table.update(self.kw)
+
+    def __exit__(self, *exc):
+        self.table.clear()
+        self.table.update(self.old)
+
+
+def label(d: dict) -> str:
+    return " ".join(f"{k[:8]}={v}" for k, v in d.items())
 
 
 def timed(fn, rep_ms: int = 100) -> float:
@@ -171,11 +191,15 @@ def bench_ssm(tb, quick):
         st = torch.randn(nb, MH, MP, MN, device=DEV) * 0.1
         sl = torch.arange(nb, device=DEV)
         init = torch.ones(nb, dtype=torch.bool, device=DEV)
-        ms = timed(lambda: K.ssd_varlen(x, dt, A, Bm, Cm, D, dtb, cu, st, sl, init, 128))
-        q = 32  # the kernel's chunk
-        flops = t * MH * (2 * q * MN + 2 * q * MP + 4 * MP * MN)
-        nbytes = t * (2 * MH * MP + 2 * MG * MN + MH) * 2 + 2 * nb * MH * MP * MN * 4
-        tb.add("ssd_varlen (prefill)", f"T={t} seqs={nb}", ms, nbytes, flops)
+        variants = [{}] if quick or nb > 1 else [{}, dict(BLOCK_P=16), dict(BLOCK_T=64, BLOCK_P=16),
+                                                 dict(num_stages=3), dict(BLOCK_T=16, BLOCK_P=32)]
+        for v in variants:
+            with tuned(KS.SSD_TUNE, **v):
+                ms = timed(lambda: K.ssd_varlen(x, dt, A, Bm, Cm, D, dtb, cu, st, sl, init, 128))
+                q = KS.SSD_TUNE["BLOCK_T"]  # the kernel's chunk
+            flops = t * MH * (2 * q * MN + 2 * q * MP + 4 * MP * MN)
+            nbytes = t * (2 * MH * MP + 2 * MG * MN + MH) * 2 + 2 * nb * MH * MP * MN * 4
+            tb.add("ssd_varlen (prefill)", f"T={t} seqs={nb} {label(v)}", ms, nbytes, flops)
 
 
 def moe_inputs(t):
@@ -192,7 +216,7 @@ def bench_moe(tb, quick, w_up, w_down):
         bias = torch.zeros(E, device=DEV)
         ms = timed(lambda: K.moe_route(logits, bias, TOPK, 2.5))
         tb.add("moe_route", f"T={t} E={E} k={TOPK}", ms, t * E * 4, 0)
-    for t in (1, 8, 64, 256) if not quick else (1, 64):
+    for t in (1, 4, 8, 64, 256) if not quick else (1, 64):
         x, w, ids = moe_inputs(t)
         touched = ids.unique().numel()
         nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
@@ -200,6 +224,12 @@ def bench_moe(tb, quick, w_up, w_down):
         ms = timed(lambda: K.fused_moe(x, w_up, w_down, w, ids))
         tb.add("fused_moe (decode)", f"T={t} experts touched={touched}", ms, nbytes, flops,
                ">=70% bw" if t <= 64 else None)
+        alts = [] if quick else [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+                                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=5)]
+        for cfg in alts if t in (1, 8, 64) else []:
+            ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
+            tb.add("fused_moe (decode)", f"T={t} M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} "
+                   f"s{cfg['num_stages']}", ms, nbytes, flops)
     t = 4096
     x, w, ids = moe_inputs(t)
     flops = 2 * t * TOPK * 2 * HIDDEN * INTER
@@ -207,8 +237,8 @@ def bench_moe(tb, quick, w_up, w_down):
     best = None
     configs = [KM._config(t)] + ([] if quick else [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
     ])
     for i, cfg in enumerate(configs):
@@ -222,14 +252,21 @@ def bench_moe(tb, quick, w_up, w_down):
         if best is None or ms < best[0]:
             best = (ms, label)
     print(f"  best prefill MoE config: {best[1]} ({best[0] * 1000:.0f} us)")
-    # the two grouped GEMMs alone (alignment excluded), default config
     cfg = KM._config(t)
-    sp, be = KM.align_by_expert(ids, E, cfg["BLOCK_M"])
     ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"]))
-    tb.add("moe align (torch ops)", f"T={t}", ms_align, 0, 0)
+    tb.add("moe align (sort by expert)", f"T={t}", ms_align, 0, 0)
 
 
 def bench_attention(tb, quick):
+    variants = [{}] if quick else [{}, dict(num_stages=3), dict(BLOCK_N=128), dict(num_stages=3, target_programs=528),
+                                   dict(BLOCK_N=128, num_stages=3, num_warps=8, target_programs=528)]
+    for v in variants:
+        with tuned(KA.DECODE_TUNE, **v):
+            bench_attention_decode(tb, quick, label(v))
+    bench_attention_prefill(tb, quick)
+
+
+def bench_attention_decode(tb, quick, tag):
     bs = 16
     for b, ctx in ((1, 1024), (1, 8192), (64, 1024), (256, 1024)) if not quick else ((64, 1024),):
         nblk = b * (ctx // bs + 1)
@@ -247,7 +284,12 @@ def bench_attention(tb, quick):
         lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
         ms = timed(lambda: [K.paged_attention(q, kv, tb_, cu, lens, HD**-0.5) for kv, tb_ in sets]) / n
         flops = 4 * b * QH * HD * ctx
-        tb.add("paged_attention (decode)", f"B={b} ctx={ctx}", ms, nbytes, flops, ">=70% bw" if b >= 64 else None)
+        tb.add("paged_attention (decode)", f"B={b} ctx={ctx} {tag}", ms, nbytes, flops,
+               ">=70% bw" if b >= 64 and not tag else None)
+
+
+def bench_attention_prefill(tb, quick):
+    bs = 16
     for new, cached in (([1024] * 4, [0] * 4), ([2048], [2048]), ([4096], [0])):
         b = len(new)
         tot = [n_ + c for n_, c in zip(new, cached)]
@@ -271,6 +313,25 @@ def bench_attention(tb, quick):
     tb.add("store_kv", f"T={t}", ms, 4 * t * KVH * HD * 2, 0)
 
 
+def bench_sampling(tb, quick):
+    from hybridserve.ops.reference import sampling as S
+
+    for rows in (1, 64, 256):
+        logits = torch.randn(rows, V, device=DEV)
+        temp = torch.full((rows,), 0.8, device=DEV)
+        seeds = torch.arange(rows, device=DEV)
+        pos = torch.full((rows,), 100, device=DEV)
+        for filt, top_k, top_p in ((False, 0, 1.0), (True, 50, 0.9), (True, 0, 0.95)):
+            tk = torch.full((rows,), top_k, dtype=torch.int32, device=DEV)
+            tp = torch.full((rows,), top_p, device=DEV)
+            mp = torch.zeros(rows, device=DEV)
+            args = (logits, temp, tk, tp, mp, seeds, pos, filt)
+            ms = tt.do_bench(lambda: K.sample_tokens(*args), warmup=10, rep=50, return_mode="median")
+            ms_ref = tt.do_bench(lambda: S.sample_tokens(*args), warmup=10, rep=50, return_mode="median")
+            tb.add("sample_tokens", f"R={rows} top_k={top_k} top_p={top_p} (ref {ms_ref * 1000:.0f} us)", ms,
+                   rows * V * 4, 0)
+
+
 def reference_spot_check(w_up, w_down):
     """One decode-sized MoE against the reference, so a fast-but-wrong kernel cannot pass unnoticed."""
     x, w, ids = moe_inputs(8)
@@ -281,10 +342,22 @@ def reference_spot_check(w_up, w_down):
     assert err < 2e-2
 
 
+def markdown(result: dict) -> str:
+    lines = [f"Card: {result['card']}; measured ceilings: copy {result['copy_GBps']:.0f} GB/s, "
+             f"bf16 matmul {result['bf16_mm_TFLOPs']:.0f} TFLOP/s.", "",
+             "| kernel | shape | time (us) | GB/s | TFLOP/s | % copy BW | % matmul | target |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['ms'] * 1000:.1f} | {r['GBps']:.0f} | {r['TFLOPs']:.1f} | "
+                     f"{100 * r['frac_bw']:.0f}% | {100 * r['frac_mm']:.0f}% | {r['target'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -299,7 +372,7 @@ def main() -> int:
     print(f"{'kernel':26s} {'shape':34s} {'time':>13s} {'':>13s}")
     for section in (lambda: bench_ssm(tb, args.quick), lambda: bench_conv(tb, args.quick),
                     lambda: bench_attention(tb, args.quick), lambda: bench_moe(tb, args.quick, w_up, w_down),
-                    lambda: bench_norms(tb, args.quick)):
+                    lambda: bench_norms(tb, args.quick), lambda: bench_sampling(tb, args.quick)):
         try:
             section()
         except Exception as e:  # noqa: BLE001  (one failing section must not hide the others)
@@ -307,6 +380,9 @@ def main() -> int:
     result = dict(card=name, copy_GBps=round(copy_gbs, 1), bf16_mm_TFLOPs=round(mm, 1), rows=tb.rows,
                   seconds=round(time.time() - t0, 1))
     line = json.dumps(result)
+    if args.md_out:
+        with open(args.md_out, "w") as f:
+            f.write(markdown(result))
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(line + "\n")

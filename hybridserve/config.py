@@ -142,7 +142,7 @@ class ModelConfig:
         d["layer_types"] = _layer_pattern(d)
         if "n_routed_experts" not in d and "num_experts" in d:
             d["n_routed_experts"] = d["num_experts"]
-        eos = d.get("eos_token_id", 2)
+        eos = 2 if d.get("eos_token_id") is None else d["eos_token_id"]
         d["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
         heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
         if d.get("head_dim") is None and isinstance(heads, int) and heads > 0 and isinstance(hidden, int):

@@ -135,7 +135,8 @@ def run_engine_core_process(
 
     Exits by itself when the parent process is gone (parent_pid set), so no orphan survives.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    if parent_pid is not None:  # a process of its own: it owns its logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
     inputs.connect(input_address)

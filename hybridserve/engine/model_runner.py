@@ -17,6 +17,7 @@ import logging
 import torch
 
 from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.engine.request import Request
 from hybridserve.engine.sampler import Sampler, SamplingMetadata
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 8192
+MAX_GRAPH_BATCH = 512
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,6 +69,9 @@ class ModelRunner:
             model = load_model(model_config, load_format=config.load_format, dtype=self.dtype, device=self.device)
         self.model = model
         self.sampler = Sampler(self.device)
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.max_graph_batch = min(config.max_num_seqs, MAX_GRAPH_BATCH)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.num_slots, self.num_blocks = self._cache_sizes()
         self.cache = HybridCache.allocate(
             model_config, self.num_slots + 1, self.num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
@@ -79,12 +84,41 @@ class ModelRunner:
             self.num_blocks, self.block_size, kv_tokens, self.num_slots, ssm_name,
             min(self.num_slots, kv_tokens // self.max_model_len), self.max_model_len,
         )
+        self.decode_graphs = None
+        if self.use_graphs:
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.cache, max_batch=self.max_graph_batch, max_blocks_per_seq=self.max_blocks_per_seq,
+                pad_slot=self.pad_slot, pad_block=self.pad_block,
+            )
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
         """Run the batch; returns the sampled token ids (one per sampled row, batch order) and
         their logprob entries (None when no row asked)."""
+        reqs = batch.requests
+        if self.decode_graphs is not None and self._graph_ready(batch):
+            logits, rows = self.decode_graphs.run(reqs), reqs
+        else:
+            logits, rows = self._run_eager(batch)
+        if not rows:
+            return [], None
+        meta = SamplingMetadata.build(rows, self.device)
+        host = self.sampler(logits, meta).tolist()  # the step's one device->host copy
+        return Sampler.unpack(host, meta)
+
+    def _graph_ready(self, batch: ScheduledBatch) -> bool:
+        """A pure decode of continuing sequences, one sample each, within the captured sizes."""
+        return (
+            len(batch) <= self.max_graph_batch
+            and batch.is_decode
+            and all(s == 1 for s in batch.num_samples)
+            and all(r.num_computed_tokens > 0 for r in batch.requests)
+        )
+
+    def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
+        """Any batch: pack it, run the model; returns logits of the sampled rows and their requests
+        (a request finishing its prompt with forks samples one row per choice)."""
         reqs = batch.requests
         forward_batch = ForwardBatch.build(
             new_tokens=[r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n] for r, n in zip(reqs, batch.num_new_tokens)],
@@ -103,12 +137,7 @@ class ModelRunner:
                 rows += [r, *r.forks[: s - 1]]
                 logits_indices += [last - 1] * s
         forward_batch.logits_indices = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
-        logits = self.model(forward_batch, self.cache)
-        if not rows:
-            return [], None
-        meta = SamplingMetadata.build(rows, self.device)
-        host = self.sampler(logits, meta).tolist()  # the step's one device->host copy
-        return Sampler.unpack(host, meta)
+        return self.model(forward_batch, self.cache), rows
 
     @torch.inference_mode()
     def apply_forks(self, forks: list[Fork]) -> None:
@@ -147,15 +176,21 @@ class ModelRunner:
             return self.config.cpu_cache_bytes
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._warm_up()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        current = torch.cuda.memory_allocated(self.device)
+        step_peak = torch.cuda.max_memory_allocated(self.device) - base
+        graph_pool = 0  # decode graphs keep their activations in a pool of their own
+        if self.use_graphs:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._warm_up_decode()
+            graph_pool = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free  # weights, other processes, the CUDA context
-        return int(total * self.config.gpu_memory_utilization - used - (peak - current))
+        logger.info("memory: %.2f GiB in use, step peak %.2f GiB, decode graphs %.2f GiB",
+                    used / 2**30, step_peak / 2**30, graph_pool / 2**30)
+        return int(total * self.config.gpu_memory_utilization - used - step_peak - graph_pool)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -182,4 +217,13 @@ class ModelRunner:
         probe = Request("warm-up", [0], SamplingParams(top_p=0.9, logprobs=5), max_tokens=1)
         self.sampler(logits, SamplingMetadata.build([probe] * rows, self.device))
         del scratch, logits
+
+    @torch.inference_mode()
+    def _warm_up_decode(self) -> None:
+        """One eager decode step at the largest graph batch (every row on one scratch slot)."""
+        n = self.max_graph_batch
+        scratch = HybridCache.allocate(self.model_config, 1, 1, self.block_size, self.dtype, self.ssm_dtype, self.device)
+        batch = ForwardBatch.build([[0]] * n, [1] * n, [0] * n, [[0, 0]] * n, self.block_size, self.device)
+        self.model(batch, scratch)
+        del scratch
 

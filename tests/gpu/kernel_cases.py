@@ -282,3 +282,56 @@ def test_attention_decode(device, big, dtype):
     cached = [0, 5, 2100, 63, 1] if big else [0, 5, 70, 3, 1]  # long contexts take split-K
     _attn_case(device, dtype, [1] * len(cached), cached, h, hkv, d, bs)
     _attn_case(device, dtype, [1], [cached[2]], h, hkv, d, bs)  # batch 1: most splits
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+
+def _gumbel_keys(logits, temperature, top_k, top_p, min_p, seeds, positions, filt):
+    """The reference's sampling keys (argmax of these is the sampled token)."""
+    from hybridserve.ops.reference import sampling as S
+
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    if filt:
+        scaled = S.filter_logits(scaled, top_k, top_p, min_p)
+    noise = S.uniform_noise(seeds, positions, logits.shape[1])
+    keys = scaled - torch.log(-torch.log(noise))
+    return torch.where(greedy[:, None], logits, keys)
+
+
+@pytest.mark.parametrize("filt", [False, True])
+def test_sample_tokens(device, big, filt):
+    from hybridserve.ops.reference import sampling as S
+
+    rows, vocab = (64, 131072) if big else (12, 3000)
+    logits = torch.randn(rows, vocab, device=device) * 3
+    temperature = torch.rand(rows, device=device) + 0.3
+    temperature[::5] = 0.0  # greedy rows
+    top_k = torch.randint(0, 50, (rows,), device=device, dtype=torch.int32) if filt else torch.zeros(
+        rows, dtype=torch.int32, device=device)
+    top_p = (torch.rand(rows, device=device) * 0.9 + 0.1) if filt else torch.ones(rows, device=device)
+    min_p = (torch.rand(rows, device=device) * 0.2) if filt else torch.zeros(rows, device=device)
+    if filt:
+        top_p[1] = 1.0
+        min_p[2] = 0.0
+    seeds = torch.randint(0, 2**62, (rows,), device=device)
+    positions = torch.randint(0, 4096, (rows,), device=device)
+    args = (logits, temperature, top_k, top_p, min_p, seeds, positions, filt)
+    tok_k = K.sample_tokens(*args)
+    tok_r = S.sample_tokens(*args)
+    assert tok_k.dtype == torch.int64 and tok_k.shape == (rows,)
+    # identical tokens, except where two keys tie to within rounding (libm log differences, CPU)
+    keys = _gumbel_keys(*args)
+    kk, kr = keys.gather(1, tok_k[:, None])[:, 0], keys.gather(1, tok_r[:, None])[:, 0]
+    assert torch.isfinite(kk).all(), "the kernel picked a filtered-out token"
+    assert ((tok_k == tok_r) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()
+    assert (tok_k == tok_r).float().mean() >= 0.9
+    if filt:  # the fast top-k path (every row 1 <= top_k <= 1024) against the sort path
+        top_k2 = torch.randint(1, 40, (rows,), device=device, dtype=torch.int32)
+        args2 = (logits, temperature, top_k2, top_p, min_p, seeds, positions, True)
+        tk, tr = K.sample_tokens(*args2), S.sample_tokens(*args2)
+        keys2 = _gumbel_keys(*args2)
+        kk, kr = keys2.gather(1, tk[:, None])[:, 0], keys2.gather(1, tr[:, None])[:, 0]
+        assert torch.isfinite(kk).all()
+        assert ((tk == tr) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()

@@ -1,10 +1,10 @@
 """Train the tiny preset to answer one fixed chat with a reasoning block and a tool call.
 
 The sequence is the template-rendered prompt (with a tool) + the target completion. To stay within
-seconds on a CPU, only the position-wise top of the model is trained: the last layer (an MoE
-layer: it mixes nothing across positions), the final norm and `lm_head`. The lower layers are left
-as they are, so their activations for the sequence are computed once and every Adam step is a
-cheap pass over the completion positions. Training stops when teacher-forced argmax reproduces the
+seconds on a CPU, only the top is trained: the last attention layer (it can look back at the
+context), the position-wise layers above it, the final norm and `lm_head`. The Mamba layers below
+are left as they are, so their activations are computed once and each Adam step is one attention
+layer over the sequence plus position-wise layers over the completion positions. Training stops when teacher-forced argmax reproduces the
 completion with a safe logit margin (so greedy decoding by the engine reproduces it too). The
 result is written with the loader's `save_checkpoint` (weights, config.json, tokenizer + template).
 """
@@ -29,7 +29,22 @@ REASONING = "The user wants the weather in Paris. I will call get_weather.\n"
 COMPLETION = (REASONING + "</think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
               "</function>\n</tool_call><|im_end|>")
 BLOCK = 16
-MARGIN = 4.0  # target logit above every other logit, at every completion position
+MARGIN = 3.0  # target logit above every other logit, at every completion position
+
+
+class _TrainableOps:
+    """The model's reference ops, with the KV store written so autograd can follow it."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    @staticmethod
+    def store_kv(k, v, kv_cache, slot_mapping):
+        for i, x in enumerate((k, v)):  # a fresh view after each write keeps autograd's view tracking valid
+            kv_cache[i].view(-1, *kv_cache.shape[-2:])[slot_mapping] = x.to(kv_cache.dtype)
 
 
 def _batch(model, ids: list[int]) -> tuple[ForwardBatch, HybridCache]:
@@ -38,46 +53,44 @@ def _batch(model, ids: list[int]) -> tuple[ForwardBatch, HybridCache]:
     return ForwardBatch.build([ids], [0], [0], [list(range(blocks))], BLOCK, logits="all"), cache
 
 
-@torch.no_grad()
-def _below_top(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output of the second-to-last layer, residual stream before it) for every position."""
-    batch, cache = _batch(model, ids)
+def _run_layers(model, layers, h, residual, batch, cache):
     eps = model.config.layer_norm_epsilon
-    h, residual = model.backbone.embeddings(batch.input_ids), None
-    for layer in model.backbone.layers[:-1]:
+    for layer in layers:
         x, residual = model.ops.rms_norm(h, layer.norm.weight, eps, residual)
         h = layer.mixer(x, batch, cache, model.ops)
     return h, residual
 
 
-def _top(model, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    eps = model.config.layer_norm_epsilon
-    top = model.backbone.layers[-1]
-    x, residual = model.ops.rms_norm(h, top.norm.weight, eps, residual)
-    h = top.mixer(x, None, None, model.ops)
-    h, _ = model.ops.rms_norm(h, model.backbone.norm_f.weight, eps, residual)
-    return model.lm_head(h).float()
-
-
-def train_tool_model(out_dir: Path, max_steps: int = 800) -> Path:
+def train_tool_model(out_dir: Path, max_steps: int = 600) -> Path:
     tok = load_tokenizer("tiny")
     prompt = tok.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     ids = prompt_ids + tok.encode(COMPLETION, add_special_tokens=False)
     model = load_model(ModelConfig.from_hf("tiny"), dtype=torch.float32, seed=0)
-    assert model.config.layer_types[-1] in "E-", "the top layer must be position-wise"
+    layers = model.backbone.layers
+    split = model.config.layer_types.rindex("*")  # train from the last attention layer up
+    assert set(model.config.layer_types[split + 1:]) <= set("E-"), "layers above the split must be position-wise"
     first = len(prompt_ids) - 1  # position whose next token is the first completion token
-    h, residual = _below_top(model, ids[:-1])
-    h, residual = h[first:], residual[first:]
     labels = torch.tensor(ids[first + 1:])
-    trained = [*model.backbone.layers[-1].parameters(), model.backbone.norm_f.weight, model.lm_head.weight]
+    batch, cache = _batch(model, ids[:-1])
+    with torch.no_grad():
+        h0 = model.backbone.embeddings(batch.input_ids)
+        h0, r0 = _run_layers(model, layers[:split], h0, None, batch, cache)
+    trained = [p for layer in layers[split:] for p in layer.parameters()]
+    trained += [model.backbone.norm_f.weight, model.lm_head.weight]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(trained, lr=1e-2)
+    opt = torch.optim.Adam(trained, lr=3e-3)
+    ops, model.ops = model.ops, _TrainableOps(model.ops)
+    eps = model.config.layer_norm_epsilon
     for _ in range(max_steps):
-        logits = _top(model, h, residual)
+        _, cache = _batch(model, ids[:-1])  # fresh: the attention layer writes its KV in place
+        h, r = _run_layers(model, layers[split:split + 1], h0, r0, batch, cache)
+        h, r = _run_layers(model, layers[split + 1:], h[first:], r[first:], None, None)
+        h, _ = ops.rms_norm(h, model.backbone.norm_f.weight, eps, r)
+        logits = model.lm_head(h).float()
         target = logits.gather(1, labels[:, None])
         others = logits.scatter(1, labels[:, None], float("-inf")).max(-1, keepdim=True).values
         if bool((target - others > MARGIN).all()):
@@ -88,6 +101,7 @@ def train_tool_model(out_dir: Path, max_steps: int = 800) -> Path:
         opt.step()
     else:
         raise RuntimeError("the tiny model did not learn the completion")
+    model.ops = ops
     for p in model.parameters():
         p.requires_grad_(False)
     save_checkpoint(model.eval(), out_dir, tokenizer=tok)

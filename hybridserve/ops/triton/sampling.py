@@ -1,0 +1,142 @@
+"""Token sampling on the GPU: the fast twin of `hybridserve/ops/reference/sampling.py::sample_tokens`.
+
+Same tokens as the reference for the same (seed, position): the counter-based noise is the same
+32-bit hash in uint32 arithmetic, the Gumbel keys use correctly rounded division and log
+(libdevice), and ties go to the lowest index as torch.argmax does.
+
+One kernel per step streams each row once: temperature, noise, Gumbel key and the running argmax
+(greedy rows: argmax of the raw logits) — no [R, V] noise, key or scatter tensors. Filtering keeps a
+*prefix* of the sorted distribution (top-k, top-p and min-p all cut the descending order), so it
+reduces to one threshold per row: the smallest kept value. The threshold comes from
+`torch.topk(max top_k)` when every row has 1 <= top_k <= 1024 (one small host read of top_k's range),
+else from a values-only sort. Ties at the threshold are all kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from hybridserve.ops.reference.sampling import apply_penalties, filter_logits, mix32, uniform_noise
+
+__all__ = ["apply_penalties", "filter_logits", "mix32", "sample_tokens", "uniform_noise"]
+
+TOPK_FAST_MAX = 1024
+
+
+@triton.jit
+def _mix32(x):
+    """The reference's mix32 on uint32 (products wrap mod 2^32; the casts keep the low 32 bits
+    whatever width the constant promotes to)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D).to(tl.uint32)
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B).to(tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, temp_ptr, key_ptr, thresh_ptr, out_ptr, V, stride_l,
+    HAS_THRESH: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    temp = tl.load(temp_ptr + r)
+    greedy = temp == 0.0
+    t_div = tl.where(greedy, 1.0, temp)
+    key = tl.load(key_ptr + r).to(tl.uint32)
+    if HAS_THRESH:
+        lo = tl.load(thresh_ptr + r)
+    best = tl.full((BLOCK,), -float("inf"), tl.float32)
+    best_i = tl.full((BLOCK,), 2**31 - 1, tl.int32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        m = cols < V
+        lg = tl.load(logits_ptr + r * stride_l + cols, mask=m, other=-float("inf"))
+        if greedy:
+            k = lg
+        else:
+            bits = _mix32(key ^ _mix32(cols.to(tl.uint32) ^ 0x27D4EB2F))
+            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            if PRECISE:  # correctly rounded division and CUDA's logf, as torch computes them
+                s = libdevice.div_rn(lg, t_div)
+                k = s - libdevice.log(-libdevice.log(u))
+            else:  # Triton's interpreter has no libdevice
+                s = lg / t_div
+                k = s - tl.log(-tl.log(u))
+            if HAS_THRESH:
+                k = tl.where(s >= lo, k, -float("inf"))
+        k = tl.where(m, k, -float("inf"))
+        better = (k > best) | ((k == best) & (cols < best_i))  # keep the lowest index on ties
+        best_i = tl.where(better, cols, best_i)
+        best = tl.where(better, k, best)
+    top = tl.max(best, axis=0)
+    idx = tl.min(tl.where(best == top, best_i, 2**31 - 1), axis=0)
+    tl.store(out_ptr + r, idx.to(tl.int64))
+
+
+def _thresholds(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The smallest value each row keeps under the reference's top_k / top_p / min_p rules."""
+    vocab = scaled.shape[1]
+    kmin, kmax = torch.stack([top_k.min(), top_k.max()]).tolist()
+    if 1 <= kmin and kmax <= TOPK_FAST_MAX:
+        vals = torch.topk(scaled, int(kmax), dim=-1, sorted=True).values  # [R, kmax]
+    else:
+        vals = torch.sort(scaled, dim=-1, descending=True).values
+    width = vals.shape[1]
+    rank = torch.arange(width, device=scaled.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).to(torch.int64)
+    drop = rank >= k[:, None]
+    vals = vals.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(vals, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    kept = (~drop).sum(-1)  # a prefix of the descending order
+    return vals.gather(1, (kept - 1)[:, None]).squeeze(1).contiguous()
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    filter_needed: bool = True,
+) -> torch.Tensor:
+    """Pick one token per row.
+
+    logits: [R, V] float32 (already biased and penalized; not modified); temperature: [R] float32,
+    0 means greedy (argmax of the logits); top_k: [R] int32, 0 = off; top_p: [R] float32 in (0, 1];
+    min_p: [R] float32 in [0, 1]; seeds: [R] int64; positions: [R] int64 (the index of the token
+    being generated, the counter of the noise); filter_needed: False when no row uses top_k, top_p
+    < 1 or min_p > 0 (skips the sort). Returns [R] int64 token ids.
+    Filters apply to the temperature-scaled distribution in the order top_k, top_p, min_p; the most
+    likely token always survives.
+    """
+    assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    temp = temperature.float().contiguous()
+    # per-row noise key: the reference's hash of (seed, position), on [R] int64 tensors
+    lo = seeds & 0xFFFFFFFF
+    hi = (seeds >> 32) & 0xFFFFFFFF
+    key = mix32(lo ^ mix32(hi ^ 0x68E31DA4))
+    key = mix32(key ^ mix32((positions & 0xFFFFFFFF) ^ 0x1B873593)).to(torch.int64).contiguous()
+    thresh = None
+    if filter_needed:
+        greedy = temp == 0
+        scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
+        thresh = _thresholds(scaled, top_k, top_p, min_p)
+    _sample_kernel[(rows,)](
+        logits, temp, key, thresh, out, vocab, logits.stride(0),
+        HAS_THRESH=thresh is not None, PRECISE=not triton.knobs.runtime.interpret, BLOCK=2048, num_warps=8,
+    )
+    return out

@@ -1,0 +1,72 @@
+"""The engine on a GPU (skipped without CUDA): decode CUDA graphs give the same tokens as eager
+steps, across graph sizes, padding and preemption, and the memory budget sizes the caches."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from hybridserve.config import EngineConfig
+from hybridserve.engine.engine_core import EngineCore
+from hybridserve.sampling_params import SamplingParams
+from tests.engine.test_engine_core import mixed_prompts, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPTS = mixed_prompts(40)
+GREEDY = [SamplingParams(temperature=0, max_tokens=5 + i % 17, ignore_eos=True) for i in range(40)]
+SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=8, ignore_eos=True) for i in range(40)]
+
+
+def with_core(tiny_config, fn, **fields):
+    """Build a GPU engine, call fn(core), free the engine (the next one's budget counts what is in use)."""
+    config = EngineConfig(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2, **fields)
+    core = EngineCore(config, tiny_config)
+    try:
+        return fn(core)
+    finally:
+        del core
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def test_decode_graphs_match_eager_steps(tiny_config):
+    def eager_run(core):
+        assert core.runner.decode_graphs is None
+        return run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)
+
+    def graphed_run(core):
+        graphs = core.runner.decode_graphs
+        assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 32, 40]
+        replays = dict.fromkeys(graphs.sizes, 0)
+        for g, graph in graphs.graphs.items():
+            def counted(g=g, original=graph.replay):
+                replays[g] += 1
+                original()
+
+            graph.replay = counted
+        out = run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)
+        assert sum(replays.values()) > 10 and sum(1 for v in replays.values() if v) >= 3  # several padded sizes
+        return out
+
+    expected = with_core(tiny_config, eager_run, enforce_eager=True, max_num_seqs=40)
+    assert with_core(tiny_config, graphed_run, max_num_seqs=40) == expected
+
+
+def test_graphs_under_preemption_and_memory_sizing(tiny_config):
+    prompts = PROMPTS[:16]
+    expected = with_core(tiny_config, lambda core: run(core, prompts), max_num_seqs=16, enforce_eager=True)
+
+    def tight_run(core):
+        r = core.runner
+        assert r.num_slots == 16 and r.num_blocks > 1000  # 20 % of a GPU is plenty for the tiny model
+        kv = core.scheduler.kv
+        kv.free_blocks = type(kv.free_blocks)(range(20))  # only 20 blocks in play: preemption
+        kv.num_blocks = 20
+        out = run(core, prompts)
+        assert core.scheduler.num_preemptions_total > 0
+        return out
+
+    assert with_core(tiny_config, tight_run, max_num_seqs=16) == expected
