@@ -1,7 +1,7 @@
 """Kernel benchmark at Nemotron-3-Nano-30B-A3B's shapes: time, GB/s, TFLOP/s and the fraction of the
 card's ceilings measured in the same run (device-to-device copy bandwidth, bf16 matmul rate).
 
-Usage (on a CUDA machine): python bench/ops.py [--quick] [--json-out PATH]
+Usage (on a CUDA machine): python bench/ops.py [--quick] [--sweep] [--json-out PATH] [--md-out PATH]
 Prints a table, then one JSON line. Times are medians of `triton.testing.do_bench_cudagraph`
 (kernel time as a decode step's CUDA graph sees it; `do_bench` where capture fails). Inputs rotate
 over several copies so that repeated runs do not measure the 50 MB L2 instead of HBM.
@@ -33,6 +33,7 @@ E, TOPK, INTER = 128, 6, 1856
 BF = torch.bfloat16
 DEV = "cuda"
 L2_BYTES = 50 * 2**20
+SWEEP = False  # --sweep: also time alternative launch shapes (tuning runs)
 
 
 class tuned:
@@ -191,7 +192,7 @@ def bench_ssm(tb, quick):
         st = torch.randn(nb, MH, MP, MN, device=DEV) * 0.1
         sl = torch.arange(nb, device=DEV)
         init = torch.ones(nb, dtype=torch.bool, device=DEV)
-        variants = [{}] if quick or nb > 1 else [{}, dict(BLOCK_P=16), dict(BLOCK_T=64, BLOCK_P=16),
+        variants = [{}] if not SWEEP or nb > 1 else [{}, dict(BLOCK_P=16), dict(BLOCK_T=64, BLOCK_P=16),
                                                  dict(num_stages=3), dict(BLOCK_T=16, BLOCK_P=32)]
         for v in variants:
             with tuned(KS.SSD_TUNE, **v):
@@ -224,7 +225,7 @@ def bench_moe(tb, quick, w_up, w_down):
         ms = timed(lambda: K.fused_moe(x, w_up, w_down, w, ids))
         tb.add("fused_moe (decode)", f"T={t} experts touched={touched}", ms, nbytes, flops,
                ">=70% bw" if t <= 64 else None)
-        alts = [] if quick else [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+        alts = [] if not SWEEP else [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
                                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=5)]
         for cfg in alts if t in (1, 8, 64) else []:
             ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
@@ -235,7 +236,7 @@ def bench_moe(tb, quick, w_up, w_down):
     flops = 2 * t * TOPK * 2 * HIDDEN * INTER
     nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
     best = None
-    configs = [KM._config(t)] + ([] if quick else [
+    configs = [KM._config(t)] + ([] if not SWEEP else [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
@@ -251,14 +252,15 @@ def bench_moe(tb, quick, w_up, w_down):
         tb.add("fused_moe (prefill)", f"T={t} cfg={label}", ms, nbytes, flops, ">=50% mm" if i == 0 else None)
         if best is None or ms < best[0]:
             best = (ms, label)
-    print(f"  best prefill MoE config: {best[1]} ({best[0] * 1000:.0f} us)")
+    if SWEEP:
+        print(f"  best prefill MoE config: {best[1]} ({best[0] * 1000:.0f} us)")
     cfg = KM._config(t)
     ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"]))
     tb.add("moe align (sort by expert)", f"T={t}", ms_align, 0, 0)
 
 
 def bench_attention(tb, quick):
-    variants = [{}] if quick else [{}, dict(num_stages=3), dict(BLOCK_N=128), dict(num_stages=3, target_programs=528),
+    variants = [{}] if not SWEEP else [{}, dict(num_stages=3), dict(BLOCK_N=128), dict(num_stages=3, target_programs=528),
                                    dict(BLOCK_N=128, num_stages=3, num_warps=8, target_programs=528)]
     for v in variants:
         with tuned(KA.DECODE_TUNE, **v):
@@ -356,9 +358,12 @@ def markdown(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = args.sweep
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     t0 = time.time()

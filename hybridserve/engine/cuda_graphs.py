@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
+from hybridserve.engine.block_table import BlockTable
 from hybridserve.engine.request import Request
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
@@ -33,15 +35,16 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         cache: HybridCache,
+        block_table: BlockTable,
         *,
         max_batch: int,
-        max_blocks_per_seq: int,
         pad_slot: int,
-        pad_block: int,
     ) -> None:
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.block_table = model, cache, block_table
         self.sizes = capture_sizes(max_batch)
         self.block_size = cache.block_size
+        pad_block = block_table.pad_block
+        max_blocks_per_seq = block_table.table.shape[1]
         self.pad_slot, self.pad_block = pad_slot, pad_block
         n, device = self.sizes[-1], cache.kv.device
         # static inputs; every row starts out as padding
@@ -66,18 +69,17 @@ class DecodeGraphs:
         b = len(requests)
         g = next(s for s in self.sizes if s >= b)
         bs = self.block_size
-        rows = []
-        for r in requests:
-            pos = r.num_computed_tokens
-            rows.append((r.token_ids[pos], pos + 1, r.state_slot, r.block_ids[pos // bs] * bs + pos % bs))
-        host = torch.tensor(rows, dtype=torch.int64).t()
+        slots = self.block_table.sync(requests)
+        positions = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
+        last_tokens = np.array([r.token_ids[-1] for r in requests], dtype=np.int64)
+        slot_mapping = self.block_table.slot_mapping(slots, positions, np.arange(b))
+        host = torch.from_numpy(np.stack([last_tokens, positions + 1, slots, slot_mapping]))
         width = max(len(r.block_ids) for r in requests)
-        tables = torch.tensor([r.block_ids + [self.pad_block] * (width - len(r.block_ids)) for r in requests], dtype=torch.int32)
         self.input_ids[:b].copy_(host[0], non_blocking=True)
         self.seq_lens[:b].copy_(host[1], non_blocking=True)
         self.state_slots[:b].copy_(host[2], non_blocking=True)
         self.slot_mapping[:b].copy_(host[3], non_blocking=True)
-        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        self.block_tables[:b, :width].copy_(torch.from_numpy(self.block_table.table[slots, :width]), non_blocking=True)
         if g > b:  # rows left over from a bigger batch become padding again
             self.input_ids[b:g] = 0
             self.seq_lens[b:g] = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import traceback
 
 import msgspec
@@ -124,6 +125,30 @@ def _choice_seed(seed: int, index: int) -> int:
     return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) & _SEED_MASK
 
 
+class _ThroughputLog:
+    """One INFO line every `interval` seconds while the engine works: queues, cache use, tok/s."""
+
+    def __init__(self, core: EngineCore, interval: float = 10.0) -> None:
+        self.core, self.interval = core, interval
+        self.last = time.monotonic()
+        self.prompt = self.generated = 0
+
+    def maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        st = self.core.stats()
+        dt, self.last = now - self.last, now
+        prompt, generated = st.prompt_tokens_total - self.prompt, st.generation_tokens_total - self.generated
+        self.prompt, self.generated = st.prompt_tokens_total, st.generation_tokens_total
+        if prompt or generated or st.num_running or st.num_waiting:
+            logger.info(
+                "running %d, waiting %d, KV %.0f%%, slots %.0f%%, prompt %.1f tok/s, generation %.1f tok/s, "
+                "preemptions %d", st.num_running, st.num_waiting, 100 * st.kv_cache_usage, 100 * st.state_slot_usage,
+                prompt / dt, generated / dt, st.num_preemptions_total,
+            )
+
+
 def run_engine_core_process(
     config: EngineConfig,
     input_address: str,
@@ -159,6 +184,7 @@ def run_engine_core_process(
 
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
+    log = _ThroughputLog(core)
     running = True
     try:
         while running:
@@ -185,6 +211,7 @@ def run_engine_core_process(
                 step_outputs += core.step()
             if step_outputs:
                 outputs.send(encoder.encode(EngineStep(step_outputs, core.stats())))
+            log.maybe_log()
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("the API process is gone; engine core exits")
                 break

@@ -7,16 +7,20 @@ share and the rest to KV blocks. One extra slot and one extra block are kept out
 padding targets (for CUDA-graph batch padding). The sizes are returned to the engine through
 `num_slots` / `num_blocks`, never written into a config.
 
-Per step: ScheduledBatch -> ForwardBatch -> model -> sampler -> one device->host copy.
+Per step: ScheduledBatch -> ForwardBatch (packed with numpy from the persistent host BlockTable;
+two host->device copies) or a decode CUDA graph -> model -> sampler -> one device->host copy.
 """
 
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
+import numpy as np
 import torch
 
 from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.block_table import BlockTable
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.engine.request import Request
@@ -77,6 +81,7 @@ class ModelRunner:
             model_config, self.num_slots + 1, self.num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
         )
         self.pad_slot, self.pad_block = self.num_slots, self.num_blocks
+        self.block_table = BlockTable(self.num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block)
         kv_tokens = self.num_blocks * self.block_size
         logger.info(
             "cache: %d KV blocks x %d tokens = %d tokens of KV, %d Mamba state slots (SSM state %s); "
@@ -87,8 +92,7 @@ class ModelRunner:
         self.decode_graphs = None
         if self.use_graphs:
             self.decode_graphs = DecodeGraphs(
-                self.model, self.cache, max_batch=self.max_graph_batch, max_blocks_per_seq=self.max_blocks_per_seq,
-                pad_slot=self.pad_slot, pad_block=self.pad_block,
+                self.model, self.cache, self.block_table, max_batch=self.max_graph_batch, pad_slot=self.pad_slot
             )
 
     # ---- one step ------------------------------------------------------------------------------
@@ -120,23 +124,45 @@ class ModelRunner:
         """Any batch: pack it, run the model; returns logits of the sampled rows and their requests
         (a request finishing its prompt with forks samples one row per choice)."""
         reqs = batch.requests
-        forward_batch = ForwardBatch.build(
-            new_tokens=[r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n] for r, n in zip(reqs, batch.num_new_tokens)],
-            num_cached=[r.num_computed_tokens for r in reqs],
-            state_slots=[r.state_slot for r in reqs],
-            block_tables=[r.block_ids for r in reqs],
-            block_size=self.block_size,
-            device=self.device,
+        b = len(reqs)
+        lens = np.array(batch.num_new_tokens, dtype=np.int64)
+        cached = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        slots = self.block_table.sync(reqs)
+        cu = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        seq_index = np.repeat(np.arange(b), lens)
+        positions = np.arange(cu[-1]) - cu[:-1][seq_index] + cached[seq_index]
+        slot_mapping = self.block_table.slot_mapping(slots, positions, seq_index)
+        input_ids = np.fromiter(
+            chain.from_iterable(r.token_ids[c : c + n] for r, c, n in zip(reqs, cached.tolist(), batch.num_new_tokens)),
+            dtype=np.int64, count=int(cu[-1]),
         )
         rows: list[Request] = []
         logits_indices: list[int] = []
-        last = 0
-        for r, n, s in zip(reqs, batch.num_new_tokens, batch.num_samples):
-            last += n
+        for r, end, s in zip(reqs, cu[1:].tolist(), batch.num_samples):
             if s:
                 rows += [r, *r.forks[: s - 1]]
-                logits_indices += [last - 1] * s
-        forward_batch.logits_indices = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
+                logits_indices += [end - 1] * s
+        # one host->device copy for the 1-D inputs, one for the block tables
+        flat = np.concatenate([input_ids, slot_mapping, cu, cached + lens, slots, cached > 0,
+                               np.array(logits_indices, dtype=np.int64)])
+        dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
+        t = int(cu[-1])
+        parts = dev.split([t, t, b + 1, b, b, b, len(logits_indices)])
+        width = max(1, max(len(r.block_ids) for r in reqs))
+        tables = torch.from_numpy(self.block_table.table[slots, :width]).to(self.device, non_blocking=True)
+        forward_batch = ForwardBatch(
+            input_ids=parts[0],
+            cu_seqlens=parts[2].to(torch.int32),
+            seq_lens=parts[3].to(torch.int32),
+            state_slots=parts[4],
+            has_initial_state=parts[5].bool(),
+            block_tables=tables,
+            slot_mapping=parts[1],
+            logits_indices=parts[6],
+            max_query_len=int(lens.max()),
+            is_decode=bool((lens == 1).all() and (cached > 0).all()),
+        )
         return self.model(forward_batch, self.cache), rows
 
     @torch.inference_mode()

@@ -33,6 +33,7 @@ class SamplingMetadata:
     seeds: torch.Tensor  # [R] int64
     positions: torch.Tensor  # [R] int64: output index of the token being sampled
     filter_needed: bool
+    all_greedy: bool  # every row is temperature 0: a plain argmax, no noise
     forced: torch.Tensor | None  # [R] int64, -1 where nothing is forced
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, cols, values (sparse)
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # rows, cols of stop tokens to mask
@@ -81,6 +82,7 @@ class SamplingMetadata:
             seeds=tensor([r.seed for r in rows], torch.int64),
             positions=tensor([r.num_output_tokens for r in rows], torch.int64),
             filter_needed=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
+            all_greedy=all(p.greedy for p in ps),
             forced=tensor([-1 if f is None else f for f in forced], torch.int64) if any(f is not None for f in forced) else None,
             bias=(tensor(bias_r, torch.int64), tensor(bias_c, torch.int64), tensor(bias_v, torch.float32)) if bias_r else None,
             suppress=(tensor(sup_r, torch.int64), tensor(sup_c, torch.int64)) if sup_r else None,
@@ -109,10 +111,13 @@ class Sampler:
             logits[meta.suppress] = float("-inf")
         if meta.penalties is not None:
             self._apply_penalties(logits, meta.penalties)
-        token_ids = self.sample_tokens(
-            logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds, meta.positions,
-            meta.filter_needed,
-        )
+        if meta.all_greedy:
+            token_ids = torch.argmax(logits, dim=-1)
+        else:
+            token_ids = self.sample_tokens(
+                logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds, meta.positions,
+                meta.filter_needed,
+            )
         if meta.forced is not None:
             token_ids = torch.where(meta.forced >= 0, meta.forced, token_ids)
         if raw_logprobs is None:

@@ -22,7 +22,8 @@ SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=8, igno
 
 def with_core(tiny_config, fn, **fields):
     """Build a GPU engine, call fn(core), free the engine (the next one's budget counts what is in use)."""
-    config = EngineConfig(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2, **fields)
+    config = EngineConfig(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2,
+                          max_num_batched_tokens=512, **fields)
     core = EngineCore(config, tiny_config)
     try:
         return fn(core)

@@ -3,7 +3,7 @@
 The sequence is the template-rendered prompt (with a tool) + the target completion. To stay within
 seconds on a CPU, only the top is trained: the last attention layer (it can look back at the
 context), the position-wise layers above it, the final norm and `lm_head`. The Mamba layers below
-are left as they are, so their activations are computed once and each Adam step is one attention
+are only rescaled (CONTEXT_GAIN), so their activations are computed once and each Adam step is one attention
 layer over the sequence plus position-wise layers over the completion positions. Training stops when teacher-forced argmax reproduces the
 completion with a safe logit margin (so greedy decoding by the engine reproduces it too). The
 result is written with the loader's `save_checkpoint` (weights, config.json, tokenizer + template).
@@ -29,7 +29,8 @@ REASONING = "The user wants the weather in Paris. I will call get_weather.\n"
 COMPLETION = (REASONING + "</think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
               "</function>\n</tool_call><|im_end|>")
 BLOCK = 16
-MARGIN = 3.0  # target logit above every other logit, at every completion position
+MARGIN = 2.0  # target logit above every other logit, at every completion position
+CONTEXT_GAIN = 10.0  # random init leaves mixer outputs tiny next to the embeddings: scale them up
 
 
 class _TrainableOps:
@@ -69,6 +70,10 @@ def train_tool_model(out_dir: Path, max_steps: int = 600) -> Path:
     model = load_model(ModelConfig.from_hf("tiny"), dtype=torch.float32, seed=0)
     layers = model.backbone.layers
     split = model.config.layer_types.rindex("*")  # train from the last attention layer up
+    with torch.no_grad():  # make the frozen layers' context visible next to the token embeddings
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight")):
+                p.mul_(CONTEXT_GAIN)
     assert set(model.config.layer_types[split + 1:]) <= set("E-"), "layers above the split must be position-wise"
     first = len(prompt_ids) - 1  # position whose next token is the first completion token
     labels = torch.tensor(ids[first + 1:])

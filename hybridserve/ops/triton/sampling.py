@@ -4,8 +4,10 @@ Same tokens as the reference for the same (seed, position): the counter-based no
 32-bit hash in uint32 arithmetic, the Gumbel keys use correctly rounded division and log
 (libdevice), and ties go to the lowest index as torch.argmax does.
 
-One kernel per step streams each row once: temperature, noise, Gumbel key and the running argmax
-(greedy rows: argmax of the raw logits) — no [R, V] noise, key or scatter tensors. Filtering keeps a
+One kernel per step streams each row once, split over (row, vocabulary chunk) programs so a single
+row still fills the GPU: temperature, noise, Gumbel key and the chunk's argmax (greedy rows: argmax of
+the raw logits) — no [R, V] noise, key or scatter tensors; a [R, chunks] argmax picks the winner
+(the first chunk on ties, so the lowest index wins). Filtering keeps a
 *prefix* of the sorted distribution (top-k, top-p and min-p all cut the descending order), so it
 reduces to one threshold per row: the smallest kept value. The threshold comes from
 `torch.topk(max top_k)` when every row has 1 <= top_k <= 1024 (one small host read of top_k's range),
@@ -39,10 +41,11 @@ def _mix32(x):
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, temp_ptr, key_ptr, thresh_ptr, out_ptr, V, stride_l,
-    HAS_THRESH: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr, temp_ptr, key_ptr, thresh_ptr, best_ptr, idx_ptr, V, stride_l, n_chunks,
+    HAS_THRESH: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + r)
     greedy = temp == 0.0
     t_div = tl.where(greedy, 1.0, temp)
@@ -51,7 +54,7 @@ def _sample_kernel(
         lo = tl.load(thresh_ptr + r)
     best = tl.full((BLOCK,), -float("inf"), tl.float32)
     best_i = tl.full((BLOCK,), 2**31 - 1, tl.int32)
-    for v0 in range(0, V, BLOCK):
+    for v0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         m = cols < V
         lg = tl.load(logits_ptr + r * stride_l + cols, mask=m, other=-float("inf"))
@@ -74,7 +77,8 @@ def _sample_kernel(
         best = tl.where(better, k, best)
     top = tl.max(best, axis=0)
     idx = tl.min(tl.where(best == top, best_i, 2**31 - 1), axis=0)
-    tl.store(out_ptr + r, idx.to(tl.int64))
+    tl.store(best_ptr + r * n_chunks + chunk, top)
+    tl.store(idx_ptr + r * n_chunks + chunk, idx.to(tl.int64))
 
 
 def _thresholds(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -121,9 +125,8 @@ def sample_tokens(
     """
     assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
-        return out
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     temp = temperature.float().contiguous()
     # per-row noise key: the reference's hash of (seed, position), on [R] int64 tensors
     lo = seeds & 0xFFFFFFFF
@@ -135,8 +138,14 @@ def sample_tokens(
         greedy = temp == 0
         scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
         thresh = _thresholds(scaled, top_k, top_p, min_p)
-    _sample_kernel[(rows,)](
-        logits, temp, key, thresh, out, vocab, logits.stride(0),
-        HAS_THRESH=thresh is not None, PRECISE=not triton.knobs.runtime.interpret, BLOCK=2048, num_warps=8,
+    block = 1024
+    chunk = min(8192, triton.cdiv(vocab, block) * block)
+    n_chunks = triton.cdiv(vocab, chunk)
+    best = torch.empty((rows, n_chunks), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((rows, n_chunks), dtype=torch.int64, device=logits.device)
+    _sample_kernel[(rows, n_chunks)](
+        logits, temp, key, thresh, best, idx, vocab, logits.stride(0), n_chunks,
+        HAS_THRESH=thresh is not None, PRECISE=not triton.knobs.runtime.interpret, BLOCK=block, CHUNK=chunk,
+        num_warps=4,
     )
-    return out
+    return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1)

@@ -1,0 +1,143 @@
+"""The openai client against a real uvicorn server running the real engine on the tiny preset (CPU).
+
+The tiny preset has random weights, so the tests check what must hold for any model: exact usage,
+streaming == non-streaming under greedy decoding, n, logprobs, stop strings, seeds, the
+context-length error, and that a storm of cut streams leaves no KV block or state slot in use.
+"""
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from hybridserve.config import EngineConfig
+from hybridserve.serve.app import build_app
+from hybridserve.serve.context import ServeSettings
+from tests.serve.helpers import ServerThread
+
+MSG = [{"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    async def engine():
+        from hybridserve.engine.client import EngineClient
+
+        return await EngineClient.create(EngineConfig(model="tiny", device="cpu", max_num_seqs=16,
+                                                      max_model_len=1024), in_process=True)
+
+    app = build_app(ServeSettings(["tiny"], max_num_seqs=16), engine_factory=engine)
+    with ServerThread(app) as server:
+        deadline = time.monotonic() + 120
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "engine did not become ready"
+            time.sleep(0.1)
+        server.ctx = app.state.ctx
+        yield server
+
+
+@pytest.fixture
+def real(real_server):
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_chat_usage_and_stream_equals_non_stream(real, real_server):
+    kw = dict(model="tiny", messages=MSG, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    r = real.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    count = httpx.post(real_server.url + "/tokenize", json={"messages": MSG}).json()["count"]
+    assert r.usage.prompt_tokens == count and r.usage.total_tokens == count + 12
+    chunks = list(real.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump()
+    body = [c for c in chunks if c.choices]
+    assert len(body) <= 12  # at most one chunk per token
+    assert body[0].choices[0].delta.role == "assistant"
+    assert any(c.choices[0].delta.reasoning_content or c.choices[0].delta.content for c in body[:1])
+    reasoning = "".join(c.choices[0].delta.reasoning_content or "" for c in body)
+    content = "".join(c.choices[0].delta.content or "" for c in body)
+    assert (reasoning or None, content or None) == (r.choices[0].message.reasoning_content,
+                                                     r.choices[0].message.content)
+
+
+def test_completions_prompt_forms(real):
+    r = real.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    ids = real.completions.create(model="tiny", prompt=[20, 30, 40, 50], max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert ids.usage.prompt_tokens == 4
+    many = real.completions.create(model="tiny", prompt=["Once upon a time", [20, 30, 40, 50]], max_tokens=8,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in many.choices] == [r.choices[0].text, ids.choices[0].text]
+    streamed = "".join(c.choices[0].text for c in real.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_n_logprobs_and_seeds(real):
+    r = real.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=6, temperature=1.0, seed=123,
+                                     logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 3 and r.usage.completion_tokens == 18
+    for c in r.choices:
+        assert len(c.logprobs.content) == 6
+        for t in c.logprobs.content:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 3
+            assert t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
+    again = real.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=6, temperature=1.0, seed=123,
+                                         extra_body={"ignore_eos": True})
+    texts = [(c.message.reasoning_content, c.message.content) for c in r.choices]
+    assert texts == [(c.message.reasoning_content, c.message.content) for c in again.choices]
+
+
+def test_stop_string_cuts_the_output(real):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    full = real.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = real.completions.create(**kw, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_context_length_error(real):
+    with pytest.raises(openai.BadRequestError) as e:
+        real.chat.completions.create(model="tiny", messages=MSG, max_tokens=5000)
+    assert "maximum context length is 1024 tokens" in e.value.body["message"]
+
+
+def test_disconnect_storm_frees_kv_blocks_and_state_slots(real_server, real):
+    url = real_server.url + "/v1/completions"
+    body = {"prompt": "Once upon a time", "max_tokens": 500, "stream": True, "ignore_eos": True}
+
+    async def cut(i: int):
+        async with httpx.AsyncClient(timeout=60) as c:
+            async with c.stream("POST", url, json=body) as r:
+                n = 0
+                async for line in r.aiter_lines():
+                    n += bool(line)
+                    if n >= 2 + i % 4:
+                        return
+
+    async def storm():
+        await asyncio.gather(*(cut(i) for i in range(12)))
+
+    asyncio.run(storm())
+    engine = real_server.ctx.engine
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.num_running == 0 and s.num_waiting == 0 and s.num_free_slots == s.num_slots \
+                and s.num_free_blocks == s.num_blocks:
+            break
+        time.sleep(0.05)
+    s = engine.stats()
+    assert (s.num_running, s.num_waiting) == (0, 0)
+    assert s.num_free_slots == s.num_slots and s.num_free_blocks == s.num_blocks
+    metrics = httpx.get(real_server.url + "/metrics").text
+    assert f'hybridserve:num_free_state_slots{{engine="0",model_name="tiny"}} {float(s.num_slots)}' in metrics
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0' in metrics
+    t0 = time.monotonic()
+    r = real.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and time.monotonic() - t0 < 5
