@@ -86,12 +86,17 @@ for t in (1, 64, 4096):
     for up in (True, False):
         CASES.append((
             f"moe_gemm T={t} {'up' if up else 'down'}", moe._moe_gemm_kernel,
-            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF if up else "*fp32", sorted_ptr="*i32", block_expert_ptr="*i32",
+            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", block_expert_ptr="*i32",
                  topk_w_ptr="*fp32"),
-            dict(TOP_K=6, UP=up, DOT_PREC="tf32", stride_wk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], cfg["num_stages"],
         ))
 CASES += [
+    ("moe_sum", moe._moe_sum_kernel, dict(y_ptr=BF, w_ptr="*fp32", out_ptr=BF), dict(TOP_K=6, BLOCK=1024), 4, 1),
+    ("moe_rank", moe._rank_kernel, dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32"), dict(BLOCK=1024), 4, 1),
+    ("moe_scatter", moe._scatter_kernel,
+     dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", sorted_ptr="*i32", block_expert_ptr="*i32"),
+     dict(BM=128, BLOCK_E=128, BLOCK=64), 4, 1),
     ("store_kv", attention._store_kv_kernel, dict(k_ptr=BF, v_ptr=BF, cache_ptr=BF, slot_ptr="*i64"),
      dict(BLOCK=256), 1, 1),
     ("attn decode", attention._attn_kernel,
@@ -102,7 +107,7 @@ CASES += [
      dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
           tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
      dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=8, BLOCK_D=128, BLOCK_N=64, SPLITS=1, DOT_PREC="tf32"), 8, 2),
-    ("sample", sampling._sample_kernel, dict(logits_ptr="*fp32", temp_ptr="*fp32", key_ptr="*i64",
+    ("sample", sampling._sample_kernel, dict(logits_ptr="*fp32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
                                              thresh_ptr="*fp32", best_ptr="*fp32", idx_ptr="*i64"),
      dict(HAS_THRESH=True, PRECISE=True, BLOCK=1024, CHUNK=8192), 4, 2),
     ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),

@@ -215,6 +215,9 @@ def run_engine_core_process(
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("the API process is gone; engine core exits")
                 break
+    except Exception:
+        logger.exception("engine core failed; exiting (the client reports the engine dead)")
+        raise
     finally:
         inputs.close(linger=0)
         outputs.close()

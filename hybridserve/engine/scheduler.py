@@ -151,8 +151,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         scheduled: dict[Request, int] = {}
-        decodes = [r for r in self.running if r.num_pending_tokens == 1]
-        prompts = [r for r in self.running if r.num_pending_tokens > 1]
+        decodes, prompts = [], []
+        for r in self.running:
+            (decodes if r.num_tokens - r.num_computed_tokens == 1 else prompts).append(r)
         for req in decodes + prompts:
             if budget == 0:
                 break
@@ -212,14 +213,13 @@ class Scheduler:
                 continue
             if req.num_output_tokens == 0:  # the prompt's first complete pass
                 self.prompt_tokens_total += req.num_prompt_tokens
-            tokens = [sampled_token_ids[i] for i in rows]
-            lps = [logprobs[i] for i in rows] if logprobs is not None else [None] * s
-            self._append(req, tokens[0], lps[0], deltas)
-            for sib, token, lp in zip(req.forks, tokens[1:], lps[1:]):
-                sib.status = RequestStatus.WAITING
-                if not self._append(sib, token, lp, deltas):
-                    self._fork(req, sib)
-            req.forks = []
+            self._append(req, sampled_token_ids[rows[0]], logprobs and logprobs[rows[0]], deltas)
+            if req.forks:
+                for sib, i in zip(req.forks, rows[1:]):
+                    sib.status = RequestStatus.WAITING
+                    if not self._append(sib, sampled_token_ids[i], logprobs and logprobs[i], deltas):
+                        self._fork(req, sib)
+                req.forks = []
         outputs = []
         for request_id, ds in deltas.items():
             outputs.append(self._output(self.groups[request_id], ds))
@@ -302,17 +302,15 @@ class Scheduler:
         req.finish_reason = reason
 
     def _output(self, group: list[Request], deltas: list[SequenceDelta]) -> EngineOutput:
-        finished = all(r.is_finished for r in group)
         first = group[0]
+        if len(group) == 1:
+            finished, preemptions = first.status is RequestStatus.FINISHED, first.num_preemptions
+        else:
+            finished = all(r.is_finished for r in group)
+            preemptions = sum(r.num_preemptions for r in group)
         if finished:
             del self.groups[first.request_id]
-        return EngineOutput(
-            request_id=first.request_id,
-            deltas=deltas,
-            finished=finished,
-            num_prompt_tokens=first.num_prompt_tokens,
-            num_preemptions=sum(r.num_preemptions for r in group),
-        )
+        return EngineOutput(first.request_id, deltas, finished, first.num_prompt_tokens, preemptions)
 
 
 def _arrival(req: Request) -> tuple[int, int]:

@@ -87,11 +87,10 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     tracker = RequestTracker(None if settings.max_queued_requests is None
                              else settings.max_num_seqs + settings.max_queued_requests)
-    holder: dict[str, Any] = {"engine": engine, "failed": None}
+    startup: dict[str, BaseException | None] = {"error": None}
 
     def stats() -> Any:
-        eng = holder["engine"]
-        return eng.stats() if eng is not None else None
+        return ctx.engine.stats() if ctx.engine is not None else None
 
     metrics = Metrics(settings.model_name, stats,
                       lambda: {"in_flight": tracker.in_flight, "rejected": tracker.rejected})
@@ -101,12 +100,12 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         try:
             eng = await engine_factory()
         except BaseException as e:
-            holder["failed"] = e
+            startup["error"] = e
             logger.exception("engine failed to start")
             if on_engine_failure:
                 on_engine_failure(e)
             return
-        holder["engine"] = ctx.engine = eng
+        ctx.engine = eng
         logger.info("engine ready: serving %s (max_model_len %d)", settings.model_name, eng.max_model_len)
 
     @asynccontextmanager
@@ -118,8 +117,8 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                if holder["engine"] is not None:
-                    await holder["engine"].shutdown()
+                if ctx.engine is not None:
+                    await ctx.engine.shutdown()
 
     app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -133,7 +132,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         if tracker.draining:
             return APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
         if eng is None:
-            failed = holder["failed"]
+            failed = startup["error"] is not None
             return APIError(503, "The engine failed to start." if failed else "The engine is starting.",
                             headers={"Retry-After": "5"})
         if getattr(eng, "errored", False) or not getattr(eng, "is_ready", True):

@@ -41,7 +41,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", help="name(s) clients use in `model` (first is reported)")
-    p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every endpoint except /health, /ping, /metrics")
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=_token_count, help="context limit in tokens (e.g. 8192, 32k)")

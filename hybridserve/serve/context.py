@@ -135,6 +135,10 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
             raise bad_request(str(e), e.param) from None
         except ValueError as e:
             raise bad_request(str(e)) from None
+        except Exception:
+            if getattr(ctx.engine, "errored", False):
+                raise APIError(503, "The engine is not running.") from None
+            raise
         if first is not None:
             now = time.monotonic()
             ctx.metrics.observe_first_token(now - arrival)

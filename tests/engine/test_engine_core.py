@@ -196,3 +196,35 @@ def test_requests_that_can_never_fit_are_rejected(make_core):
     core.add_request("d", [5] * 200, SamplingParams(max_tokens=None, temperature=0))  # up to max_model_len
     assert core.scheduler.groups["d"][0].max_tokens == 56
     assert not core.scheduler.waiting[1:]
+
+
+def test_thinking_budget_forces_the_end_token(make_core):
+    prompt = mixed_prompts()[4]
+    free = run(make_core(), [prompt], GREEDY)["r0"][0]
+    end = 13  # </think> in the tiny tokenizer
+    assert end not in free[:3]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, thinking_budget=3, thinking_end_token_id=end)
+    forced = run(make_core(), [prompt], params)["r0"][0]
+    assert forced[:3] == free[:3] and forced[3] == end
+    assert forced[4:] != [end] * 8  # reasoning closed: no more forcing, the model runs free again
+
+
+def test_16_bit_ssm_state_and_stats(tiny_config, tiny_model):
+    from hybridserve.config import EngineConfig
+
+    config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=4,
+                          mamba_ssm_cache_dtype="bfloat16", cpu_cache_bytes=4 << 20)
+    core = EngineCore(config, tiny_config, model=tiny_model)
+    assert core.runner.cache.ssm_state.dtype == torch.bfloat16
+    core.add_request("a", mixed_prompts()[6], GREEDY)
+    core.add_request("b", mixed_prompts()[7], GREEDY)
+    core.step()
+    st = core.stats()
+    assert (st.num_running, st.num_waiting, st.num_slots, st.num_free_slots) == (2, 0, 4, 2)
+    assert st.num_blocks - st.num_free_blocks == 3 + 4  # 33 and 64 prompt tokens of KV, 16 per block
+    assert st.kv_cache_usage == pytest.approx(7 / st.num_blocks) and st.state_slot_usage == 0.5
+    assert st.prompt_tokens_total == 33 + 64 and st.generation_tokens_total == 2
+    while core.has_unfinished():
+        core.step()
+    assert core.stats().generation_tokens_total == 24
+    assert_all_free(core)

@@ -315,7 +315,7 @@ def test_sample_tokens(device, big, filt):
     if filt:
         top_p[1] = 1.0
         min_p[2] = 0.0
-    seeds = torch.randint(0, 2**62, (rows,), device=device)
+    seeds = torch.randint(-(2**62), 2**62, (rows,), device=device)  # negative seeds too
     positions = torch.randint(0, 4096, (rows,), device=device)
     args = (logits, temperature, top_k, top_p, min_p, seeds, positions, filt)
     tok_k = K.sample_tokens(*args)

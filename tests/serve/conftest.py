@@ -1,10 +1,14 @@
-"""Shared fixtures: one fake-engine server per module, and an openai client for it."""
+"""Shared fixtures: a real-engine server (tiny preset, one per session) and a fake-engine server per module."""
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import openai
 import pytest
 
+from hybridserve.config import EngineConfig
 from hybridserve.serve.app import build_app
 from hybridserve.serve.context import ServeSettings
 from tests.serve.fake_engine import DEFAULT_REPLY, FakeEngineClient
@@ -40,3 +44,28 @@ def fake(fake_server):
 @pytest.fixture
 def client(fake_server):
     return openai.OpenAI(base_url=fake_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def real_server():
+    """The real engine (in-process) on the tiny preset behind a real uvicorn server."""
+
+    async def engine():
+        from hybridserve.engine.client import EngineClient
+
+        return await EngineClient.create(EngineConfig(model="tiny", device="cpu", max_num_seqs=16,
+                                                      max_model_len=2048), in_process=True)
+
+    app = build_app(ServeSettings(["tiny", "alias"], max_num_seqs=16), engine_factory=engine)
+    with ServerThread(app) as server:
+        deadline = time.monotonic() + 180
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "engine did not become ready"
+            time.sleep(0.1)
+        server.ctx = app.state.ctx
+        yield server
+
+
+@pytest.fixture
+def real(real_server):
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=60)

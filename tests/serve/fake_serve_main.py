@@ -19,7 +19,7 @@ def main() -> int:
     port, timeout, delay = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
     logging.basicConfig(level=logging.INFO)
     engine = FakeEngineClient(make_tokenizer(), step_delay=delay)
-    engine.reply = lambda prompt, params: "x" * 400 + "<|im_end|>"
+    engine.reply = lambda prompt, params: "x" * 200 + "<|im_end|>"
     app = build_app(ServeSettings(["tiny"], shutdown_timeout=timeout), engine=engine)
     server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"),
                             app.state.ctx, timeout)

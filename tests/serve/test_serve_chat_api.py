@@ -220,3 +220,16 @@ def test_stop_strings(client, fake):
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == "Hello there! The "
     assert fake.last_params.stop == ["answer"]
+
+
+def test_stream_n_choices_with_logprobs(client, fake):
+    fake.reply = lambda p, s: "ab</think>cd<|im_end|>"
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSG, n=2, stream=True, logprobs=True,
+                                                 top_logprobs=1))
+    for i in (0, 1):
+        mine = [ch for c in chunks for ch in c.choices if ch.index == i]
+        assert "".join(ch.delta.reasoning or "" for ch in mine) == "ab"
+        assert "".join(ch.delta.content or "" for ch in mine) == "cd"
+        tokens = [t.token for ch in mine if ch.logprobs for t in ch.logprobs.content]
+        assert tokens == ["a", "b", "</think>", "c", "d", "<|im_end|>"]  # logprobs for every token, markers too
+        assert mine[-1].finish_reason == "stop" and mine[0].delta.role == "assistant"

@@ -12,35 +12,7 @@ import httpx
 import openai
 import pytest
 
-from hybridserve.config import EngineConfig
-from hybridserve.serve.app import build_app
-from hybridserve.serve.context import ServeSettings
-from tests.serve.helpers import ServerThread
-
 MSG = [{"role": "user", "content": "Tell me a story."}]
-
-
-@pytest.fixture(scope="module")
-def real_server():
-    async def engine():
-        from hybridserve.engine.client import EngineClient
-
-        return await EngineClient.create(EngineConfig(model="tiny", device="cpu", max_num_seqs=16,
-                                                      max_model_len=1024), in_process=True)
-
-    app = build_app(ServeSettings(["tiny"], max_num_seqs=16), engine_factory=engine)
-    with ServerThread(app) as server:
-        deadline = time.monotonic() + 120
-        while httpx.get(server.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "engine did not become ready"
-            time.sleep(0.1)
-        server.ctx = app.state.ctx
-        yield server
-
-
-@pytest.fixture
-def real(real_server):
-    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def test_chat_usage_and_stream_equals_non_stream(real, real_server):
@@ -104,7 +76,7 @@ def test_stop_string_cuts_the_output(real):
 def test_context_length_error(real):
     with pytest.raises(openai.BadRequestError) as e:
         real.chat.completions.create(model="tiny", messages=MSG, max_tokens=5000)
-    assert "maximum context length is 1024 tokens" in e.value.body["message"]
+    assert "maximum context length is 2048 tokens" in e.value.body["message"]
 
 
 def test_disconnect_storm_frees_kv_blocks_and_state_slots(real_server, real):
@@ -141,3 +113,16 @@ def test_disconnect_storm_frees_kv_blocks_and_state_slots(real_server, real):
     t0 = time.monotonic()
     r = real.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4 and time.monotonic() - t0 < 5
+
+
+def test_thinking_budget_ends_reasoning(real):
+    from hybridserve.serve.chat import THINKING_GRACE_TOKENS
+
+    kw = dict(model="tiny", messages=MSG, temperature=0, max_tokens=48, extra_body={"ignore_eos": True})
+    free = real.chat.completions.create(**kw)
+    capped = real.chat.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "thinking_token_budget": 4}})
+    budget_end = 4 + THINKING_GRACE_TOKENS + 1  # the forced </think> counts as a reasoning token
+    assert capped.usage.completion_tokens_details.reasoning_tokens <= budget_end
+    assert capped.choices[0].message.content  # the rest of the output became the answer
+    if free.usage.completion_tokens_details.reasoning_tokens > budget_end:
+        assert capped.choices[0].message.reasoning_content != free.choices[0].message.reasoning_content

@@ -166,7 +166,7 @@ def test_sigterm_drains_then_exits_zero(shutdown_timeout, expected_reason):
     try:
         chunks: list = []
         t = _stream_in_thread(url, chunks)
-        time.sleep(0.5)  # the stream is running (400 tokens at 10 ms)
+        time.sleep(0.5)  # the stream is running (200 tokens at 10 ms)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         if expected_reason == "stop":
@@ -180,4 +180,21 @@ def test_sigterm_drains_then_exits_zero(shutdown_timeout, expected_reason):
             proc.kill()
     assert chunks and chunks[-1]["choices"][0]["finish_reason"] == expected_reason
     text = "".join(c["choices"][0]["delta"]["reasoning"] or "" for c in chunks)
-    assert (text == "x" * 400) == (expected_reason == "stop")
+    assert (text == "x" * 200) == (expected_reason == "stop")
+
+
+def test_engine_start_failure_is_reported():
+    failures = []
+
+    async def broken_engine():
+        raise RuntimeError("no GPU today")
+
+    app = build_app(ServeSettings(["tiny"]), engine_factory=broken_engine, on_engine_failure=failures.append)
+    with ServerThread(app) as server:
+        deadline = time.monotonic() + 5
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [str(e) for e in failures] == ["no GPU today"]
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG})
+        assert r.status_code == 503 and r.json()["error"]["message"] == "The engine failed to start."
+        assert httpx.get(server.url + "/health").status_code == 503

@@ -9,10 +9,10 @@ Triton:
 - `fused_moe`: the T*K (token, expert) pairs are sorted by expert and each expert's run padded to
   BLOCK_M by two small kernels (a counting sort: atomic ranks, then a scatter; no host sync, so
   decode steps stay graph-capturable). Then one grouped GEMM launch per projection: every BLOCK_M
-  block belongs to one expert and streams only that expert's weights. Tiny batches (T*K <= 32)
-  skip the sort: each pair is its own block, read straight from topk_ids. Up: gather token rows, x @ w_up[e]^T, relu^2, store in sorted order.
-  Down: h @ w_down[e]^T, times the pair's routing weight, atomically added into a float32 [T, hidden]
-  sum (the reference's float32 accumulation), cast to x's dtype at the end.
+  block belongs to one expert and streams only that expert's weights. Up: gather token rows,
+  x @ w_up[e]^T, relu^2, store in sorted order. Down: h @ w_down[e]^T rounded to x's dtype (as the
+  reference rounds each matmul), stored per pair; a last kernel sums each token's K rows times their
+  routing weights in float32 (deterministic; no float32 atomics, no zero-fill, no cast pass).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
-    not UP: a = h (sorted rows), out[token] += topk_w * (a w^T), float32 atomics.
+    not UP: a = h (sorted rows), out[pair] = a w^T.
     PAIR_MODE: block b is pair b alone (row 0); block_expert_ptr is then the flat topk_ids."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
@@ -97,9 +97,21 @@ def _moe_gemm_kernel(
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
                  (acc * acc).to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        tw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
-        token = (pair // TOP_K).to(tl.int64)
-        tl.atomic_add(out_ptr + token[:, None] * stride_om + cols[None, :], acc * tw[:, None], mask=omask, sem="relaxed")
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, w_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_k w[t, k] * y[t*K + k] in float32, cast to out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        y = tl.load(y_ptr + (t * TOP_K + k) * N + cols, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + t * TOP_K + k) * y
+    tl.store(out_ptr + t * N + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def moe_route(
@@ -187,7 +199,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     rank = torch.empty(pairs, dtype=torch.int32, device=dev)
     sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    block = 256
+    block = 64  # the one-hot [block, E] tiles stay in registers
     _rank_kernel[(triton.cdiv(pairs, 1024),)](flat, counts, rank, pairs, BLOCK=1024, num_warps=4)
     _scatter_kernel[(triton.cdiv(max(pairs, max_blocks), block),)](
         flat, counts, rank, sorted_pairs, block_expert, pairs, num_experts, max_blocks,
@@ -220,9 +232,9 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
     assert w_up.dtype == w_down.dtype == x.dtype, "weights and activations share one dtype"
     top_k = topk_ids.shape[1]
     assert topk_ids.shape == topk_weights.shape == (t, top_k)
-    out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
+    out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     if t == 0:
-        return out.to(x.dtype)
+        return out
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     pair_mode = t * top_k <= PAIR_MODE_MAX_PAIRS
@@ -241,10 +253,13 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), h.stride(0),
         TOP_K=top_k, UP=True, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
+    y = torch.empty((t * top_k, hidden), dtype=x.dtype, device=x.device)
     _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn),)](
-        h, w_down, out, sorted_pairs, block_expert, tw,
+        h, w_down, y, sorted_pairs, block_expert, tw,
         hidden, inter, t * top_k, e,
-        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
+        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
         TOP_K=top_k, UP=False, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
-    return out.to(x.dtype)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum_kernel[(t, triton.cdiv(hidden, block))](y, tw, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return out

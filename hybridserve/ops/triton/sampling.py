@@ -1,7 +1,7 @@
 """Token sampling on the GPU: the fast twin of `hybridserve/ops/reference/sampling.py::sample_tokens`.
 
 Same tokens as the reference for the same (seed, position): the counter-based noise is the same
-32-bit hash in uint32 arithmetic, the Gumbel keys use correctly rounded division and log
+32-bit hash in uint32 arithmetic (the per-row key too, in the kernel: no host-side chain of small ops), the Gumbel keys use correctly rounded division and log
 (libdevice), and ties go to the lowest index as torch.argmax does.
 
 One kernel per step streams each row once, split over (row, vocabulary chunk) programs so a single
@@ -40,8 +40,17 @@ def _mix32(x):
 
 
 @triton.jit
+def _row_key(seed, position):
+    """The reference's per-row noise key from (seed, position), both int64."""
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    key = _mix32(lo ^ _mix32(hi ^ 0x68E31DA4))
+    return _mix32(key ^ _mix32((position & 0xFFFFFFFF).to(tl.uint32) ^ 0x1B873593))
+
+
+@triton.jit
 def _sample_kernel(
-    logits_ptr, temp_ptr, key_ptr, thresh_ptr, best_ptr, idx_ptr, V, stride_l, n_chunks,
+    logits_ptr, temp_ptr, seed_ptr, pos_ptr, thresh_ptr, best_ptr, idx_ptr, V, stride_l, n_chunks,
     HAS_THRESH: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -49,7 +58,7 @@ def _sample_kernel(
     temp = tl.load(temp_ptr + r)
     greedy = temp == 0.0
     t_div = tl.where(greedy, 1.0, temp)
-    key = tl.load(key_ptr + r).to(tl.uint32)
+    key = _row_key(tl.load(seed_ptr + r).to(tl.int64), tl.load(pos_ptr + r).to(tl.int64))
     if HAS_THRESH:
         lo = tl.load(thresh_ptr + r)
     best = tl.full((BLOCK,), -float("inf"), tl.float32)
@@ -128,11 +137,7 @@ def sample_tokens(
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     temp = temperature.float().contiguous()
-    # per-row noise key: the reference's hash of (seed, position), on [R] int64 tensors
-    lo = seeds & 0xFFFFFFFF
-    hi = (seeds >> 32) & 0xFFFFFFFF
-    key = mix32(lo ^ mix32(hi ^ 0x68E31DA4))
-    key = mix32(key ^ mix32((positions & 0xFFFFFFFF) ^ 0x1B873593)).to(torch.int64).contiguous()
+    seeds, positions = seeds.contiguous(), positions.contiguous()
     thresh = None
     if filter_needed:
         greedy = temp == 0
@@ -144,7 +149,7 @@ def sample_tokens(
     best = torch.empty((rows, n_chunks), dtype=torch.float32, device=logits.device)
     idx = torch.empty((rows, n_chunks), dtype=torch.int64, device=logits.device)
     _sample_kernel[(rows, n_chunks)](
-        logits, temp, key, thresh, best, idx, vocab, logits.stride(0), n_chunks,
+        logits, temp, seeds, positions, thresh, best, idx, vocab, logits.stride(0), n_chunks,
         HAS_THRESH=thresh is not None, PRECISE=not triton.knobs.runtime.interpret, BLOCK=block, CHUNK=chunk,
         num_warps=4,
     )
