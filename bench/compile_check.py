@@ -86,8 +86,7 @@ for t in (1, 64, 4096):
     for up in (True, False):
         CASES.append((
             f"moe_gemm T={t} {'up' if up else 'down'}", moe._moe_gemm_kernel,
-            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", block_expert_ptr="*i32",
-                 topk_w_ptr="*fp32"),
+            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", block_expert_ptr="*i32"),
             dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], cfg["num_stages"],
         ))

@@ -74,16 +74,21 @@ class SamplingMetadata:
                 tensor([ps[i].repetition_penalty for i in pen_rows], torch.float32),
             )
         num_logprobs = [p.logprobs for p in ps]
+        # two host->device copies for the per-row scalars
+        floats = tensor([[p.temperature if not p.greedy else 0.0 for p in ps], [p.top_p for p in ps],
+                         [p.min_p for p in ps]], torch.float32)
+        ints = tensor([[p.top_k for p in ps], [r.seed for r in rows], [r.num_output_tokens for r in rows],
+                       [-1 if f is None else f for f in forced]], torch.int64)
         return cls(
-            temperature=tensor([p.temperature if not p.greedy else 0.0 for p in ps], torch.float32),
-            top_k=tensor([p.top_k for p in ps], torch.int32),
-            top_p=tensor([p.top_p for p in ps], torch.float32),
-            min_p=tensor([p.min_p for p in ps], torch.float32),
-            seeds=tensor([r.seed for r in rows], torch.int64),
-            positions=tensor([r.num_output_tokens for r in rows], torch.int64),
+            temperature=floats[0],
+            top_k=ints[0].to(torch.int32),
+            top_p=floats[1],
+            min_p=floats[2],
+            seeds=ints[1],
+            positions=ints[2],
             filter_needed=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
             all_greedy=all(p.greedy for p in ps),
-            forced=tensor([-1 if f is None else f for f in forced], torch.int64) if any(f is not None for f in forced) else None,
+            forced=ints[3] if any(f is not None for f in forced) else None,
             bias=(tensor(bias_r, torch.int64), tensor(bias_c, torch.int64), tensor(bias_v, torch.float32)) if bias_r else None,
             suppress=(tensor(sup_r, torch.int64), tensor(sup_c, torch.int64)) if sup_r else None,
             penalties=penalties,

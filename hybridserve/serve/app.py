@@ -50,13 +50,13 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
         response = JSONResponse(error_body(401, "Invalid or missing API key."), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -72,10 +72,15 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    if "\\ud" in body.decode("utf-8", "replace").lower():  # escaped surrogates: reject lone ones
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "request body contains invalid Unicode (a lone surrogate)") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -14,10 +14,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
-from hybridserve.serve.chat import THINKING_GRACE_TOKENS, normalize_messages, render_chat, thinking_tokens
+from hybridserve.sampling_params import SamplingParams
+from hybridserve.serve.chat import (
+    THINKING_GRACE_TOKENS,
+    RenderedChat,
+    normalize_messages,
+    render_chat,
+    thinking_tokens,
+)
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
@@ -25,14 +32,13 @@ from hybridserve.serve.protocol import ChatCompletionRequest
 from hybridserve.serve.request_checks import reject_unsupported
 from hybridserve.serve.responses import (
     SSE_DONE,
-    ManagedStreamingResponse,
     TokenText,
     chat_logprobs,
     new_id,
     now,
+    respond,
     sse,
     sse_error,
-    until_disconnected,
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
@@ -89,53 +95,42 @@ def _thinking_budget(ctx: ServerContext, req: ChatCompletionRequest, kwargs: dic
     return ctx.settings.default_thinking_budget if budget is None else budget
 
 
+def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: RenderedChat) -> SamplingParams:
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(rendered.prompt_token_ids), ctx.max_model_len,
+                                    ctx.settings.default_max_tokens)
+    extra: dict[str, Any] = {}
+    budget = _thinking_budget(ctx, req, req.chat_template_kwargs or {})
+    if budget is not None and rendered.reasoning_open:
+        ids = thinking_tokens(ctx.tokenizer)
+        if ids is None:
+            raise bad_request("this tokenizer has no </think> token; a thinking budget cannot be applied",
+                              "thinking_token_budget")
+        extra = {"thinking_budget": budget, "thinking_end_token_id": ids.end_token_id,
+                 "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids)}
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    return build_sampling_params(req, max_tokens=max_tokens, logprobs=top, defaults=ctx.settings.generation_defaults,
+                                 vocab_size=ctx.vocab_size, **extra)
+
+
 async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest) -> Response:
     arrival = time.monotonic()
     ctx.check_model(req.model)
     reject_unsupported(req)
     policy = _ToolPolicy(req)
     ticket = ctx.tracker.admit()
-    stream = None
-    handed_off = False  # a streaming response owns the ticket and the engine stream from then on
     try:
-        kwargs = dict(req.chat_template_kwargs or {})
-        rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools, kwargs,
-                               req.add_generation_prompt, req.continue_final_message)
-        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = resolve_max_tokens(requested, len(rendered.prompt_token_ids), ctx.max_model_len,
-                                        ctx.settings.default_max_tokens)
-        extra: dict[str, Any] = {}
-        budget = _thinking_budget(ctx, req, kwargs)
-        if budget is not None and rendered.reasoning_open:
-            ids = thinking_tokens(ctx.tokenizer)
-            if ids is None:
-                raise bad_request("this tokenizer has no </think> token; a thinking budget cannot be applied",
-                                  "thinking_token_budget")
-            extra = {"thinking_budget": budget, "thinking_end_token_id": ids.end_token_id,
-                     "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids)}
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        params = build_sampling_params(req, max_tokens=max_tokens, logprobs=top,
-                                       defaults=ctx.settings.generation_defaults, vocab_size=ctx.vocab_size, **extra)
-        request_id = req.request_id or new_id("chatcmpl")
-        stream = engine_outputs(ctx, rendered.prompt_token_ids, params, request_id, arrival)
-        run = _ChatRun(ctx, req, policy, rendered.reasoning_open, request_id, len(rendered.prompt_token_ids))
-        if not req.stream:
-            return JSONResponse(await until_disconnected(request, run.collect(stream)))
-        first = await until_disconnected(request, stream.__anext__())
-        body, engine_stream = run.sse(first, stream), stream
-
-        async def close() -> None:
-            await body.aclose()
-            await engine_stream.aclose()
-            ticket.release()
-
-        handed_off = True
-        return ManagedStreamingResponse(body, close)
-    finally:
-        if not handed_off:
-            if stream is not None:
-                await stream.aclose()
-            ticket.release()
+        rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools,
+                               dict(req.chat_template_kwargs or {}), req.add_generation_prompt,
+                               req.continue_final_message)
+        params = _sampling_params(ctx, req, rendered)
+    except BaseException:
+        ticket.release()
+        raise
+    request_id = req.request_id or new_id("chatcmpl")
+    outputs = engine_outputs(ctx, rendered.prompt_token_ids, params, request_id, arrival)
+    run = _ChatRun(ctx, req, policy, rendered.reasoning_open, request_id, len(rendered.prompt_token_ids))
+    return await respond(request, ticket.release, outputs, req.stream, run.collect, run.sse)
 
 
 class _ChatRun:
@@ -150,6 +145,7 @@ class _ChatRun:
         self.reasoning_tokens = [0] * req.n
         self.completion_tokens = [0] * req.n
         self.finished = [False] * req.n
+        self.started = [False] * req.n  # streaming: role sent
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs else None
 
     def _step(self, o: Any) -> ChoiceDelta:
@@ -201,44 +197,41 @@ class _ChatRun:
             payload["usage"] = self._usage()
         return sse(payload)
 
+    def _chunk_choice(self, o: Any) -> dict[str, Any] | None:
+        """One choice's entry in a stream chunk, or None when this step made nothing visible."""
+        i = o.index
+        delta = self._step(o)
+        lp = None
+        if self.text_of and o.logprobs_delta:
+            lp = chat_logprobs(o.logprobs_delta, self.text_of, self.req.top_logprobs or 0)
+        if not (delta or lp or self.finished[i]):
+            return None  # e.g. the </think> token, or text held back at a possible tag
+        d: dict[str, Any] = {}
+        if not self.started[i]:
+            d["role"] = "assistant"
+            self.started[i] = True
+        d["content"] = delta.content or None
+        d["reasoning"] = d["reasoning_content"] = delta.reasoning or None
+        if delta.tool_calls:
+            d["tool_calls"] = delta.tool_calls
+        reason = self._finish_reason(i, o.finish_reason) if self.finished[i] else None
+        return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
+
     async def sse(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
         opts = self.req.stream_options
         continuous = bool(opts and opts.continuous_usage_stats)
-        started = [False] * self.req.n
-        checks: list[tuple[str | None, int]] = []
         try:
             out = first
             while out is not None:
                 if out.error:
                     raise APIError(500, f"generation failed: {out.error}")
-                choices = []
-                for o in out.outputs:
-                    if self.finished[o.index]:
-                        continue
-                    i = o.index
-                    delta = self._step(o)
-                    lp = None
-                    if self.text_of and o.logprobs_delta:
-                        lp = chat_logprobs(o.logprobs_delta, self.text_of, self.req.top_logprobs or 0)
-                    if not (delta or lp or self.finished[i]):
-                        continue  # e.g. a </think> token: nothing visible to send
-                    d: dict[str, Any] = {}
-                    if not started[i]:
-                        d["role"] = "assistant"
-                        started[i] = True
-                    d["content"] = delta.content or None
-                    d["reasoning"] = d["reasoning_content"] = delta.reasoning or None
-                    if delta.tool_calls:
-                        d["tool_calls"] = delta.tool_calls
-                    reason = self._finish_reason(i, o.finish_reason) if self.finished[i] else None
-                    choices.append({"index": i, "delta": d, "logprobs": lp, "finish_reason": reason})
-                    if reason is not None:
-                        checks.append((o.finish_reason, self.parsers[i].num_tool_calls))
+                live = [o for o in out.outputs if not self.finished[o.index]]
+                choices = [c for c in map(self._chunk_choice, live) if c is not None]
                 if choices:
                     yield self._chunk(choices, continuous)
-                for reason, calls in checks:
-                    self.policy.check(reason, calls)
-                checks.clear()
+                for o in live:  # after the chunk went out: a missing required tool call is an error frame
+                    if o.finish_reason is not None:
+                        self.policy.check(o.finish_reason, self.parsers[o.index].num_tool_calls)
                 out = await anext(stream, None)
             if opts and opts.include_usage:
                 yield self._chunk([], True)

@@ -29,7 +29,7 @@ class ChoiceDelta:
 class ChatOutputParser:
     def __init__(self, reasoning_open: bool, tools: list[dict[str, Any]] | None = None,
                  only_function: str | None = None, parallel_tool_calls: bool = True):
-        self._reasoning = ReasoningParser(reasoning_open)
+        self._reasoning = ReasoningParser(reasoning_open, tool_call_ends_reasoning=tools is not None)
         self._tools = ToolCallParser(tools) if tools is not None else None
         self._only_function = only_function
         self._parallel = parallel_tool_calls

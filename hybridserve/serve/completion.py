@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from hybridserve.serve.context import ServerContext, engine_outputs
@@ -20,14 +20,13 @@ from hybridserve.serve.protocol import CompletionRequest
 from hybridserve.serve.request_checks import reject_unsupported
 from hybridserve.serve.responses import (
     SSE_DONE,
-    ManagedStreamingResponse,
     TokenText,
     completion_logprobs,
     new_id,
     now,
+    respond,
     sse,
     sse_error,
-    until_disconnected,
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
@@ -63,46 +62,33 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of must equal n (beam-style best_of is not supported)", "best_of")
     ticket = ctx.tracker.admit()
-    streams: list[AsyncIterator[Any]] = []
-    handed_off = False
     try:
         prompts = _prompts(ctx, req)
-        base_id = req.request_id or new_id("cmpl")
-        run = _CompletionRun(ctx, req, base_id, prompts)
-        for k, (_, ids) in enumerate(prompts):
+        params = []
+        for _, ids in prompts:
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), ctx.max_model_len,
-                                            ctx.settings.default_max_tokens)
-            params = build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                           defaults=ctx.settings.generation_defaults, vocab_size=ctx.vocab_size)
-            rid = base_id if len(prompts) == 1 else f"{base_id}-{k}"
-            streams.append(engine_outputs(ctx, ids, params, rid, arrival))
-        if not req.stream:
-            return JSONResponse(await until_disconnected(request, run.collect(streams)))
-        merged = _merge(streams)
-        first = await until_disconnected(request, merged.__anext__())
-        body = run.sse(first, merged)
-
-        async def close() -> None:
-            await body.aclose()
-            await merged.aclose()
-            for s in streams:
-                await s.aclose()
-            ticket.release()
-
-        handed_off = True
-        return ManagedStreamingResponse(body, close)
-    finally:
-        if not handed_off:
-            for s in streams:
-                await s.aclose()
-            ticket.release()
+                                            ctx.settings.default_max_tokens, "prompt")
+            params.append(build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                                                defaults=ctx.settings.generation_defaults,
+                                                vocab_size=ctx.vocab_size))
+    except BaseException:
+        ticket.release()
+        raise
+    base_id = req.request_id or new_id("cmpl")
+    ids_of = [base_id] if len(prompts) == 1 else [f"{base_id}-{k}" for k in range(len(prompts))]
+    streams = [engine_outputs(ctx, ids, p, rid, arrival) for (_, ids), p, rid in zip(prompts, params, ids_of)]
+    run = _CompletionRun(ctx, req, base_id, prompts)
+    return await respond(request, ticket.release, _merge(streams), req.stream, run.collect, run.sse)
 
 
 async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """(prompt index, output) from several streams, in arrival order."""
+    """(prompt index, output) from several streams, in arrival order; closing it closes them all."""
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done = object()
@@ -111,7 +97,7 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, 
         try:
             async for out in s:
                 await queue.put((k, out))
-        except BaseException as e:  # forwarded to the consumer
+        except Exception as e:  # forwarded to the consumer
             await queue.put((k, e))
             return
         await queue.put((k, done))
@@ -123,7 +109,7 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, 
             k, item = await queue.get()
             if item is done:
                 remaining -= 1
-            elif isinstance(item, BaseException):
+            elif isinstance(item, Exception):
                 raise item
             else:
                 yield k, item
@@ -131,6 +117,8 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, 
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
 
 
 class _CompletionRun:
@@ -150,18 +138,14 @@ class _CompletionRun:
     def _usage(self) -> dict[str, Any]:
         return usage(self.prompt_tokens, sum(self.completion_tokens.values()))
 
-    async def collect(self, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
-        async def one(k: int, stream: AsyncIterator[Any]) -> Any:
-            last = None
-            async for out in stream:
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}")
-                last = out
-            return last
-
-        finals = await asyncio.gather(*(one(k, s) for k, s in enumerate(streams)))
+    async def collect(self, merged: AsyncIterator[tuple[int, Any]]) -> dict[str, Any]:
+        finals: dict[int, Any] = {}
+        async for k, out in merged:
+            if out.error:
+                raise APIError(500, f"generation failed: {out.error}")
+            finals[k] = out
         choices = []
-        for k, final in enumerate(finals):
+        for k, final in sorted(finals.items()):
             for o in sorted(final.outputs, key=lambda o: o.index):
                 index = k * self.req.n + o.index
                 self.completion_tokens[index] = len(o.token_ids)

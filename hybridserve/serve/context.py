@@ -141,16 +141,16 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
             raise
         if first is not None:
             now = time.monotonic()
-            ctx.metrics.observe_first_token(now - arrival)
+            ctx.metrics.ttft.observe(now - arrival)
             queue_time = getattr(first, "queue_time", None)
             if queue_time is not None:
-                ctx.metrics.observe_queue_time(queue_time)
+                ctx.metrics.queue_time.observe(queue_time)
             previous, last = now, first
             yield first
             if not first.finished:
                 async for out in gen:
                     now = time.monotonic()
-                    ctx.metrics.observe_inter_token(now - previous)
+                    ctx.metrics.itl.observe(now - previous)
                     previous, last = now, out
                     yield out
                     if out.finished:

@@ -66,51 +66,37 @@ class Metrics:
     def __init__(self, model_name: str, stats: Callable[[], Any | None], api_state: Callable[[], dict[str, float]]):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(model_name, stats, api_state))
-        labels = ["model_name", "engine"]
-        self._values = (model_name, "0")
-        reg = self.registry
+        labels, values = ["model_name", "engine"], (model_name, "0")
 
-        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=reg)
+        # Children with their labels made once: every name is exported (at zero) before any traffic,
+        # and the per-token observe() skips the label lookup.
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(*values)
 
-        self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
-                               labels + ["finished_reason"], registry=reg)
         self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
         self.itl = hist("vllm:inter_token_latency_seconds", "Time between consecutive outputs.", LATENCY_BUCKETS)
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
-        self.queue = hist("vllm:request_queue_time_seconds", "Time waiting before the first engine step.",
-                          LATENCY_BUCKETS)
+        self.queue_time = hist("vllm:request_queue_time_seconds", "Time waiting before the first engine step.",
+                               LATENCY_BUCKETS)
         self.prompt_tokens = hist("vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.generation_tokens = hist("vllm:request_generation_tokens", "Generated tokens per request.",
                                       TOKEN_BUCKETS)
         self.params_n = hist("vllm:request_params_n", "The n parameter per request.", (1, 2, 5, 10, 20))
         self.params_max_tokens = hist("vllm:request_params_max_tokens", "max_tokens per request.", TOKEN_BUCKETS)
-        # create the label sets now so every name is exported (at zero) before any traffic
-        for reason in ("stop", "length", "abort", "error"):
-            self.success.labels(*self._values, reason)
-        for h in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
-                  self.params_n, self.params_max_tokens):
-            h.labels(*self._values)
+        success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                          labels + ["finished_reason"], registry=self.registry)
+        self.success = {r: success.labels(*values, r) for r in ("stop", "length", "abort", "error")}
 
     def observe_request(self, *, prompt_tokens: int, n: int, max_tokens: int) -> None:
-        self.prompt_tokens.labels(*self._values).observe(prompt_tokens)
-        self.params_n.labels(*self._values).observe(n)
-        self.params_max_tokens.labels(*self._values).observe(max_tokens)
-
-    def observe_first_token(self, seconds: float) -> None:
-        self.ttft.labels(*self._values).observe(seconds)
-
-    def observe_inter_token(self, seconds: float) -> None:
-        self.itl.labels(*self._values).observe(seconds)
-
-    def observe_queue_time(self, seconds: float) -> None:
-        self.queue.labels(*self._values).observe(seconds)
+        self.prompt_tokens.observe(prompt_tokens)
+        self.params_n.observe(n)
+        self.params_max_tokens.observe(max_tokens)
 
     def observe_finished(self, *, e2e_seconds: float, generation_tokens: int, finish_reasons: list[str]) -> None:
-        self.e2e.labels(*self._values).observe(e2e_seconds)
-        self.generation_tokens.labels(*self._values).observe(generation_tokens)
+        self.e2e.observe(e2e_seconds)
+        self.generation_tokens.observe(generation_tokens)
         for reason in finish_reasons:
-            self.success.labels(*self._values, reason).inc()
+            self.success.get(reason, self.success["error"]).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,8 @@ The chat template opens `<think>` in the prompt, so output normally starts insid
 only a `</think>` ends it (the `nano_v3` / `nemotron_v3` behaviour). On top of that parser:
 
 * `<tool_call>` also ends reasoning (the model sometimes skips `</think>` before a call); the
-  `<tool_call>` text goes to content, where the tool parser finds it;
+  `<tool_call>` text goes to content, where the tool parser finds it (only when tool calls are
+  parsed for the request: otherwise it is just reasoning text);
 * with thinking off (the prompt ends in `<think></think>`), everything is content and stray think
   markers are dropped;
 * a response cut short inside reasoning keeps its reasoning (content stays empty);
@@ -47,9 +48,10 @@ def held_back_suffix(text: str, markers: tuple[str, ...]) -> int:
 class ReasoningParser:
     """A streaming state machine: reasoning until `</think>` or `<tool_call>`, then content."""
 
-    def __init__(self, reasoning_open: bool):
+    def __init__(self, reasoning_open: bool, tool_call_ends_reasoning: bool = True):
         self.thinking = reasoning_open
         self.in_reasoning = reasoning_open
+        self._markers = (THINK_END, TOOL_CALL_START, THINK_START) if tool_call_ends_reasoning else (THINK_END, THINK_START)
         self._pending = ""  # text held back because it may be the start of a marker
         self._content_started = False
 
@@ -79,7 +81,7 @@ class ReasoningParser:
 
     # ---- states ---------------------------------------------------------------------------
     def _reasoning_step(self, buf: str, out: ReasoningDelta) -> str:
-        markers = (THINK_END, TOOL_CALL_START, THINK_START)
+        markers = self._markers
         pos, marker = _earliest(buf, markers)
         if marker is None:
             keep = held_back_suffix(buf, markers)

@@ -1,9 +1,9 @@
 """Response plumbing shared by chat and completions: usage, logprobs, SSE framing, disconnects.
 
-`ManagedStreamingResponse` runs a cleanup coroutine however the response ends (finished, client
-gone before or during the body, server shutdown), so an admission ticket or an engine request is
-never leaked. `until_disconnected` runs a non-streaming handler and cancels it when the client
-goes away, which aborts its engine request.
+`respond` turns one generation into a JSON body or an SSE stream and releases the admission ticket
+and the engine request however the response ends (finished, client gone before or during the
+body, server shutdown) — `ManagedStreamingResponse` runs the cleanup for streams, and
+`until_disconnected` cancels non-streaming work when the client goes away (aborting its request).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.serve.errors import APIError, error_body
@@ -139,3 +139,31 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     except (asyncio.CancelledError, Exception):
         pass
     raise ClientDisconnected()
+
+
+async def respond(request: Request, release: Callable[[], None], outputs: AsyncIterator[Any], stream: bool,
+                  collect: Callable[[AsyncIterator[Any]], Awaitable[dict[str, Any]]],
+                  to_sse: Callable[[Any, AsyncIterator[Any]], AsyncIterator[bytes]]) -> Response:
+    """The response for engine `outputs`: `collect` them into a JSON body, or stream them as SSE.
+
+    The first output is awaited before a stream starts, so a request the engine rejects still
+    gets a proper HTTP status. `release` (the admission ticket) runs exactly once, at the end.
+    """
+    handed_off = False
+    try:
+        if not stream:
+            return JSONResponse(await until_disconnected(request, collect(outputs)))
+        first = await until_disconnected(request, outputs.__anext__())
+        body = to_sse(first, outputs)
+
+        async def close() -> None:
+            await body.aclose()
+            await outputs.aclose()
+            release()
+
+        handed_off = True
+        return ManagedStreamingResponse(body, close)
+    finally:
+        if not handed_off:
+            await outputs.aclose()
+            release()

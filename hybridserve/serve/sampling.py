@@ -29,14 +29,15 @@ def load_generation_defaults(model_path: str | None) -> dict[str, Any]:
     return {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), (int, float))}
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default_max_tokens: int) -> int:
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default_max_tokens: int,
+                       prompt_param: str = "messages") -> int:
     if requested is None:
         room = max_model_len - prompt_len
         if room < 1:
             raise bad_request(
                 f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
                 f"{prompt_len} input tokens, which leaves no room for output. Please reduce the length of the "
-                "input prompt.", "messages")
+                "input prompt.", prompt_param)
         return min(default_max_tokens, room)
     if prompt_len + requested > max_model_len:
         raise bad_request(

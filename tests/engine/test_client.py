@@ -1,5 +1,5 @@
 """EngineClient with the engine core in its own process (and in a thread): serve, stream, abort,
-stop strings, engine death, clean shutdown with no orphan process."""
+stop strings, engine death, clean shutdown with no orphan process, and exit when the API process dies."""
 
 from __future__ import annotations
 
@@ -134,3 +134,39 @@ async def test_in_process_engine_thread():
     finally:
         await client.shutdown()
     assert not client._worker.is_alive()
+
+
+def test_engine_exits_when_the_api_process_dies(tmp_path):
+    """SIGKILL the API process: its engine core notices the lost parent and exits (no orphan)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "api.py"
+    script.write_text(
+        "import asyncio, os\n"
+        "from hybridserve.config import EngineConfig\n"
+        "from hybridserve.engine.client import EngineClient\n"
+        "async def main():\n"
+        "    c = await EngineClient.create(EngineConfig(model='tiny', device='cpu', max_model_len=256,"
+        " max_num_seqs=4, cpu_cache_bytes=8 << 20))\n"
+        "    print(c._worker.pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    api = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        engine_pid = int(api.stdout.readline())
+        engine = psutil.Process(engine_pid)
+        assert engine.ppid() == api.pid
+        api.kill()
+        api.wait(10)
+        deadline = time.monotonic() + 20
+        while engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the engine core outlived its API process"
+            time.sleep(0.1)
+    finally:
+        if api.poll() is None:
+            api.kill()

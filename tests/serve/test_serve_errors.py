@@ -89,6 +89,10 @@ def test_body_problems(real_server):
     assert_envelope(post(real_server, url, json=[1, 2]), 400)
     assert_envelope(post(real_server, url, content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
     assert_envelope(post(real_server, url, json={"messages": "hi"}), 400, "messages")
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
+    assert_envelope(post(real_server, url, content=lone_surrogate, headers={"content-type": "application/json"}), 400)
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_envelope(post(real_server, url, content=deep, headers={"content-type": "application/json"}), 400)
     assert_envelope(httpx.get(real_server.url + "/nope"), 404)
     assert_envelope(httpx.get(real_server.url + url), 405)
 

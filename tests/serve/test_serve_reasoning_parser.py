@@ -70,3 +70,10 @@ def test_prompt_decides_thinking():
     # history with closed reasoning does not matter: the newest marker decides
     assert prompt_opens_reasoning("<think></think>old<|im_end|>\n<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_reasoning("plain prompt")
+
+
+def test_tool_call_ends_reasoning_only_when_tools_are_parsed():
+    text = "plan <tool_call>x</tool_call> more</think>answer"
+    parser = ReasoningParser(True, tool_call_ends_reasoning=False)
+    a, b = parser.feed(text), parser.finish()
+    assert (a.reasoning + b.reasoning, a.content + b.content) == ("plan <tool_call>x</tool_call> more", "answer")

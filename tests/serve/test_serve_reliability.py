@@ -77,7 +77,7 @@ def test_non_streaming_disconnect_aborts(fake_server, fake):
 @pytest.fixture(scope="module")
 def tight_server(tokenizer):
     engine = FakeEngineClient(tokenizer, step_delay=0.02)
-    engine.reply = lambda p, s: "w" * 60 + "<|im_end|>"
+    engine.reply = lambda p, s: "w" * 100 + "<|im_end|>"
     app = build_app(ServeSettings(["tiny"], max_num_seqs=1, max_queued_requests=1), engine=engine)
     with ServerThread(app) as server:
         server.ctx = app.state.ctx
@@ -90,7 +90,8 @@ def test_burst_beyond_queue_gets_503(tight_server):
     async def burst():
         async with httpx.AsyncClient(timeout=30) as c:
             slow = [asyncio.ensure_future(c.post(url, json={"messages": MSG})) for _ in range(2)]
-            await asyncio.sleep(0.3)  # both admitted and generating
+            while tight_server.ctx.tracker.in_flight < 2:  # both admitted and generating
+                await asyncio.sleep(0.01)
             rejected = await asyncio.gather(*(c.post(url, json={"messages": MSG, "stream": True})
                                               for _ in range(8)))
             return await asyncio.gather(*slow), rejected
@@ -150,13 +151,19 @@ def _start(shutdown_timeout: float) -> tuple[subprocess.Popen, str]:
 
 
 def _stream_in_thread(url: str, out: list) -> threading.Thread:
+    """Start a streaming request; return once its first chunk has arrived."""
     def run():
         with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": MSG, "stream": True},
                           timeout=60) as r:
-            out.extend(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
+            for ln in r.iter_lines():
+                if ln.startswith("data: {"):
+                    out.append(json.loads(ln[6:]))
 
     t = threading.Thread(target=run)
     t.start()
+    deadline = time.monotonic() + 30
+    while not out and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return t
 
 
@@ -165,8 +172,7 @@ def test_sigterm_drains_then_exits_zero(shutdown_timeout, expected_reason):
     proc, url = _start(shutdown_timeout)
     try:
         chunks: list = []
-        t = _stream_in_thread(url, chunks)
-        time.sleep(0.5)  # the stream is running (200 tokens at 10 ms)
+        t = _stream_in_thread(url, chunks)  # running: 200 tokens at 10 ms
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         if expected_reason == "stop":

@@ -117,10 +117,10 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, T, H, D, stride_ot, stride_oh,
     ds = tl.arange(0, BLOCK_D)
     prow = (ss * T + t) * H + h
     m = tl.load(ml_ptr + prow * 2)
-    l = tl.load(ml_ptr + prow * 2 + 1)
+    lsum = tl.load(ml_ptr + prow * 2 + 1)
     m_max = tl.max(m, axis=0)
     wgt = tl.where(m == -float("inf"), 0.0, tl.exp2(m - m_max))
-    denom = tl.sum(wgt * l, axis=0)
+    denom = tl.sum(wgt * lsum, axis=0)
     part = tl.load(part_ptr + prow[:, None] * D + ds[None, :], mask=ds[None, :] < D, other=0.0)
     out = tl.sum(part * wgt[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + ds, out.to(o_ptr.dtype.element_ty), mask=ds < D)
