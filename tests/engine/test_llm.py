@@ -74,3 +74,8 @@ def test_generate_subcommand(tmp_path, capsys):
     assert [r["prompt"] for r in records] == ["Hello", "World"]
     assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in records)
     assert main(["generate", "tiny", "--device", "cpu"]) == 2  # no prompt
+    capsys.readouterr()
+    assert main(["generate", "tiny", "--device", "cpu", "--max-model-len", "128", "--prompt", "Hello",
+                 "--max-tokens", "3", "--n", "2", "--temperature", "0.7", "--sampling-seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "--- 'Hello' [0] (" in printed and "--- 'Hello' [1] (" in printed
