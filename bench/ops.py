@@ -314,6 +314,21 @@ def bench_attention_prefill(tb, quick):
     tb.add("store_kv", f"T={t}", ms, 4 * t * KVH * HD * 2, 0)
 
 
+def bench_moe_sweep(tb, w_up, w_down):
+    """MoE prefill launch shapes (KM.PREFILL_CANDIDATES) at 4096 and 8192 tokens."""
+    for t in (4096, 8192):
+        x, w, ids = moe_inputs(t)
+        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+        nbytes = E * 2 * INTER * HIDDEN * 2 + 2 * t * HIDDEN * 2
+        for i, cfg in enumerate(KM.PREFILL_CANDIDATES):
+            try:
+                ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
+            except Exception as e:  # noqa: BLE001
+                print(f"  candidate {i} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            tb.add("fused_moe (prefill)", f"T={t} candidate {i}", ms, nbytes, flops)
+
+
 def bench_sampling(tb, quick):
     from hybridserve.ops.reference import sampling as S
 
@@ -358,6 +373,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
+    ap.add_argument("--moe-sweep", action="store_true", help="only the MoE prefill launch-shape sweep")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
     args = ap.parse_args()
@@ -374,9 +390,11 @@ def main() -> int:
     w_down = (torch.randn(E, HIDDEN, INTER, device=DEV) * INTER**-0.5).to(BF)
     reference_spot_check(w_up, w_down)
     print(f"{'kernel':26s} {'shape':34s} {'time':>13s} {'':>13s}")
-    for section in (lambda: bench_ssm(tb, args.quick), lambda: bench_conv(tb, args.quick),
-                    lambda: bench_attention(tb, args.quick), lambda: bench_moe(tb, args.quick, w_up, w_down),
-                    lambda: bench_norms(tb, args.quick), lambda: bench_sampling(tb, args.quick)):
+    sections = [lambda: bench_moe_sweep(tb, w_up, w_down)] if args.moe_sweep else [
+        lambda: bench_ssm(tb, args.quick), lambda: bench_conv(tb, args.quick),
+        lambda: bench_attention(tb, args.quick), lambda: bench_moe(tb, args.quick, w_up, w_down),
+        lambda: bench_norms(tb, args.quick), lambda: bench_sampling(tb, args.quick)]
+    for section in sections:
         try:
             section()
         except Exception as e:  # noqa: BLE001  (one failing section must not hide the others)

@@ -37,9 +37,11 @@ class SamplingParams:
     # Thinking budget: after `thinking_budget` generated tokens with reasoning still open (no
     # `thinking_end_token_id` generated yet), the engine forces `thinking_end_token_id`, at the first
     # token in `newline_token_ids` within `thinking_grace_tokens` more tokens, else right at the end
-    # of the grace window.
+    # of the grace window. Generating one of `thinking_implicit_end_token_ids` (`<tool_call>`) also
+    # closes reasoning, so nothing is forced into the middle of a tool call.
     thinking_budget: int | None = None
     thinking_end_token_id: int | None = None
+    thinking_implicit_end_token_ids: list[int] = field(default_factory=list)
     thinking_grace_tokens: int = 0
     newline_token_ids: list[int] = field(default_factory=list)
 

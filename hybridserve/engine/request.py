@@ -98,7 +98,8 @@ class Request:
     def append_token(self, token_id: int) -> bool:
         """Add a sampled token; returns True when it ends the sequence (finish_reason set)."""
         self.token_ids.append(token_id)
-        if self.thinking_open and token_id == self.params.thinking_end_token_id:
+        p = self.params
+        if self.thinking_open and (token_id == p.thinking_end_token_id or token_id in p.thinking_implicit_end_token_ids):
             self.thinking_open = False
         if token_id in self.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id

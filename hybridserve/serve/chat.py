@@ -14,7 +14,7 @@ from typing import Any
 
 from hybridserve.serve.errors import bad_request
 from hybridserve.serve.protocol import ChatMessage
-from hybridserve.serve.reasoning import THINK_END, prompt_opens_reasoning
+from hybridserve.serve.reasoning import THINK_END, TOOL_CALL_START, prompt_opens_reasoning
 
 THINKING_GRACE_TOKENS = 32  # after the budget, wait this long for a line end before forcing </think>
 
@@ -101,6 +101,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
 class ThinkingTokens:
     end_token_id: int
     newline_token_ids: tuple[int, ...]
+    implicit_end_token_ids: tuple[int, ...]  # `<tool_call>`: the model may open a call without `</think>`
 
 
 _thinking_cache: dict[int, ThinkingTokens | None] = {}
@@ -116,5 +117,7 @@ def thinking_tokens(tokenizer: Any) -> ThinkingTokens | None:
         else:
             texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
             newlines = tuple(i for i, t in enumerate(texts) if "\n" in t and i != end)
-            _thinking_cache[key] = ThinkingTokens(end, newlines)
+            tool_call = tokenizer.convert_tokens_to_ids(TOOL_CALL_START)
+            implicit = (tool_call,) if isinstance(tool_call, int) and tool_call != tokenizer.unk_token_id else ()
+            _thinking_cache[key] = ThinkingTokens(end, newlines, implicit)
     return _thinking_cache[key]

@@ -107,7 +107,8 @@ def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: R
             raise bad_request("this tokenizer has no </think> token; a thinking budget cannot be applied",
                               "thinking_token_budget")
         extra = {"thinking_budget": budget, "thinking_end_token_id": ids.end_token_id,
-                 "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids)}
+                 "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids),
+                 "thinking_implicit_end_token_ids": list(ids.implicit_end_token_ids)}
     top = (req.top_logprobs or 0) if req.logprobs else None
     return build_sampling_params(req, max_tokens=max_tokens, logprobs=top, defaults=ctx.settings.generation_defaults,
                                  vocab_size=ctx.vocab_size, **extra)

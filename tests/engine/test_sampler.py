@@ -137,6 +137,15 @@ def test_thinking_budget_waits_for_a_newline_within_the_grace_window():
     assert closed.forced_next_token() is None
 
 
+def test_a_tool_call_start_closes_reasoning_without_a_forced_end():
+    p = dict(thinking_budget=2, thinking_end_token_id=3, thinking_implicit_end_token_ids=[14])
+    r = row(output=[], **p)
+    r.append_token(14)  # `<tool_call>` with no `</think>` before it
+    r.token_ids += [1, 1, 1]
+    assert r.forced_next_token() is None
+    assert row(output=[1, 1], **p).forced_next_token() == 3  # still open without it
+
+
 def test_logprobs_are_the_raw_log_softmax():
     torch.manual_seed(1)
     logits = torch.randn(2, 30)

@@ -156,6 +156,22 @@ def _config(num_tokens: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
 
 
+# prefill candidates swept by bench/ops.py --moe-sweep and checked by tests/gpu; "down" overrides the
+# down projection's N/K tiles, warps and stages (BLOCK_M is shared: it shapes the sort)
+PREFILL_CANDIDATES = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4,
+         down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4,
+         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4,
+         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4,
+         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)),
+]
+
+
 @triton.jit
 def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, P, BLOCK: tl.constexpr):
     """rank[i] = how many pairs of the same expert took a rank before i (atomic counter)."""
@@ -240,6 +256,9 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
         return out
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    down = {**cfg, **cfg.get("down", {})}
+    bn_d, bk_d = down["BLOCK_N"], down["BLOCK_K"]
+    launch_d = dict(num_warps=down["num_warps"], num_stages=down["num_stages"])
     pair_mode = t * top_k <= PAIR_MODE_MAX_PAIRS
     if pair_mode:
         sorted_pairs, block_expert = None, topk_ids.reshape(-1)
@@ -257,11 +276,12 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
         TOP_K=top_k, UP=True, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     y = torch.empty((t * top_k, hidden), dtype=x.dtype, device=x.device)
-    _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn),)](
+    _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn_d),)](
         h, w_down, y, sorted_pairs, block_expert,
         hidden, inter, t * top_k, e,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
-        TOP_K=top_k, UP=False, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        TOP_K=top_k, UP=False, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_d, BLOCK_K=bk_d,
+        **launch_d,
     )
     block = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block))](y, tw, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
