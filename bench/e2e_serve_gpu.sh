@@ -6,11 +6,13 @@
 # On the GPU machine (no fastapi/uvicorn/pydantic/msgspec/pyzmq there): carry `.whl` and start with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; bash bench/e2e_serve_gpu.sh
-# Env: MODEL (nemotron-3-nano-30b-a3b), DEVICE (cuda), CONCURRENCY ("1 64"), PROMPTS_PER_LEVEL
+# Env: MODEL (nemotron-3-nano-30b-a3b), LOAD_FORMAT (dummy; dummy-uniform to compare with vLLM's
+# dummy-weight numbers), MAX_NUM_SEQS (the largest concurrency), DEVICE (cuda), CONCURRENCY ("1 64"), PROMPTS_PER_LEVEL
 # (default: 2 x concurrency, at least 4), INPUT_LEN / OUTPUT_LEN (1024), PORT (8011).
 set -o pipefail
 OUT=${OUT:-/tmp/hybridserve_e2e_serve}
 MODEL=${MODEL:-nemotron-3-nano-30b-a3b}
+LOAD_FORMAT=${LOAD_FORMAT:-dummy}
 DEVICE=${DEVICE:-cuda}
 CONCURRENCY=${CONCURRENCY:-"1 64"}
 INPUT_LEN=${INPUT_LEN:-1024}
@@ -21,8 +23,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 max_c=$(echo $CONCURRENCY | tr ' ' '\n' | sort -n | tail -1)
 
 t0=$(date +%s.%N)
-python3 -m hybridserve.cli serve "$MODEL" --load-format dummy --device "$DEVICE" --port "$PORT" \
-  --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "$max_c" >"$OUT/server.log" 2>&1 &
+python3 -m hybridserve.cli serve "$MODEL" --load-format "$LOAD_FORMAT" --device "$DEVICE" --port "$PORT" \
+  --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "${MAX_NUM_SEQS:-$max_c}" >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 

@@ -15,6 +15,11 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+# auto: the checkpoint's weights (random for presets); dummy: random weights with realistic spread
+# (tokens route to many experts); dummy-uniform: every tensor uniform in +-1e-3 as vLLM's dummy
+# loader does, which routes every token to the same experts: only for comparing with vLLM's
+# dummy-weight benchmarks.
+LOAD_FORMATS = ("auto", "dummy", "dummy-uniform")
 # `layers_block_type` entries; transformers >= 5 writes linear_attention / full_attention.
 _BLOCK_TYPE_TO_CHAR = {
     "mamba": "M",
@@ -237,7 +242,7 @@ class EngineConfig:
     model: str = "tiny"  # checkpoint directory or preset name
     tokenizer: str | None = None  # defaults to the model's
     served_model_name: str | None = None
-    load_format: str = "auto"  # auto | dummy
+    load_format: str = "auto"  # one of LOAD_FORMATS
     dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     seed: int = 0
@@ -257,7 +262,7 @@ class EngineConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.load_format in ("auto", "dummy"), f"load_format must be auto or dummy, not {self.load_format!r}")
+        need(self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, not {self.load_format!r}")
         need(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}")
         need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
         need(

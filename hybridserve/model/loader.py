@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hybridserve.config import ModelConfig
+from hybridserve.config import LOAD_FORMATS, ModelConfig
 from hybridserve.model.nemotron_h import NemotronHForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -55,13 +55,15 @@ def load_model(
     """The model with its weights: from `config.path`'s safetensors files, or random ("dummy", and
     presets, which have no files). dtype defaults to the config's torch_dtype. On the meta device
     dummy weights stay unallocated (shapes only)."""
-    if load_format not in ("auto", "dummy"):
-        raise ValueError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, not {load_format!r}")
     dtype = dtype or getattr(torch, config.torch_dtype)
     if load_format == "auto" and not config.has_weights and config.preset is None:
         raise CheckpointError(f"{config.path}: no *.safetensors files (use load_format='dummy' for random weights)")
     model = NemotronHForCausalLM(config, dtype, device)
-    if load_format == "dummy" or not config.has_weights:
+    if load_format == "dummy-uniform":
+        model.init_uniform(seed)
+    elif load_format == "dummy" or not config.has_weights:
         if torch.device(device).type != "meta":
             model.init_random(seed)
     else:

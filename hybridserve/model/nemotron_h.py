@@ -208,6 +208,14 @@ class NemotronHForCausalLM(nn.Module):
         return self.lm_head(h).float()
 
     @torch.no_grad()
+    def init_uniform(self, seed: int = 0, bound: float = 1e-3) -> None:
+        """Every tensor uniform in [-bound, bound], as vLLM's dummy loader does. Router scores are then
+        all but equal and the correction bias decides: every token picks the same experts."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for p in self.parameters():
+            p.uniform_(-bound, bound, generator=gen)
+
+    @torch.no_grad()
     def init_random(self, seed: int = 0) -> None:
         """Random weights of the right shapes (dummy load format, tiny preset): a stable forward pass
         with distinctive logits, not a trained model."""

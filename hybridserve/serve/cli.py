@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from hybridserve.config import LOAD_FORMATS
+
 logger = logging.getLogger("hybridserve.serve")
 
 REASONING_PARSERS = ("nano_v3", "nemotron_v3", "nemotron_3")
@@ -51,7 +53,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     g.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto")
     g.add_argument("--mamba-ssm-cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
     g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     g.add_argument("--seed", type=int, default=0)
@@ -102,7 +104,7 @@ def engine_config(args: argparse.Namespace):
 def _log_startup(args: argparse.Namespace, model_given: bool) -> None:
     if not model_given:
         logger.info("no model given: serving the embedded 'tiny' preset with RANDOM weights (output is noise)")
-    elif not Path(args.model).is_dir() or args.load_format == "dummy":
+    elif not Path(args.model).is_dir() or args.load_format != "auto":
         logger.info("%s: no checkpoint weights are loaded (preset or --load-format dummy): RANDOM weights",
                     args.model)
     logger.info("reasoning parser %s and tool-call parser %s are built in; --reasoning-parser-plugin / "

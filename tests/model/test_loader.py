@@ -225,6 +225,25 @@ def test_tiny_preset_gets_deterministic_random_weights():
     assert pa.abs().sum() > 0 and torch.isfinite(logits_of(a, IDS)).all()
 
 
+def _routed_experts(model, hidden: torch.Tensor) -> list[set[int]]:
+    """Experts each token picks in the first MoE layer, for normalised hidden states."""
+    moe = model.backbone.layers[model.config.layers_of("E")[0]].mixer
+    logits = torch.nn.functional.linear(hidden.float(), moe.gate.weight.float())
+    _, ids = model.ops.moe_route(logits, moe.gate.e_score_correction_bias, model.config.num_experts_per_tok, 1.0)
+    return [set(row) for row in ids.tolist()]
+
+
+def test_dummy_uniform_routes_every_token_alike_and_dummy_does_not():
+    cfg = ModelConfig.from_hf("tiny")
+    uniform, spread = load_model(cfg, "dummy-uniform"), load_model(cfg, "dummy")
+    assert all(p.abs().max() <= 1e-3 for p in uniform.parameters())
+    w = uniform.backbone.layers[0].norm.weight  # the pre-norm scales the router's input
+    hidden = torch.randn(64, cfg.hidden_size) * w
+    assert len({frozenset(s) for s in _routed_experts(uniform, hidden)}) == 1
+    assert len({frozenset(s) for s in _routed_experts(spread, torch.randn(64, cfg.hidden_size))}) > 8
+    assert torch.isfinite(logits_of(uniform, IDS)).all()
+
+
 def test_dummy_format_ignores_checkpoint_files(hf_dir):
     cfg = ModelConfig.from_hf(hf_dir)
     dummy, loaded = load_model(cfg, "dummy", seed=0), load_model(cfg)
