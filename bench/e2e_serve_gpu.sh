@@ -28,13 +28,13 @@ python3 -m hybridserve.cli serve "$MODEL" --load-format "$LOAD_FORMAT" --device 
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 
-# start-up: until /v1/models answers (or the server dies)
+# start-up: until /health says ready (200 once the engine has loaded and sized its caches)
 python3 - "$PORT" "$server" <<'EOF' || { echo "server did not start"; tail -30 "$OUT/server.log"; exit 1; }
 import os, sys, time, urllib.request
 port, pid = sys.argv[1], int(sys.argv[2])
 for _ in range(1200):
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()  # raises unless 200
         sys.exit(0)
     except Exception:
         try:
