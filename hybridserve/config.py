@@ -252,6 +252,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.90
     cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
+    num_kv_blocks: int | None = None  # fix the KV block count instead of sizing it from memory
     kv_cache_dtype: str = "auto"  # auto | fp8
     mamba_ssm_cache_dtype: str = "auto"  # auto (config's) | float32 | bfloat16 | float16
     enforce_eager: bool = False
@@ -273,5 +274,6 @@ class EngineConfig:
         need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         need(self.block_size >= 1, "block_size must be >= 1")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
         need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
         need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet")

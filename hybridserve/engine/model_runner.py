@@ -180,12 +180,21 @@ class ModelRunner:
 
     # ---- start-up ------------------------------------------------------------------------------
     def _cache_sizes(self) -> tuple[int, int]:
-        """(state slots, KV blocks) that fit the memory budget, one padding slot and block excluded."""
+        """(state slots, KV blocks) that fit the memory budget, one padding slot and block excluded.
+
+        A slot is only useful with KV to grow into, so slots are sized so that every running
+        sequence can reach max_model_len (at most max_num_seqs of them); the rest goes to KV.
+        With `num_kv_blocks` set, the blocks are fixed and the slots take what is left.
+        """
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
         block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.dtype)
         budget = self._memory_budget() - slot_bytes - block_bytes
         blocks_per_seq = -(-self.max_model_len // self.block_size)
-        room_for_slots = (budget - blocks_per_seq * block_bytes) // slot_bytes
+        fixed_blocks = self.config.num_kv_blocks
+        if fixed_blocks is None:
+            room_for_slots = budget // (slot_bytes + blocks_per_seq * block_bytes)
+        else:
+            room_for_slots = (budget - fixed_blocks * block_bytes) // slot_bytes
         num_slots = min(self.config.max_num_seqs, room_for_slots)
         if num_slots < 1:
             raise RuntimeError(
@@ -193,7 +202,7 @@ class ModelRunner:
                 f"{self.max_model_len} tokens needs {(slot_bytes + blocks_per_seq * block_bytes) / 2**20:.1f} MiB; "
                 "lower max_model_len or raise gpu_memory_utilization / cpu_cache_bytes"
             )
-        num_blocks = (budget - num_slots * slot_bytes) // block_bytes
+        num_blocks = fixed_blocks or (budget - num_slots * slot_bytes) // block_bytes
         return int(num_slots), int(num_blocks)
 
     def _memory_budget(self) -> int:

@@ -40,7 +40,7 @@ def make_core(tiny_config, tiny_model):
         fields.setdefault("max_model_len", 256)
         config = EngineConfig(
             model="tiny", device="cpu", max_num_seqs=max_num_seqs,
-            cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks), **fields,
+            cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks), num_kv_blocks=num_blocks, **fields,
         )
         core = EngineCore(config, tiny_config, model=tiny_model)
         assert (core.runner.num_slots, core.runner.num_blocks) == (max_num_seqs, num_blocks)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hybridserve.engine.engine_core import EngineCore
+from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
 from hybridserve.sampling_params import SamplingParams
 
@@ -228,3 +229,18 @@ def test_16_bit_ssm_state_and_stats(tiny_config, tiny_model):
         core.step()
     assert core.stats().generation_tokens_total == 24
     assert_all_free(core)
+
+
+def test_memory_split_lets_every_slot_reach_max_model_len(tiny_config, tiny_model):
+    """More sequences asked for than fit: slots shrink so each one keeps KV for a full-length sequence
+    (a slot without KV to grow into would only thrash through preemptions)."""
+    from hybridserve.config import EngineConfig
+
+    slot = HybridCache.bytes_per_slot(tiny_config, torch.float32, torch.float32)
+    block = HybridCache.bytes_per_block(tiny_config, 16, torch.float32)
+    per_seq = slot + (256 // 16) * block
+    config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=32,
+                          cpu_cache_bytes=10 * per_seq + slot + block)
+    runner = EngineCore(config, tiny_config, model=tiny_model).runner
+    assert runner.num_slots == 10
+    assert runner.num_blocks * 16 >= runner.num_slots * 256
