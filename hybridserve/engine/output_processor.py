@@ -110,6 +110,7 @@ class OutputProcessor:
             prompt=state.prompt,
             error=engine_output.error,
             num_preemptions=engine_output.num_preemptions,
+            queue_time=engine_output.queue_time,
         )
         return result, stopped
 

@@ -35,6 +35,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     finished: bool  # every sequence of the request has finished
     num_prompt_tokens: int = 0
     num_preemptions: int = 0
+    queue_time: float | None = None  # seconds the request waited before its first step
     error: str | None = None  # set when the engine failed this request
 
 
@@ -65,3 +66,4 @@ class RequestOutput:
     prompt: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    queue_time: float | None = None  # seconds the request waited in the engine before its first step

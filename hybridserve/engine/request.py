@@ -10,6 +10,7 @@ rest of the prompt, or the one token sampled last step). Pure Python, no torch.
 from __future__ import annotations
 
 import enum
+import time
 
 from hybridserve.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class Request:
         self.index = index
         self.params = params
         self.arrival = (0, index)  # (request order, choice): FCFS; set by the scheduler, kept on preemption
+        self.arrival_time = time.monotonic()
+        self.queue_time: float | None = None  # seconds from arrival to the first step that ran it
         self.seed = seed  # sampling key; per-token noise depends on (seed, output position) only
         self.max_tokens = max_tokens
         self.stop_token_ids = stop_token_ids  # eos (unless ignore_eos) + the request's stop ids

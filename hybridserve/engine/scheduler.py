@@ -15,6 +15,7 @@ see `take_forks`). Pure Python, no torch. Invariants: `check_invariants`.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from hybridserve.engine.kv_cache import KVCache
@@ -179,6 +180,8 @@ class Scheduler:
             self.states.allocate(req)
             self.kv.allocate(req, n)
             req.status = RequestStatus.RUNNING
+            if req.queue_time is None:
+                req.queue_time = time.monotonic() - req.arrival_time
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req] = n
             budget -= n
@@ -310,7 +313,7 @@ class Scheduler:
             preemptions = sum(r.num_preemptions for r in group)
         if finished:
             del self.groups[first.request_id]
-        return EngineOutput(first.request_id, deltas, finished, first.num_prompt_tokens, preemptions)
+        return EngineOutput(first.request_id, deltas, finished, first.num_prompt_tokens, preemptions, first.queue_time)
 
 
 def _arrival(req: Request) -> tuple[int, int]:

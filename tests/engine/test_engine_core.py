@@ -244,3 +244,15 @@ def test_memory_split_lets_every_slot_reach_max_model_len(tiny_config, tiny_mode
     runner = EngineCore(config, tiny_config, model=tiny_model).runner
     assert runner.num_slots == 10
     assert runner.num_blocks * 16 >= runner.num_slots * 256
+
+
+def test_outputs_report_how_long_a_request_queued(make_core):
+    core = make_core(max_num_seqs=1)  # the second request waits for the first one's slot
+    core.add_request("first", [5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    core.add_request("second", [8, 9], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    queue_times: dict[str, set] = {"first": set(), "second": set()}
+    while core.has_unfinished():
+        for out in core.step():
+            queue_times[out.request_id].add(out.queue_time)
+    (first,), (second,) = queue_times["first"], queue_times["second"]  # one value, on every output
+    assert first is not None and second is not None and 0 <= first < second

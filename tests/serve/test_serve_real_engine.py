@@ -113,6 +113,9 @@ def test_disconnect_storm_frees_kv_blocks_and_state_slots(real_server, real):
     t0 = time.monotonic()
     r = real.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4 and time.monotonic() - t0 < 5
+    queued = next(ln for ln in httpx.get(real_server.url + "/metrics").text.splitlines()
+                  if ln.startswith("vllm:request_queue_time_seconds_count"))
+    assert float(queued.split()[-1]) >= 1  # the engine reports each request's queue time
 
 
 def test_thinking_budget_ends_reasoning(real):
