@@ -1,7 +1,7 @@
 """POST /v1/chat/completions: messages -> template -> engine -> reasoning / content / tool calls.
 
-Streaming sends one chunk per engine step that produced visible output (one token per step), no
-empty first chunk, `finish_reason` on the last chunk of each choice, an optional usage chunk, then
+Streaming sends one chunk per engine step (one token per step) from the first visible text on, no
+empty first chunk (a step with nothing visible, such as `</think>`, then sends an empty delta), `finish_reason` on the last chunk of each choice, an optional usage chunk, then
 `[DONE]`. Non-streaming folds exactly the same deltas. `tool_choice` "required" or a named function
 cannot be enforced (no constrained decoding yet): when the model stops without the call, the
 request fails with a clear error instead of pretending it succeeded.
@@ -199,14 +199,16 @@ class _ChatRun:
         return sse(payload)
 
     def _chunk_choice(self, o: Any) -> dict[str, Any] | None:
-        """One choice's entry in a stream chunk, or None when this step made nothing visible."""
+        """One choice's entry in a stream chunk; None only before the choice's first visible text (no
+        empty first chunk). Later steps always send one, empty or not: one chunk per token, which is
+        what `vllm bench serve` counts inter-token latency by."""
         i = o.index
         delta = self._step(o)
         lp = None
         if self.text_of and o.logprobs_delta:
             lp = chat_logprobs(o.logprobs_delta, self.text_of, self.req.top_logprobs or 0)
-        if not (delta or lp or self.finished[i]):
-            return None  # e.g. the </think> token, or text held back at a possible tag
+        if not (delta or lp or self.finished[i] or self.started[i]):
+            return None  # e.g. text held back at a possible tag before anything was shown
         d: dict[str, Any] = {}
         if not self.started[i]:
             d["role"] = "assistant"
