@@ -11,8 +11,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_server import FakeServer  # noqa: E402
 
-from hybridserve.bench import cli  # noqa: E402
-
 NUM_WORDS = 300
 
 
@@ -52,10 +50,3 @@ def fake_server(tokenizer_dir):
         return FakeServer(tokenizer_dir, **options)
 
     return start
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `hybridserve bench ...` in-process; returns (exit code, stdout, stderr)."""
-    code = cli.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err

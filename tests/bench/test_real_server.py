@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import run_cli
+from bench_cli import run_cli
 
 from hybridserve.bench.sweep import ManagedServer, free_port
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
-from conftest import run_cli
+from bench_cli import run_cli
+
+from hybridserve.bench.sweep import free_port
 
 
 def serve_argv(server, tokenizer_dir, tmp_path, *extra) -> list[str]:
@@ -114,9 +115,7 @@ def assert_clean_failure(code: int, out: str, err: str, expected: str) -> None:
 
 
 def test_unreachable_server(tokenizer_dir, tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     code, out, err = run_cli(["serve", "--port", str(port), "--tokenizer", str(tokenizer_dir), "--num-prompts", "2"], capsys)
     assert_clean_failure(code, out, err, "cannot reach the server")
     assert "Serving Benchmark Result" not in out

@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import run_cli
+from bench_cli import run_cli
 from PIL import Image
 
 from hybridserve.bench.plots import frontier_figure, frontier_series, ttft_figure, ttft_series

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from hybridserve.bench.sweep import free_port
 from hybridserve.cli import build_parser
 from hybridserve.serve.cli import engine_config
 
@@ -55,15 +55,9 @@ def test_max_model_len_suffix():
     assert build_parser().parse_args(["serve", "--max-model-len", "32k"]).max_model_len == 32768
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_process_drains_on_sigterm_and_exits_zero():
     """SIGTERM: readiness drops at once, the running request is aborted after --shutdown-timeout, exit 0."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "hybridserve", "serve", "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hybridserve.bench.sweep import free_port
 from hybridserve.serve.app import build_app
 from hybridserve.serve.context import ServeSettings
 from tests.serve.fake_engine import FakeEngineClient
@@ -127,14 +127,8 @@ def test_health_is_503_until_the_engine_is_ready(tokenizer):
         assert httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG}).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(shutdown_timeout: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.serve.fake_serve_main", str(port), str(shutdown_timeout),
                              "0.01"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
