@@ -54,15 +54,15 @@ class HybridCache:
     def bytes_per_slot(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
         """Mamba state bytes of one sequence over all Mamba layers."""
         n_mamba = len(config.layers_of("M"))
-        conv = (config.conv_kernel - 1) * config.conv_dim * _itemsize(dtype)
-        ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * _itemsize(ssm_dtype)
+        conv = (config.conv_kernel - 1) * config.conv_dim * dtype.itemsize
+        ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
         return n_mamba * (conv + ssm)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
         """KV bytes of one page over all attention layers."""
         n_attn = len(config.layers_of("*"))
-        return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * _itemsize(kv_dtype)
+        return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
 
     @property
     def num_slots(self) -> int:
@@ -76,7 +76,3 @@ class HybridCache:
         """Duplicate one sequence's Mamba state (n > 1: the prompt is prefilled once)."""
         self.conv_state[:, dst].copy_(self.conv_state[:, src])
         self.ssm_state[:, dst].copy_(self.ssm_state[:, src])
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
