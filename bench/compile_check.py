@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridserve.ops.triton import attention, conv, moe, norm, sampling, ssd
+from hybridserve.ops.triton import attention, conv, mamba_step, moe, norm, sampling, ssd
 
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 
@@ -65,12 +65,17 @@ CASES = [
      dict(BLOCK=512), 2, 1),
     ("conv_varlen", conv._conv_varlen_kernel,
      dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, seq_idx_ptr="*i32", cu_ptr="*i32",
-          slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, HAS_BIAS=True, BLOCK_T=16, BLOCK_C=128), 4, 1),
+          lens_ptr="*i32", slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, HAS_BIAS=True, BLOCK_T=16, BLOCK_C=128), 4, 1),
     ("conv_state", conv._conv_state_kernel,
-     dict(x_ptr=BF, state_ptr=BF, cu_ptr="*i32", slots_ptr="*i64", init_ptr="*i8"), dict(KW=4, BLOCK_C=256), 2, 1),
+     dict(x_ptr=BF, state_ptr=BF, cu_ptr="*i32", lens_ptr="*i32", slots_ptr="*i64", init_ptr="*i8"),
+     dict(KW=4, BLOCK_C=256), 2, 1),
     ("conv_update", conv._conv_update_kernel,
-     dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, slots_ptr="*i64"),
+     dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, out_ptr=BF, state_ptr=BF, slots_ptr="*i64", lens_ptr="*i32"),
      dict(KW=4, HAS_BIAS=True, BLOCK_C=512), 4, 1),
+    ("mamba_decode_step fp32 state", mamba_step._mamba_step_kernel,
+     dict(xbc_ptr=BF, dt_ptr=BF, w_ptr=BF, cb_ptr=BF, a_ptr="*fp32", d_ptr="*fp32", dtb_ptr="*fp32",
+          lens_ptr="*i32", conv_ptr=BF, state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF),
+     dict(KW=4, HAS_BIAS=True, BLOCK_P=32, BLOCK_N=128), 4, 1),
     ("ssu fp32 state", ssd._ssu_kernel,
      dict(x_ptr=BF, dt_ptr=BF, a_ptr="*fp32", b_ptr=BF, c_ptr=BF, d_ptr="*fp32", dtb_ptr="*fp32",
           state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF), dict(BLOCK_P=32, BLOCK_N=128), 4, 1),

@@ -140,47 +140,57 @@ def bench_conv(tb, quick):
     w = torch.randn(CONV_C, KW, device=DEV, dtype=BF)
     bias = torch.randn(CONV_C, device=DEV, dtype=BF)
     for b in (1, 64, 256) if not quick else (256,):
-        nbytes = b * CONV_C * 2 * (2 * (KW - 1) + 2)
+        nbytes = b * CONV_C * 2 * (KW + 2)  # K-1 ring rows and x read, one ring row and the output written
 
         def make():
-            return (torch.randn(b, CONV_C, device=DEV, dtype=BF),
-                    torch.randn(b, KW - 1, CONV_C, device=DEV, dtype=BF), torch.arange(b, device=DEV))
+            return (torch.randn(b, CONV_C, device=DEV, dtype=BF), torch.randn(b, KW, CONV_C, device=DEV, dtype=BF),
+                    torch.arange(b, device=DEV), torch.randint(1, 5000, (b,), dtype=torch.int32, device=DEV))
 
         sets, n = rotating(make, nbytes)
-        ms = timed(lambda: [K.causal_conv1d_update(x, w, bias, s, sl) for x, s, sl in sets]) / n
-        tb.add("conv_update", f"B={b} C={CONV_C}", ms, nbytes, 0, ">=70% bw" if b >= 64 else None)
+        ms = timed(lambda: [K.causal_conv1d_update(x, w, bias, ln, s, sl) for x, s, sl, ln in sets]) / n
+        tb.add("conv_update (alone)", f"B={b} C={CONV_C}", ms, nbytes, 0)
     for lens in ([4096], [1024] * 4):
         t = sum(lens)
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
         nb = len(lens)
         x = torch.randn(t, CONV_C, device=DEV, dtype=BF)
-        st = torch.randn(nb, KW - 1, CONV_C, device=DEV, dtype=BF)
+        st = torch.randn(nb, KW, CONV_C, device=DEV, dtype=BF)
         sl = torch.arange(nb, device=DEV)
         init = torch.ones(nb, dtype=torch.bool, device=DEV)
-        ms = timed(lambda: K.causal_conv1d(x, w, bias, cu, st, sl, init))
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV) + 100  # continuing sequences
+        ms = timed(lambda: K.causal_conv1d(x, w, bias, cu, lens_t, st, sl, init))
         tb.add("causal_conv1d (prefill)", f"T={t} seqs={nb} C={CONV_C}", ms, 2 * t * CONV_C * 2, 0)
 
 
 def bench_ssm(tb, quick):
     A, D, dtb = ssm_params()
+    conv_w = torch.randn(CONV_C, KW, device=DEV, dtype=BF)
+    conv_b = torch.randn(CONV_C, device=DEV, dtype=BF)
     for sdt in (torch.float32, torch.bfloat16):
         for b in (1, 64, 256) if not quick else (256,):
             state_bytes = b * MH * MP * MN * torch.empty((), dtype=sdt).element_size()
             nbytes = 2 * state_bytes + b * (MH * MP + 2 * MG * MN + MH) * 2 + b * MH * MP * 2
+            conv_bytes = b * CONV_C * 2 * KW  # K-1 ring rows read, one written
 
             def make():
-                conv_out = torch.randn(b, MH * MP + 2 * MG * MN, device=DEV, dtype=BF)
-                return (conv_out[:, : MH * MP].view(b, MH, MP),
-                        conv_out[:, MH * MP : MH * MP + MG * MN].view(b, MG, MN),
-                        conv_out[:, MH * MP + MG * MN :].view(b, MG, MN),
-                        torch.randn(b, MH, device=DEV, dtype=BF),
-                        (torch.randn(b, MH, MP, MN, device=DEV) * 0.1).to(sdt), torch.arange(b, device=DEV))
+                xbc = torch.randn(b, MH * MP + 2 * MG * MN, device=DEV, dtype=BF)  # x | B | C, as split
+                return (xbc, xbc[:, : MH * MP].view(b, MH, MP), xbc[:, MH * MP : MH * MP + MG * MN].view(b, MG, MN),
+                        xbc[:, MH * MP + MG * MN :].view(b, MG, MN), torch.randn(b, MH, device=DEV, dtype=BF),
+                        (torch.randn(b, MH, MP, MN, device=DEV) * 0.1).to(sdt), torch.arange(b, device=DEV),
+                        torch.randn(b, KW, CONV_C, device=DEV, dtype=BF),
+                        torch.randint(1, 5000, (b,), dtype=torch.int32, device=DEV))
 
-            sets, n = rotating(make, nbytes)
-            ms = timed(lambda: [K.selective_state_update(x, dt, A, Bm, Cm, D, dtb, s, sl)
-                                for x, Bm, Cm, dt, s, sl in sets]) / n
-            tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms, nbytes,
-                   b * MH * MP * MN * 5, ">=70% bw" if b >= 64 else None)
+            sets, n = rotating(make, nbytes + conv_bytes)
+            ms_ssu = timed(lambda: [K.selective_state_update(x, dt, A, Bm, Cm, D, dtb, s, sl)
+                                    for _, x, Bm, Cm, dt, s, sl, _, _ in sets]) / n
+            tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms_ssu, nbytes, b * MH * MP * MN * 5,
+                   ">=70% bw" if b >= 64 else None)
+            ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A, D, dtb, ln, cs, s, sl)
+                                for xbc, _, _, _, dt, s, sl, cs, ln in sets]) / n
+            # the conv update's own cost inside the fused kernel: the time it adds to the state update
+            extra_us = 1000 * (ms - ms_ssu)
+            tb.add("mamba_decode_step (conv+SSU)", f"B={b} state={str(sdt)[6:]} conv adds {extra_us:.1f} us",
+                   ms, nbytes + conv_bytes, b * MH * MP * MN * 5, ">=70% bw (conv update)" if b >= 64 else None)
     for lens in ([4096], [1024] * 4, [256] * 16):
         t, nb = sum(lens), len(lens)
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)

@@ -6,7 +6,7 @@ holds the memory and says how big things are.
 
 Layout (letters: S slots, NB pages, BS page size, K conv kernel, C conv channels, H Mamba heads,
 P head dim, N state size, Hkv kv heads, D head dim):
-  conv_state [L_mamba, S, K-1, C]        model dtype; the last K-1 raw (pre-conv) xBC rows
+  conv_state [L_mamba, S, K, C]          model dtype; ring of the last K raw (pre-conv) xBC rows
   ssm_state  [L_mamba, S, H, P, N]       float32 by default (bfloat16 / float16 allowed)
   kv         [L_attn, 2, NB, BS, Hkv, D] model dtype; [:, 0] keys, [:, 1] values
 """
@@ -40,7 +40,7 @@ class HybridCache:
     ) -> HybridCache:
         n_mamba = len(config.layers_of("M"))
         n_attn = len(config.layers_of("*"))
-        conv = torch.zeros(n_mamba, num_slots, config.conv_kernel - 1, config.conv_dim, dtype=dtype, device=device)
+        conv = torch.zeros(n_mamba, num_slots, config.conv_kernel, config.conv_dim, dtype=dtype, device=device)
         ssm = torch.zeros(
             n_mamba, num_slots, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
             dtype=ssm_dtype, device=device,
@@ -54,7 +54,7 @@ class HybridCache:
     def bytes_per_slot(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
         """Mamba state bytes of one sequence over all Mamba layers."""
         n_mamba = len(config.layers_of("M"))
-        conv = (config.conv_kernel - 1) * config.conv_dim * dtype.itemsize
+        conv = config.conv_kernel * config.conv_dim * dtype.itemsize
         ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
         return n_mamba * (conv + ssm)
 

@@ -83,7 +83,7 @@ def _conv_inputs(device, big, dtype, nseq):
     c = 6144 if big else 40
     kw = 4
     slots = torch.randperm(nseq + 3, device=device)[:nseq]
-    state = torch.randn(nseq + 3, kw - 1, c, device=device).to(dtype)
+    state = torch.randn(nseq + 3, kw, c, device=device).to(dtype)
     w = torch.randn(c, kw, device=device).to(dtype) * 0.5
     bias = torch.randn(c, device=device).to(dtype)
     return c, slots, state, w, bias
@@ -98,20 +98,24 @@ def test_causal_conv1d(device, big, dtype, with_bias):
     bias = bias if with_bias else None
     cu = packed(lens, device)
     init = torch.tensor([i % 3 != 1 for i in range(nseq)], device=device)
+    # sequences with state continue at assorted positions (ring rows wrap), fresh ones start at 0
+    starts = [0 if i % 3 == 1 else 5 * i + 2 for i in range(nseq)]
+    seq_lens = torch.tensor([s + n for s, n in zip(starts, lens)], dtype=torch.int32, device=device)
     proj = torch.randn(sum(lens), c + 7, device=device).to(dtype)
     x = proj[:, 3 : 3 + c]  # a strided view
     s_k, s_r, s_g = state.clone(), state.clone(), state.float()
-    out_k = K.causal_conv1d(x, w, bias, cu, s_k, slots, init)
-    out_r = R.causal_conv1d(x, w, bias, cu, s_r, slots, init)
-    out_g = R.causal_conv1d(*f32(x, w, bias), cu, s_g, slots, init)
+    out_k = K.causal_conv1d(x, w, bias, cu, seq_lens, s_k, slots, init)
+    out_r = R.causal_conv1d(x, w, bias, cu, seq_lens, s_r, slots, init)
+    out_g = R.causal_conv1d(*f32(x, w, bias), cu, seq_lens, s_g, slots, init)
     check(out_k, out_r, out_g, dtype, "conv out")
     torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)  # raw rows are copied, never computed
     # then a few decode steps on top of the prefilled states
     for _ in range(3):
+        seq_lens = seq_lens + 1
         xu = torch.randn(nseq, c, device=device).to(dtype)
-        out_k = K.causal_conv1d_update(xu, w, bias, s_k, slots)
-        out_r = R.causal_conv1d_update(xu, w, bias, s_r, slots)
-        out_g = R.causal_conv1d_update(*f32(xu, w, bias), s_g, slots)
+        out_k = K.causal_conv1d_update(xu, w, bias, seq_lens, s_k, slots)
+        out_r = R.causal_conv1d_update(xu, w, bias, seq_lens, s_r, slots)
+        out_g = R.causal_conv1d_update(*f32(xu, w, bias), seq_lens, s_g, slots)
         check(out_k, out_r, out_g, dtype, "conv update out")
         torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)
 
@@ -198,6 +202,35 @@ def test_selective_state_update(device, big, dtype, state_dtype):
         check(y_k, y_r, y_g, dtype, "ssu y")
         worst = state_dtype if state_dtype != torch.float32 else dtype
         check(s_k, s_r, s_g, worst, "ssu state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mamba_decode_step(device, big, dtype, state_dtype, with_bias):
+    """The fused conv update + state update against the two reference ops, over several steps, so a
+    ring row written too early (read by another program of the same step) shows up in y."""
+    h, p, g, n = _ssm_dims(big)
+    nb, kw, c = 5, 4, h * p + 2 * g * n
+    A, D, dt_bias = _ssm_params(device, h)
+    slots = torch.randperm(nb + 3, device=device)[:nb]
+    ssm = (torch.randn(nb + 3, h, p, n, device=device) * 0.5).to(state_dtype)
+    conv = torch.randn(nb + 3, kw, c, device=device).to(dtype)
+    w = (torch.randn(c, kw, device=device) * 0.5).to(dtype)
+    bias = torch.randn(c, device=device).to(dtype) if with_bias else None
+    seq_lens = torch.tensor([1, 2, 3, 7, 40][:nb], dtype=torch.int32, device=device)
+    st_k, st_r, st_g = (ssm.clone(), conv.clone()), (ssm.clone(), conv.clone()), (ssm.float(), conv.float())
+    for _ in range(3):
+        proj = torch.randn(nb, c + h + 9, device=device).to(dtype)
+        xbc, dt_raw = proj[:, :c], proj[:, c : c + h]  # strided views, as split from in_proj's output
+        y_k = K.mamba_decode_step(xbc, dt_raw, w, bias, A, D, dt_bias, seq_lens, st_k[1], st_k[0], slots)
+        y_r = R.mamba_decode_step(xbc, dt_raw, w, bias, A, D, dt_bias, seq_lens, st_r[1], st_r[0], slots)
+        y_g = R.mamba_decode_step(*f32(xbc, dt_raw, w, bias), A, D, dt_bias, seq_lens, st_g[1], st_g[0], slots)
+        check(y_k, y_r, y_g, dtype, "fused step y")
+        worst = state_dtype if state_dtype != torch.float32 else dtype
+        check(st_k[0], st_r[0], st_g[0], worst, "fused step ssm state")
+        torch.testing.assert_close(st_k[1], st_r[1], rtol=0, atol=0)  # raw rows, copied
+        seq_lens = seq_lens + 1
 
 
 # ------------------------------------------------------------------------------------------- moe

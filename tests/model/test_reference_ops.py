@@ -108,32 +108,60 @@ def test_fused_moe_equals_per_token_loop():
         torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=1e-5)
 
 
-def test_varlen_conv_equals_torch_conv1d_with_zero_padding_and_carries_raw_rows():
+def _zero_padded_conv(x, weight, bias):
+    """silu(causal conv) of one whole sequence [L, C] from zeros, by torch's conv1d."""
+    k, n = weight.shape[1], x.shape[0]
+    return F.silu(F.conv1d(x.t()[None], weight[:, None, :], bias, padding=k - 1, groups=x.shape[1])[0, :, :n].t())
+
+
+def test_varlen_conv_equals_torch_conv1d_and_keeps_a_ring_of_raw_rows():
     c, k = 6, 4
-    lengths, slots, has_init = [5, 1, 2, 9], [3, 0, 2, 1], [False, True, True, False]
+    lengths, starts, slots, has_init = [5, 1, 2, 9], [0, 7, 2, 0], [3, 0, 2, 1], [False, True, True, False]
     x, weight, bias = randn(sum(lengths), c), randn(c, k), randn(c)
-    state0 = randn(4, k - 1, c)
+    state0 = randn(4, k, c)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor([s + n for s, n in zip(starts, lengths)], dtype=torch.int32)
     state = state0.clone()
-    out = ops.causal_conv1d(x, weight, bias, cu, state, torch.tensor(slots), torch.tensor(has_init))
-    for b, (slot, init) in enumerate(zip(slots, has_init)):
+    out = ops.causal_conv1d(x, weight, bias, cu, seq_lens, state, torch.tensor(slots), torch.tensor(has_init))
+    for b, (slot, init, start) in enumerate(zip(slots, has_init, starts)):
         s, e = cu[b].item(), cu[b + 1].item()
-        prefix = state0[slot] if init else torch.zeros(k - 1, c)
-        seq = torch.cat([prefix, x[s:e]])  # [K-1+L, C]: the zero padding (or carried rows) then the sequence
+        ring = state0[slot] if init else torch.zeros(k, c)
+        prefix = torch.stack([ring[q % k] for q in range(start - k + 1, start)])
+        seq = torch.cat([prefix, x[s:e]])  # [K-1+L, C]: carried rows (or zeros) then the sequence
         ref = F.silu(F.conv1d(seq.t()[None], weight[:, None, :], bias, groups=c)[0].t())
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state[slot], seq[-(k - 1) :], atol=0, rtol=0)
-    zero_padded = F.conv1d(x[:5].t()[None], weight[:, None, :], bias, padding=k - 1, groups=c)[0, :, :5].t()
-    torch.testing.assert_close(out[:5], F.silu(zero_padded), atol=1e-5, rtol=1e-5)
+        end = start + e - s
+        for q in range(end - k, end):  # ring row of each of the last K positions
+            expected = x[s + q - start] if q >= start else ring[q % k]  # older rows stay (zeros if fresh)
+            torch.testing.assert_close(state[slot, q % k], expected, atol=0, rtol=0)
+    torch.testing.assert_close(out[:5], _zero_padded_conv(x[:5], weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_chunks_then_decode_steps_equal_one_shot_conv():
+    """The ring carries exactly what the next chunk or decode token needs, whatever the chunk sizes."""
+    c, k = 5, 4
+    x, weight, bias = randn(20, c), randn(c, k), randn(c)
+    state, slot = randn(3, k, c), torch.tensor([1])  # garbage in the slot: a fresh sequence ignores it
+    outs, done = [], 0
+    for i, n in enumerate([2, 1, 5, 3]):
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        lens = torch.tensor([done + n], dtype=torch.int32)
+        outs.append(ops.causal_conv1d(x[done : done + n], weight, bias, cu, lens, state, slot, torch.tensor([i > 0])))
+        done += n
+    for t in range(done, 20):
+        lens = torch.tensor([t + 1], dtype=torch.int32)
+        outs.append(ops.causal_conv1d_update(x[t : t + 1], weight, bias, lens, state, slot))
+    torch.testing.assert_close(torch.cat(outs), _zero_padded_conv(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 def test_conv_update_equals_one_token_varlen_conv():
     c, k = 6, 4
-    x, weight, bias, state0 = randn(3, c), randn(c, k), randn(c), randn(5, k - 1, c)
-    slots = torch.tensor([4, 0, 2])
+    x, weight, bias, state0 = randn(3, c), randn(c, k), randn(c), randn(5, k, c)
+    slots, seq_lens = torch.tensor([4, 0, 2]), torch.tensor([9, 1, 6], dtype=torch.int32)
     a, b = state0.clone(), state0.clone()
-    out_update = ops.causal_conv1d_update(x, weight, bias, a, slots)
-    out_varlen = ops.causal_conv1d(x, weight, bias, torch.arange(4, dtype=torch.int32), b, slots, torch.ones(3, dtype=torch.bool))
+    out_update = ops.causal_conv1d_update(x, weight, bias, seq_lens, a, slots)
+    out_varlen = ops.causal_conv1d(x, weight, bias, torch.arange(4, dtype=torch.int32), seq_lens, b, slots,
+                                   torch.ones(3, dtype=torch.bool))
     torch.testing.assert_close(out_update, out_varlen, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 

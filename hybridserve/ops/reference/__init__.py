@@ -4,6 +4,7 @@ against its twin here."""
 
 from hybridserve.ops.reference.attention import paged_attention, store_kv
 from hybridserve.ops.reference.conv import causal_conv1d, causal_conv1d_update
+from hybridserve.ops.reference.mamba_step import mamba_decode_step
 from hybridserve.ops.reference.moe import fused_moe, moe_route
 from hybridserve.ops.reference.norm import gated_rms_norm, rms_norm
 from hybridserve.ops.reference.ssd import selective_state_update, ssd_varlen
@@ -13,6 +14,7 @@ __all__ = [
     "causal_conv1d_update",
     "fused_moe",
     "gated_rms_norm",
+    "mamba_decode_step",
     "moe_route",
     "paged_attention",
     "rms_norm",

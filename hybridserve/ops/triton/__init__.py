@@ -4,6 +4,7 @@ tensors. Only this package imports triton, so the rest of hybridserve imports on
 
 from hybridserve.ops.triton.attention import paged_attention, store_kv
 from hybridserve.ops.triton.conv import causal_conv1d, causal_conv1d_update
+from hybridserve.ops.triton.mamba_step import mamba_decode_step
 from hybridserve.ops.triton.moe import fused_moe, moe_route
 from hybridserve.ops.triton.norm import gated_rms_norm, rms_norm
 from hybridserve.ops.triton.sampling import sample_tokens
@@ -14,6 +15,7 @@ __all__ = [
     "causal_conv1d_update",
     "fused_moe",
     "gated_rms_norm",
+    "mamba_decode_step",
     "moe_route",
     "paged_attention",
     "rms_norm",

@@ -1,12 +1,18 @@
 """Depthwise causal conv1d + SiLU of the Mamba-2 mixer, over packed ragged sequences.
 
-The conv state of a sequence is its last K-1 *raw* (pre-conv) input rows, kept in a slot of
-`conv_state [S, K-1, C]`. Sequences without initial state start from zeros.
+The conv state of a sequence is a ring of its last K *raw* (pre-conv) input rows, kept in a slot
+of `conv_state [S, K, C]`: the row at position q lives in ring row q % K (rows of positions < 0 are
+zero). A decode step at position p reads the rows of p-K+1..p-1 and writes only row p % K, a row
+no reader of the same step needs, so a fused decode kernel can update the state of channels that
+many programs read (the B/C channels shared by a group of heads) without ordering its programs.
+Sequences without initial state start from zeros. Positions come from `seq_lens` (tokens of each
+sequence after this step), as for attention.
 
 Triton: the prefill conv is a grid over (token tile, channel tile); each token finds its sequence
-through a [T] index, so one long prompt fills the GPU as well as many short ones. The final states
-are written by a second launch, after every read of the old state. The decode update reads the
-window, writes the shifted state and the output in one pass (memory-bound).
+through a [T] index, so one long prompt fills the GPU as well as many short ones. The ring rows the
+sequences end with are written by a second launch, after every read of the old rows. The decode
+update reads K-1 ring rows and x and writes one ring row and the output (memory-bound; the model's
+decode step uses the fused `mamba_decode_step` instead, which spares this launch).
 """
 
 from __future__ import annotations
@@ -17,8 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _ring_row(pos, KW: tl.constexpr):
+    """Ring row of a position (which may be negative: rows before a sequence's start)."""
+    return (pos % KW + KW) % KW
+
+
+@triton.jit
 def _conv_varlen_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, seq_idx_ptr, cu_ptr, slots_ptr, init_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, seq_idx_ptr, cu_ptr, lens_ptr, slots_ptr, init_ptr,
     T, C, stride_x, stride_out, stride_ss, stride_sk,
     KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -28,19 +40,21 @@ def _conv_varlen_kernel(
     cmask = cs < C
     seq = tl.load(seq_idx_ptr + ts, mask=tmask, other=0)
     start = tl.load(cu_ptr + seq, mask=tmask, other=0)
+    # position of row `start` in its sequence
+    pos0 = tl.load(lens_ptr + seq, mask=tmask, other=0) - (tl.load(cu_ptr + seq + 1, mask=tmask, other=0) - start)
     slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
     has_init = tl.load(init_ptr + seq, mask=tmask, other=0) != 0
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(KW):
-        src = ts - (KW - 1) + k  # source row of this tap; < start means "from the carried state"
+        src = ts - (KW - 1) + k  # source row of this tap; < start means "from the ring"
         in_seq = src >= start
         xv = tl.load(
             x_ptr + src.to(tl.int64)[:, None] * stride_x + cs[None, :],
             mask=(tmask & in_seq)[:, None] & cmask[None, :], other=0.0,
         )
-        srow = (KW - 1) + src - start  # row of the state window, valid when not in_seq
+        srow = _ring_row(pos0 + src - start, KW)
         sv = tl.load(
             state_ptr + slot[:, None] * stride_ss + srow[:, None] * stride_sk + cs[None, :],
             mask=(tmask & ~in_seq & has_init)[:, None] & cmask[None, :], other=0.0,
@@ -55,31 +69,31 @@ def _conv_varlen_kernel(
 
 @triton.jit
 def _conv_state_kernel(
-    x_ptr, state_ptr, cu_ptr, slots_ptr, init_ptr,
+    x_ptr, state_ptr, cu_ptr, lens_ptr, slots_ptr, init_ptr,
     C, stride_x, stride_ss, stride_sk,
     KW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """New state rows j = 0..K-2: row L+j of the window (old state rows, then the sequence's rows)."""
+    """Ring rows of positions end-K .. end-1: the sequence's rows; older ones stay (zero without
+    initial state). Each ring row is written by one j, and only x is read: no ordering needed."""
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     start = tl.load(cu_ptr + b)
-    length = tl.load(cu_ptr + b + 1) - start
+    end_pos = tl.load(lens_ptr + b)
+    pos0 = end_pos - (tl.load(cu_ptr + b + 1) - start)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     has_init = tl.load(init_ptr + b) != 0
-    base = state_ptr + slot * stride_ss + cs
-    # row j takes window row L+j > j, which is still unwritten: in-order load/store is safe
-    for j in tl.static_range(KW - 1):
-        w = length + j  # window row
-        from_x = w >= KW - 1
-        xv = tl.load(x_ptr + (start + w - (KW - 1)).to(tl.int64) * stride_x + cs, mask=cmask & from_x, other=0.0)
-        sv = tl.load(base + w * stride_sk, mask=cmask & ~from_x & has_init, other=0.0).to(xv.dtype)
-        tl.store(base + j * stride_sk, tl.where(from_x, xv, sv).to(state_ptr.dtype.element_ty), mask=cmask)
+    for j in tl.static_range(KW):
+        q = end_pos - KW + j
+        from_x = q >= pos0
+        xv = tl.load(x_ptr + (start + q - pos0).to(tl.int64) * stride_x + cs, mask=cmask & from_x, other=0.0)
+        dst = state_ptr + slot * stride_ss + _ring_row(q, KW) * stride_sk + cs
+        tl.store(dst, xv.to(state_ptr.dtype.element_ty), mask=cmask & (from_x | ~has_init))
 
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, slots_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, slots_ptr, lens_ptr,
     C, stride_x, stride_out, stride_ss, stride_sk,
     KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -87,19 +101,17 @@ def _conv_update_kernel(
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     slot = tl.load(slots_ptr + b).to(tl.int64)
+    pos = tl.load(lens_ptr + b) - 1
     base = state_ptr + slot * stride_ss + cs
     x = tl.load(x_ptr + b.to(tl.int64) * stride_x + cs, mask=cmask, other=0.0)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-    # row k-1 takes old row k, read just before: in-order load/store is safe
-    for k in tl.static_range(KW - 1):
-        cur = tl.load(base + k * stride_sk, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty)
-        acc += cur.to(tl.float32) * tl.load(w_ptr + cs * KW + k, mask=cmask, other=0.0).to(tl.float32)
-        if k > 0:
-            tl.store(base + (k - 1) * stride_sk, cur.to(state_ptr.dtype.element_ty), mask=cmask)
+    for k in tl.static_range(KW - 1):  # positions pos-K+1 .. pos-1
+        old = tl.load(base + _ring_row(pos + 1 + k, KW) * stride_sk, mask=cmask, other=0.0)
+        acc += old.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + cs * KW + k, mask=cmask, other=0.0).to(tl.float32)
     acc += x.to(tl.float32) * tl.load(w_ptr + cs * KW + KW - 1, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(base + (KW - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=cmask)
+    tl.store(base + _ring_row(pos, KW) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=cmask)
     y = acc * tl.sigmoid(acc)
     tl.store(out_ptr + b.to(tl.int64) * stride_out + cs, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
@@ -108,7 +120,7 @@ def _check_state(x, weight, conv_state, state_slots):
     c, k = weight.shape
     assert x.dim() == 2 and x.shape[1] == c and x.stride(-1) == 1, "x must be [T, C] with contiguous rows"
     assert weight.is_contiguous()
-    assert conv_state.dim() == 3 and conv_state.shape[1:] == (k - 1, c) and conv_state.stride(-1) == 1
+    assert conv_state.dim() == 3 and conv_state.shape[1:] == (k, c) and conv_state.stride(-1) == 1
     assert state_slots.dim() == 1
     return c, k
 
@@ -118,6 +130,7 @@ def causal_conv1d(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor,
+    seq_lens: torch.Tensor,
     conv_state: torch.Tensor,
     state_slots: torch.Tensor,
     has_initial_state: torch.Tensor,
@@ -125,33 +138,34 @@ def causal_conv1d(
     """Causal conv over each sequence of a packed batch, then SiLU.
 
     x: [T, C] raw xBC rows of all sequences; weight: [C, K]; bias: [C] or None;
-    cu_seqlens: [B+1] int32; conv_state: [S, K-1, C], read for sequences with has_initial_state and
-    updated in place for every sequence (its last K-1 raw rows, older state shifted in when the
-    sequence is shorter than K-1); state_slots: [B] int64; has_initial_state: [B] bool.
+    cu_seqlens: [B+1] int32; seq_lens: [B] int32, so sequence b's rows sit at positions
+    seq_lens[b] - L_b .. seq_lens[b] - 1; conv_state: [S, K, C] ring, read for sequences with
+    has_initial_state and updated in place for every sequence (afterwards it holds the K positions
+    before seq_lens[b]); state_slots: [B] int64; has_initial_state: [B] bool.
     Returns [T, C] in x's dtype: out[t] = silu(bias + sum_k weight[:, k] * window[t + k]) where the
-    window is the K-1 state rows followed by the sequence's rows.
+    window is the K-1 rows before the sequence's first position followed by the sequence's rows.
     """
     c, k = _check_state(x, weight, conv_state, state_slots)
     nseq = state_slots.shape[0]
-    assert cu_seqlens.shape == (nseq + 1,) and has_initial_state.shape == (nseq,)
+    assert cu_seqlens.shape == (nseq + 1,) and seq_lens.shape == (nseq,) and has_initial_state.shape == (nseq,)
     t = x.shape[0]
     out = torch.empty((t, c), dtype=x.dtype, device=x.device)
     if nseq == 0:
         return out
-    cu = cu_seqlens.to(torch.int32)
+    cu, lens = cu_seqlens.to(torch.int32), seq_lens.to(torch.int32)
     init = has_initial_state.to(torch.int8)
     if t > 0:
         pos = torch.arange(t, device=x.device, dtype=torch.int32)
         seq_idx = torch.searchsorted(cu[1:], pos, right=True).to(torch.int32)
         block_t, block_c = 16, 128
         _conv_varlen_kernel[(triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
-            x, weight, bias, out, conv_state, seq_idx, cu, state_slots, init,
+            x, weight, bias, out, conv_state, seq_idx, cu, lens, state_slots, init,
             t, c, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
             KW=k, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
         )
     block_c = 256
     _conv_state_kernel[(nseq, triton.cdiv(c, block_c))](
-        x, conv_state, cu, state_slots, init, c, x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        x, conv_state, cu, lens, state_slots, init, c, x.stride(0), conv_state.stride(0), conv_state.stride(1),
         KW=k, BLOCK_C=block_c, num_warps=2,
     )
     return out
@@ -161,23 +175,25 @@ def causal_conv1d_update(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    seq_lens: torch.Tensor,
     conv_state: torch.Tensor,
     state_slots: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode token per sequence: shift the window, convolve, SiLU.
+    """One decode token per sequence: convolve the ring's last K-1 rows and x, SiLU, store x.
 
-    x: [B, C]; weight: [C, K]; bias: [C] or None; conv_state: [S, K-1, C] updated in place;
-    state_slots: [B] int64. Returns [B, C] in x's dtype.
+    x: [B, C] at positions seq_lens - 1; weight: [C, K]; bias: [C] or None; seq_lens: [B] int32;
+    conv_state: [S, K, C] ring, row (seq_lens - 1) % K overwritten with x; state_slots: [B] int64.
+    Returns [B, C] in x's dtype.
     """
     c, k = _check_state(x, weight, conv_state, state_slots)
     nseq = x.shape[0]
-    assert state_slots.shape == (nseq,)
+    assert state_slots.shape == (nseq,) and seq_lens.shape == (nseq,)
     out = torch.empty((nseq, c), dtype=x.dtype, device=x.device)
     if nseq == 0:
         return out
     block_c = 512  # measured on H100: 1024 halves the bandwidth (fewer programs in flight)
     _conv_update_kernel[(nseq, triton.cdiv(c, block_c))](
-        x, weight, bias, out, conv_state, state_slots,
+        x, weight, bias, out, conv_state, state_slots, seq_lens.to(torch.int32),
         c, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
         KW=k, HAS_BIAS=bias is not None, BLOCK_C=block_c, num_warps=4,
     )
