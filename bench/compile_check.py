@@ -86,21 +86,37 @@ CASES = [
     ("moe_route", moe._route_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64"),
      dict(TOP_K=6, K_PAD=8, BLOCK_E=128, RENORM=True), 1, 1),
 ]
-for t in (1, 64, 4096):
-    cfg = moe._config(t)
-    for up in (True, False):
-        CASES.append((
-            f"moe_gemm T={t} {'up' if up else 'down'}", moe._moe_gemm_kernel,
-            dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", block_expert_ptr="*i32"),
-            dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], cfg["num_stages"],
-        ))
+MOE_PTRS = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32")
+
+
+def moe_gemm_cases():
+    """The decode shapes of _config, then each prefill candidate (up: K = 2688, down: K = 1856)."""
+    configs = [(f"T={t}", moe._config(t)) for t in (1, 64)]
+    configs += [(f"#{i}", cfg) for i, cfg in enumerate(moe.PREFILL_CANDIDATES)]
+    cases = []
+    for tag, cfg in configs:
+        bm, sm = cfg["BLOCK_M"], cfg.get("SMALL_M", cfg["BLOCK_M"])
+        for up in (True, False):
+            consts = dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1,
+                          EVEN_K=(2688 if up else 1856) % cfg["BLOCK_K"] == 0, MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm,
+                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+            if sm == bm:
+                consts["tile_row_ptr"] = None
+            cases.append((f"moe_gemm {tag} {'up' if up else 'down'} {moe.describe(cfg)}", moe._moe_gemm_kernel,
+                          MOE_PTRS, consts, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
+CASES += moe_gemm_cases()
 CASES += [
     ("moe_sum", moe._moe_sum_kernel, dict(y_ptr=BF, w_ptr="*fp32", out_ptr=BF), dict(TOP_K=6, BLOCK=1024), 4, 1),
     ("moe_rank", moe._rank_kernel, dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32"), dict(BLOCK=1024), 4, 1),
     ("moe_scatter", moe._scatter_kernel,
-     dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", sorted_ptr="*i32", block_expert_ptr="*i32"),
-     dict(BM=128, BLOCK_E=128, BLOCK=64), 4, 1),
+     dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", sorted_ptr="*i32", tile_expert_ptr="*i32"),
+     dict(tile_row_ptr=None, BM=128, SM=128, BLOCK_E=128, BLOCK=64), 4, 1),
+    ("moe_scatter two heights", moe._scatter_kernel,
+     dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", sorted_ptr="*i32", tile_expert_ptr="*i32",
+          tile_row_ptr="*i32"), dict(BM=128, SM=64, BLOCK_E=128, BLOCK=64), 4, 1),
     ("store_kv", attention._store_kv_kernel, dict(k_ptr=BF, v_ptr=BF, cache_ptr=BF, slot_ptr="*i64"),
      dict(BLOCK=256), 1, 1),
     ("attn decode", attention._attn_kernel,
@@ -124,10 +140,10 @@ def main() -> int:
     for name, fn, ptrs, consts, warps, stages in CASES:
         try:
             k = compile_one(fn, ptrs, consts, warps, stages)
-            print(f"{name:28s} ok   smem {k.metadata.shared:6d} B, {ptxas_report(k)}")
+            print(f"{name:40s} ok   smem {k.metadata.shared:6d} B, {ptxas_report(k)}")
         except Exception as e:  # noqa: BLE001
             failed += 1
-            print(f"{name:28s} FAIL {type(e).__name__}: {str(e)[:400]}")
+            print(f"{name:40s} FAIL {type(e).__name__}: {str(e)[:400]}")
     return 1 if failed else 0
 
 

@@ -240,31 +240,14 @@ def bench_moe(tb, quick, w_up, w_down):
             ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
             tb.add("fused_moe (decode)", f"T={t} M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} "
                    f"s{cfg['num_stages']}", ms, nbytes, flops)
-    t = 4096
-    x, w, ids = moe_inputs(t)
-    flops = 2 * t * TOPK * 2 * HIDDEN * INTER
-    nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
-    best = None
-    configs = [KM._config(t)] + ([] if not SWEEP else [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    ])
-    for i, cfg in enumerate(configs):
-        try:
-            ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
-        except Exception as e:  # noqa: BLE001
-            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        label = "default" if i == 0 else f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-        tb.add("fused_moe (prefill)", f"T={t} cfg={label}", ms, nbytes, flops, ">=50% mm" if i == 0 else None)
-        if best is None or ms < best[0]:
-            best = (ms, label)
-    if SWEEP:
-        print(f"  best prefill MoE config: {best[1]} ({best[0] * 1000:.0f} us)")
-    cfg = KM._config(t)
-    ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"]))
+    for t in (4096, 8192) if not quick else (4096,):
+        x, w, ids = moe_inputs(t)
+        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+        nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
+        cfg = KM._config(t)
+        ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
+        tb.add("fused_moe (prefill)", f"T={t} {KM.describe(cfg)}", ms, nbytes, flops, ">=50% mm" if t == 4096 else None)
+    ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"], cfg.get("SMALL_M")))
     tb.add("moe align (sort by expert)", f"T={t}", ms_align, 0, 0)
 
 
@@ -325,18 +308,31 @@ def bench_attention_prefill(tb, quick):
 
 
 def bench_moe_sweep(tb, w_up, w_down):
-    """MoE prefill launch shapes (KM.PREFILL_CANDIDATES) at 4096 and 8192 tokens."""
+    """MoE prefill launch shapes (KM.PREFILL_CANDIDATES) at 4096 and 8192 tokens: one row per candidate
+    (index and KM.describe label), each output compared with candidate 0's, then the best per T."""
     for t in (4096, 8192):
         x, w, ids = moe_inputs(t)
         flops = 2 * t * TOPK * 2 * HIDDEN * INTER
         nbytes = E * 2 * INTER * HIDDEN * 2 + 2 * t * HIDDEN * 2
+        base = KM._fused_moe(x, w_up, w_down, w, ids, KM.PREFILL_CANDIDATES[0]).float()
+        best = None
         for i, cfg in enumerate(KM.PREFILL_CANDIDATES):
+            tag = f"#{i} {KM.describe(cfg)}" + (" (default)" if cfg == KM._config(t) else "")
             try:
+                err = ((KM._fused_moe(x, w_up, w_down, w, ids, cfg).float() - base).norm() / base.norm()).item()
                 ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
             except Exception as e:  # noqa: BLE001
-                print(f"  candidate {i} failed: {type(e).__name__}: {str(e)[:200]}")
+                print(f"  candidate {tag} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            tb.add("fused_moe (prefill)", f"T={t} candidate {i}", ms, nbytes, flops)
+            if err > 1e-2:
+                print(f"  candidate {tag} differs from candidate 0: rel err {err:.2e}")
+                continue
+            tb.add("fused_moe (prefill)", f"T={t} {tag}", ms, nbytes, flops)
+            if best is None or ms < best[0]:
+                best = (ms, tag)
+        if best:
+            print(f"  best at T={t}: {best[1]}: {best[0] * 1000:.1f} us, "
+                  f"{100 * flops / best[0] / 1e9 / tb.mm_tflops:.1f}% of the matmul rate")
 
 
 def bench_sampling(tb, quick):

@@ -264,21 +264,64 @@ def test_fused_moe(device, big, dtype):
         check(out_k, out_r, out_g, dtype, f"moe T={t}")
 
 
-def test_fused_moe_prefill_configs(device, big):
-    """Every prefill launch shape the benchmark may pick computes the same function (bf16)."""
+def _moe_check_configs(device, cfgs, e, k, hidden, inter, ids, what):
     from hybridserve.ops.triton import moe as KM
 
     dtype = torch.bfloat16
-    e, k, hidden, inter = (128, 6, 2688, 1856) if big else (16, 3, 64, 48)
-    t = 2048 if big else 40
+    t = ids.shape[0]
     w_up = (torch.randn(e, inter, hidden, device=device) / hidden**0.5).to(dtype)
     w_down = (torch.randn(e, hidden, inter, device=device) / inter**0.5).to(dtype)
     x = torch.randn(t, hidden, device=device).to(dtype)
-    w, ids = R.moe_route(torch.randn(t, e, device=device), torch.zeros(e, device=device), k, 2.5)
+    w = torch.rand(t, k, device=device) + 0.1
     out_r = R.fused_moe(x, w_up, w_down, w, ids)
     out_g = R.fused_moe(*f32(x, w_up, w_down), w, ids)
-    for cfg in KM.PREFILL_CANDIDATES if big else KM.PREFILL_CANDIDATES[:2]:
-        check(KM._fused_moe(x, w_up, w_down, w, ids, cfg), out_r, out_g, dtype, f"moe cfg {cfg}")
+    for cfg in cfgs:
+        out_k = KM._fused_moe(x, w_up, w_down, w, ids, cfg)
+        check(out_k, out_r, out_g, dtype, f"moe {what} [{KM.describe(cfg)}]")
+
+
+# pairs per expert for the awkward-shape case: exactly 128 and 64 rows, one past 128, 3 x 64, one
+# short of 64, a single pair, and empty experts (6-8, 10-15); 609 pairs = 203 tokens x 3
+MOE_AWKWARD_COUNTS = {0: 128, 1: 64, 2: 129, 3: 192, 4: 63, 5: 1, 9: 32}
+
+
+def _moe_ids_with_counts(counts, t, k, device):
+    """topk_ids [t, k] with counts[e] pairs of expert e, k distinct experts per token (each run of one
+    expert is at most t long and fills the column-major [k, t] grid, so it never repeats in a row)."""
+    flat = torch.cat([torch.full((c,), ex, dtype=torch.int64) for ex, c in counts.items()])
+    assert flat.numel() == t * k and max(counts.values()) <= t
+    return flat.view(k, t).t()[torch.randperm(t)].contiguous().to(device)
+
+
+def test_moe_align_two_tile_heights(device):
+    from hybridserve.ops.triton import moe as KM
+
+    ids = _moe_ids_with_counts(MOE_AWKWARD_COUNTS, 203, 3, device)
+    sorted_pairs, tile_expert, tile_row = KM.align_by_expert(ids, 16, 128, 64)
+    used = tile_expert < 16
+    experts, info = tile_expert[used].tolist(), tile_row[used].tolist()
+    # expert order; full 128-row tiles first, then one 64-row tile for the rest of the run
+    assert experts == [0, 1, 2, 2, 3, 3, 4, 5, 9]
+    assert [i % 2 for i in info] == [0, 1, 0, 1, 0, 1, 1, 1, 1]
+    assert [i // 2 for i in info] == [0, 128, 192, 320, 384, 512, 576, 640, 704]
+    real = sorted_pairs[sorted_pairs < ids.numel()].sort().values
+    assert torch.equal(real.cpu(), torch.arange(ids.numel(), dtype=torch.int32))
+
+
+def test_fused_moe_prefill_configs(device, big):
+    """Every prefill launch shape the benchmark may pick computes the same function (bf16).
+    Awkward routing at small dims: T = 203, experts with exactly 64 / 128 rows, empty experts; K = 128
+    (a multiple of BLOCK_K = 64) for the up projection, K = 48 (not one) for the down projection, N
+    narrower than a tile. The GPU also runs them at the model's shapes with real routing."""
+    from hybridserve.ops.triton import moe as KM
+
+    cfgs = KM.PREFILL_CANDIDATES
+    ids = _moe_ids_with_counts(MOE_AWKWARD_COUNTS, 203, 3, device)
+    _moe_check_configs(device, cfgs, 16, 3, 128, 48, ids, "awkward T=203")
+    if big:
+        e, k, t = 128, 6, 2048
+        _, ids = R.moe_route(torch.randn(t, e, device=device), torch.zeros(e, device=device), k, 2.5)
+        _moe_check_configs(device, cfgs, e, k, 2688, 1856, ids, f"T={t}")
 
 
 # ------------------------------------------------------------------------------------- attention

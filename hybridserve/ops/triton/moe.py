@@ -9,10 +9,16 @@ Triton:
 - `fused_moe`: the T*K (token, expert) pairs are sorted by expert and each expert's run padded to
   BLOCK_M by two small kernels (a counting sort: atomic ranks, then a scatter; no host sync, so
   decode steps stay graph-capturable). Then one grouped GEMM launch per projection: every BLOCK_M
-  block belongs to one expert and streams only that expert's weights. Up: gather token rows,
+  tile belongs to one expert and streams only that expert's weights. Up: gather token rows,
   x @ w_up[e]^T, relu^2, store in sorted order. Down: h @ w_down[e]^T rounded to x's dtype (as the
   reference rounds each matmul), stored per pair; a last kernel sums each token's K rows times their
   routing weights in float32 (deterministic; no float32 atomics, no zero-fill, no cast pass).
+  Grids are sized by upper bounds; programs past the last tile exit.
+- Large batches use two tile heights in one launch: each expert's run is padded to SMALL_M rows
+  only, covered by as many BLOCK_M-row tiles as fit plus SMALL_M-row tiles for the rest (≈ 192 rows
+  an expert at 4096 tokens: one 128-row and one 64-row tile instead of two 128-row ones), so less of
+  the MMA work is padding and each expert's weights still stream once. The k mask of the main loop
+  is dropped where K % BLOCK_K == 0.
 """
 
 from __future__ import annotations
@@ -50,25 +56,19 @@ def _route_kernel(
 
 
 @triton.jit
-def _moe_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr,
-    N, K, num_pairs, num_experts,
-    stride_am, stride_we, stride_wn, stride_wk, stride_om,
-    TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _moe_tile(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, e, row0, pid_n,
+    N, K, num_pairs, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
+    """The BLOCK_M x BLOCK_N output tile of expert e at sorted rows row0.. and columns pid_n * BLOCK_N..
+    UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
     not UP: a = h (sorted rows), out[pair] = a w^T.
-    PAIR_MODE: block b is pair b alone (row 0); block_expert_ptr is then the flat topk_ids."""
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if e >= num_experts:  # past the last padded block
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    PAIR_MODE: the tile is pair row0 // BLOCK_M alone (its row 0). EVEN_K: K % BLOCK_K == 0 (no k mask)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
     if PAIR_MODE:
-        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, row0 // BLOCK_M, num_pairs)
     else:
         pair = tl.load(sorted_ptr + rows)
     valid = pair < num_pairs
@@ -83,7 +83,7 @@ def _moe_gemm_kernel(
     w_ptrs = w_ptr + e * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kmask = ks < K - k0
+        kmask = (ks < K - k0) | EVEN_K  # all-true masks compile away
         a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
@@ -99,6 +99,36 @@ def _moe_gemm_kernel(
     else:
         tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr,
+    N, K, num_pairs, num_experts,
+    stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+    MIXED: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program = (tile, N block). Not MIXED: tile t has BLOCK_M rows from t * BLOCK_M. MIXED: tile_row[t] =
+    2 * first row + (1 for a SMALL_M-row tile, 0 for a BLOCK_M-row one).
+    PAIR_MODE: tile t is pair t; tile_expert is then the flat topk_ids."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    if e >= num_experts:  # past the last tile
+        return
+    if MIXED:
+        info = tl.load(tile_row_ptr + tile)
+        if info % 2 == 1:
+            _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
+                      stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, SMALL_M, BLOCK_N, BLOCK_K)
+        else:
+            _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
+                      stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, tile * BLOCK_M, pid_n, N, K, num_pairs, stride_am, stride_we,
+                  stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -144,7 +174,7 @@ PAIR_MODE_MAX_PAIRS = 32  # up to here every pair is its own block (no sort; few
 
 def _config(num_tokens: int) -> dict:
     """Block shapes for H100/H200 (small batches: narrow tiles, many programs streaming weights).
-    Measured on H100 (bench/ops.py --sweep): these beat the alternatives tried by 0-10 %."""
+    Measured on H100 (bench/ops.py --sweep, --moe-sweep): these beat the alternatives tried."""
     if num_tokens <= 2:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if num_tokens <= 128:
@@ -153,23 +183,24 @@ def _config(num_tokens: int) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if num_tokens <= 1024:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(PREFILL_CANDIDATES[0])
 
 
-# prefill candidates swept by bench/ops.py --moe-sweep and checked by tests/gpu; "down" overrides the
-# down projection's N/K tiles, warps and stages (BLOCK_M is shared: it shapes the sort)
+# prefill launch shapes, swept by bench/ops.py --moe-sweep and checked by tests/gpu; the first is the
+# default. SMALL_M: that many rows of an expert's run past its last full BLOCK_M tile get one smaller
+# tile in the same launch. Also tried on H100 (docs/performance.md): a second launch for the small
+# tiles (streams the weights twice), 64-row tiles only, 3 stages, 128-wide N tiles, unmasked row and
+# column loads (more memory traffic); all slower.
 PREFILL_CANDIDATES = [
+    dict(BLOCK_M=128, SMALL_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4,
-         down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4,
-         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4,
-         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)),
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4,
-         down=dict(BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)),
 ]
+
+
+def describe(cfg: dict) -> str:
+    """Short label of a _fused_moe config, e.g. 'M128+64 N256 K64 w8 s4'."""
+    small = f"+{cfg['SMALL_M']}" if cfg.get("SMALL_M") else ""
+    return f"M{cfg['BLOCK_M']}{small} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 @triton.jit
@@ -183,13 +214,15 @@ def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, P, E, num_blocks,
-                    BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
-    """sorted[start[e] + rank] = pair; block_expert[b] = expert owning block b (E past the end).
-    Each program recomputes the tiny padded prefix sum over experts."""
+def _scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, P, E, num_tiles,
+                    BM: tl.constexpr, SM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """sorted[start[e] + rank] = pair, each expert's run padded to SM rows. Tiles in expert order: as
+    many BM-row tiles as fit in the padded run, then SM-row tiles for the rest (none when SM == BM).
+    tile_expert[t] = owner (E past the end); when SM < BM, tile_row[t] = 2 * first row + (1 if SM rows).
+    Each program recomputes the tiny per-expert prefix sums."""
     es = tl.arange(0, BLOCK_E)
     c = tl.load(counts_ptr + es, mask=es < E, other=0)
-    padded = (c + BM - 1) // BM * BM
+    padded = (c + SM - 1) // SM * SM
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -198,33 +231,52 @@ def _scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr,
     r = tl.load(rank_ptr + offs, mask=m, other=0)
     start_e = tl.sum(tl.where(e[:, None] == es[None, :], starts[None, :], 0), axis=1)
     tl.store(sorted_ptr + start_e + r, offs.to(tl.int32), mask=m)
-    bmask = offs < num_blocks
-    owner = tl.sum((ends[None, :] <= (offs * BM)[:, None]).to(tl.int32), axis=1)
-    tl.store(block_expert_ptr + offs, owner, mask=bmask)
+    tmask = offs < num_tiles
+    if SM == BM:
+        owner = tl.sum((ends[None, :] <= (offs * BM)[:, None]).to(tl.int32), axis=1)
+    else:
+        big = padded // BM
+        ntiles = big + (padded - big * BM) // SM
+        tile_ends = tl.cumsum(ntiles, axis=0)
+        owner = tl.sum((tile_ends[None, :] <= offs[:, None]).to(tl.int32), axis=1)
+        hit = owner[:, None] == es[None, :]
+        j = offs - tl.sum(tl.where(hit, (tile_ends - ntiles)[None, :], 0), axis=1)  # tile index in its expert
+        nb = tl.sum(tl.where(hit, big[None, :], 0), axis=1)
+        row0 = tl.sum(tl.where(hit, starts[None, :], 0), axis=1) + tl.where(j < nb, j * BM, nb * BM + (j - nb) * SM)
+        tl.store(tile_row_ptr + offs, 2 * row0 + (j >= nb).to(tl.int32), mask=tmask)
+    tl.store(tile_expert_ptr + offs, owner, mask=tmask)
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the flattened (token, k) pairs by expert, each expert's run padded to block_m.
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, small_m: int | None = None):
+    """Sort the flattened (token, k) pairs by expert, each expert's run padded to small_m (default
+    block_m) and covered by block_m-row tiles plus, when small_m < block_m, small_m-row tiles for the rest.
 
-    Returns (sorted_pairs [max_blocks * block_m] int32, pad entries = T*K;
-    block_expert [max_blocks] int32, = num_experts for blocks past the end). Device work only.
-    Within an expert the order of pairs is arbitrary (rows of a block are independent).
+    Returns (sorted_pairs [rows] int32, pad entries = T*K; tile_expert [max_tiles] int32, = num_experts
+    past the last tile; tile_row [max_tiles] int32 = 2 * first row + (1 for a small tile), or None when
+    small_m == block_m: tile t then starts at row t * block_m). Device work only, sized by upper bounds.
+    Within an expert the order of pairs is arbitrary (rows of a tile are independent).
     """
+    small_m = small_m or block_m
+    assert block_m % small_m == 0
     flat = topk_ids.reshape(-1)
     pairs = flat.numel()
     dev = flat.device
-    max_blocks = min(num_experts, pairs) + triton.cdiv(pairs, block_m)
+    used = min(num_experts, pairs)  # experts with any pair
+    # each used expert pads by < small_m rows; big tiles tile the padded rows, < block_m / small_m small ones each
+    rows = pairs + used * (small_m - 1)
+    max_tiles = rows // block_m + used * (block_m // small_m - 1)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
     rank = torch.empty(pairs, dtype=torch.int32, device=dev)
-    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    sorted_pairs = torch.full((rows,), pairs, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    tile_row = torch.empty(max_tiles, dtype=torch.int32, device=dev) if small_m < block_m else None
     block = 64  # the one-hot [block, E] tiles stay in registers
     _rank_kernel[(triton.cdiv(pairs, 1024),)](flat, counts, rank, pairs, BLOCK=1024, num_warps=4)
-    _scatter_kernel[(triton.cdiv(max(pairs, max_blocks), block),)](
-        flat, counts, rank, sorted_pairs, block_expert, pairs, num_experts, max_blocks,
-        BM=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, num_warps=4,
+    _scatter_kernel[(triton.cdiv(max(pairs, max_tiles), block),)](
+        flat, counts, rank, sorted_pairs, tile_expert, tile_row, pairs, num_experts, max_tiles,
+        BM=block_m, SM=small_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block, num_warps=4,
     )
-    return sorted_pairs, block_expert
+    return sorted_pairs, tile_expert, tile_row
 
 
 def fused_moe(
@@ -244,6 +296,7 @@ def fused_moe(
 
 
 def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tensor:
+    """cfg: BLOCK_M/N/K, num_warps, num_stages, optional SMALL_M (see PREFILL_CANDIDATES)."""
     t, hidden = x.shape
     e, inter, _ = w_up.shape
     assert w_up.shape == (e, inter, hidden) and w_down.shape == (e, hidden, inter)
@@ -254,35 +307,28 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     if t == 0:
         return out
+    pairs = t * top_k
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    down = {**cfg, **cfg.get("down", {})}
-    bn_d, bk_d = down["BLOCK_N"], down["BLOCK_K"]
-    launch_d = dict(num_warps=down["num_warps"], num_stages=down["num_stages"])
-    pair_mode = t * top_k <= PAIR_MODE_MAX_PAIRS
+    pair_mode = pairs <= PAIR_MODE_MAX_PAIRS
+    sm = bm if pair_mode else cfg.get("SMALL_M", bm)
     if pair_mode:
-        sorted_pairs, block_expert = None, topk_ids.reshape(-1)
-        max_blocks = t * top_k
+        sorted_pairs, tile_expert, tile_row = None, topk_ids.reshape(-1), None
+        rows = pairs * bm
     else:
-        sorted_pairs, block_expert = align_by_expert(topk_ids, e, bm)
-        max_blocks = block_expert.shape[0]
-    h = torch.empty((max_blocks * bm, inter), dtype=x.dtype, device=x.device)
-    tw = topk_weights.float().contiguous()
+        sorted_pairs, tile_expert, tile_row = align_by_expert(topk_ids, e, bm, sm)
+        rows = sorted_pairs.shape[0]
+    h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+    y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    _moe_gemm_kernel[(max_blocks * triton.cdiv(inter, bn),)](
-        x, w_up, h, sorted_pairs, block_expert,
-        inter, hidden, t * top_k, e,
-        x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), h.stride(0),
-        TOP_K=top_k, UP=True, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
-    )
-    y = torch.empty((t * top_k, hidden), dtype=x.dtype, device=x.device)
-    _moe_gemm_kernel[(max_blocks * triton.cdiv(hidden, bn_d),)](
-        h, w_down, y, sorted_pairs, block_expert,
-        hidden, inter, t * top_k, e,
-        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
-        TOP_K=top_k, UP=False, PAIR_MODE=pair_mode, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_d, BLOCK_K=bk_d,
-        **launch_d,
-    )
+    for a, w, dst, n, k, up in ((x, w_up, h, inter, hidden, True), (h, w_down, y, hidden, inter, False)):
+        _moe_gemm_kernel[(tile_expert.shape[0] * triton.cdiv(n, bn),)](
+            a, w, dst, sorted_pairs, tile_expert, tile_row,
+            n, k, pairs, e,
+            a.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0),
+            TOP_K=top_k, UP=up, PAIR_MODE=pair_mode, DOT_PREC=prec, EVEN_K=k % bk == 0, MIXED=sm < bm,
+            BLOCK_M=bm, SMALL_M=sm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    tw = topk_weights.float().contiguous()
     block = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block))](y, tw, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
     return out
