@@ -23,6 +23,7 @@ import triton.testing as tt
 from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
 from hybridserve.ops.triton import attention as KA
+from hybridserve.ops.triton import mamba_step as KMS
 from hybridserve.ops.triton import moe as KM
 from hybridserve.ops.triton import ssd as KS
 
@@ -185,12 +186,18 @@ def bench_ssm(tb, quick):
                                     for _, x, Bm, Cm, dt, s, sl, _, _ in sets]) / n
             tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms_ssu, nbytes, b * MH * MP * MN * 5,
                    ">=70% bw" if b >= 64 else None)
-            ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A, D, dtb, ln, cs, s, sl)
-                                for xbc, _, _, _, dt, s, sl, cs, ln in sets]) / n
-            # the conv update's own cost inside the fused kernel: the time it adds to the state update
-            extra_us = 1000 * (ms - ms_ssu)
-            tb.add("mamba_decode_step (conv+SSU)", f"B={b} state={str(sdt)[6:]} conv adds {extra_us:.1f} us",
-                   ms, nbytes + conv_bytes, b * MH * MP * MN * 5, ">=70% bw (conv update)" if b >= 64 else None)
+            variants = [{}] if not SWEEP else [{}, dict(state_elems=8192, num_warps=8),
+                                               dict(state_elems=8192, num_warps=4), dict(state_elems=2048),
+                                               dict(conv_2d=True), dict(conv_2d=True, state_elems=8192, num_warps=8)]
+            for v in variants:
+                with tuned(KMS.STEP_TUNE, **v):
+                    ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A, D, dtb, ln, cs, s, sl)
+                                        for xbc, _, _, _, dt, s, sl, cs, ln in sets]) / n
+                # the conv update's own cost inside the fused kernel: the time it adds to the state update
+                extra_us = 1000 * (ms - ms_ssu)
+                tb.add("mamba_decode_step (conv+SSU)", f"B={b} state={str(sdt)[6:]} conv adds {extra_us:.1f} us {label(v)}",
+                       ms, nbytes + conv_bytes, b * MH * MP * MN * 5,
+                       ">=70% bw (conv update)" if b >= 64 and not v else None)
     for lens in ([4096], [1024] * 4, [256] * 16):
         t, nb = sum(lens), len(lens)
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
@@ -380,6 +387,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
     ap.add_argument("--moe-sweep", action="store_true", help="only the MoE prefill launch-shape sweep")
+    ap.add_argument("--only", default=None, help="comma-separated sections: ssm,conv,attention,moe,norms,sampling")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
     args = ap.parse_args()
@@ -396,10 +404,12 @@ def main() -> int:
     w_down = (torch.randn(E, HIDDEN, INTER, device=DEV) * INTER**-0.5).to(BF)
     reference_spot_check(w_up, w_down)
     print(f"{'kernel':26s} {'shape':34s} {'time':>13s} {'':>13s}")
-    sections = [lambda: bench_moe_sweep(tb, w_up, w_down)] if args.moe_sweep else [
-        lambda: bench_ssm(tb, args.quick), lambda: bench_conv(tb, args.quick),
-        lambda: bench_attention(tb, args.quick), lambda: bench_moe(tb, args.quick, w_up, w_down),
-        lambda: bench_norms(tb, args.quick), lambda: bench_sampling(tb, args.quick)]
+    all_sections = dict(
+        ssm=lambda: bench_ssm(tb, args.quick), conv=lambda: bench_conv(tb, args.quick),
+        attention=lambda: bench_attention(tb, args.quick), moe=lambda: bench_moe(tb, args.quick, w_up, w_down),
+        norms=lambda: bench_norms(tb, args.quick), sampling=lambda: bench_sampling(tb, args.quick))
+    names = args.only.split(",") if args.only else list(all_sections)
+    sections = [lambda: bench_moe_sweep(tb, w_up, w_down)] if args.moe_sweep else [all_sections[k] for k in names]
     for section in sections:
         try:
             section()

@@ -34,7 +34,7 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, W, stride_k, stride_v, s
     tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # varies per step: no recompile per value
 def _attn_kernel(
     q_ptr, cache_ptr, tables_ptr, cu_ptr, lens_ptr, tile_seq_ptr, tile_q0_ptr, o_ptr, part_ptr, ml_ptr,
     scale_log2, H, D, BS, T,
@@ -108,7 +108,7 @@ def _attn_kernel(
         tl.store(ml_ptr + prow * 2 + 1, l_i, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # varies per step: no recompile per value
 def _merge_kernel(part_ptr, ml_ptr, o_ptr, T, H, D, stride_ot, stride_oh,
                   SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)

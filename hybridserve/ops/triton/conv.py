@@ -28,7 +28,7 @@ def _ring_row(pos, KW: tl.constexpr):
     return (pos % KW + KW) % KW
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # varies per step: no recompile per value
 def _conv_varlen_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, seq_idx_ptr, cu_ptr, lens_ptr, slots_ptr, init_ptr,
     T, C, stride_x, stride_out, stride_ss, stride_sk,

@@ -101,7 +101,7 @@ def _moe_tile(
                  acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # varies per step: no recompile per value
 def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr,
     N, K, num_pairs, num_experts,
@@ -203,7 +203,7 @@ def describe(cfg: dict) -> str:
     return f"M{cfg['BLOCK_M']}{small} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # varies per step: no recompile per value
 def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, P, BLOCK: tl.constexpr):
     """rank[i] = how many pairs of the same expert took a rank before i (atomic counter)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -213,7 +213,7 @@ def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, P, BLOCK: tl.constexpr):
     tl.store(rank_ptr + offs, r, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "num_tiles"])  # varies per step: no recompile per value
 def _scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, P, E, num_tiles,
                     BM: tl.constexpr, SM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
     """sorted[start[e] + rank] = pair, each expert's run padded to SM rows. Tiles in expert order: as
