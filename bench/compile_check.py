@@ -75,7 +75,7 @@ CASES = [
     ("mamba_decode_step fp32 state", mamba_step._mamba_step_kernel,
      dict(xbc_ptr=BF, dt_ptr=BF, w_ptr=BF, cb_ptr=BF, a_ptr="*fp32", d_ptr="*fp32", dtb_ptr="*fp32",
           lens_ptr="*i32", conv_ptr=BF, state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF),
-     dict(KW=4, KW_PAD=4, HAS_BIAS=True, BLOCK_P=32, BLOCK_N=128, CONV_2D=False), 4, 1),
+     dict(KW=4, HAS_BIAS=True, BLOCK_P=32, BLOCK_N=128), 4, 1),
     ("ssu fp32 state", ssd._ssu_kernel,
      dict(x_ptr=BF, dt_ptr=BF, a_ptr="*fp32", b_ptr=BF, c_ptr=BF, d_ptr="*fp32", dtb_ptr="*fp32",
           state_ptr="*fp32", slots_ptr="*i64", y_ptr=BF), dict(BLOCK_P=32, BLOCK_N=128), 4, 1),

@@ -187,8 +187,7 @@ def bench_ssm(tb, quick):
             tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms_ssu, nbytes, b * MH * MP * MN * 5,
                    ">=70% bw" if b >= 64 else None)
             variants = [{}] if not SWEEP else [{}, dict(state_elems=8192, num_warps=8),
-                                               dict(state_elems=8192, num_warps=4), dict(state_elems=2048),
-                                               dict(conv_2d=True), dict(conv_2d=True, state_elems=8192, num_warps=8)]
+                                               dict(state_elems=8192, num_warps=4), dict(state_elems=2048)]
             for v in variants:
                 with tuned(KMS.STEP_TUNE, **v):
                     ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A, D, dtb, ln, cs, s, sl)

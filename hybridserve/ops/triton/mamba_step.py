@@ -19,34 +19,14 @@ import triton.language as tl
 from hybridserve.ops.triton.conv import _ring_row
 from hybridserve.ops.triton.ssd import _softplus
 
-# state elements per program (a [BLOCK_P, N] tile) and warps; bench/ops.py --sweep tries others
-STEP_TUNE = dict(state_elems=4096, num_warps=4, conv_2d=False)
+# state elements per program (a [BLOCK_P, N] tile) and warps. H100 (bench/ops.py --sweep, 2026-11-27):
+# 2048 or 8192 elements, 8 warps, and the ring read as one [channels, K] tile were all slower
+STEP_TUNE = dict(state_elems=4096, num_warps=4)
 
 
 @triton.jit
-def _conv_channels(xbc_row, w_ptr, cb_ptr, ring, stride_sk, chans, mask, pos,
-                   KW: tl.constexpr, KW_PAD: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(raw x at pos, silu(conv) rounded to xbc's dtype, as float32) for the given channels: the ring
-    as one [channels, K] tile, its row of position pos (still holding pos - K) replaced by x."""
-    ks = tl.arange(0, KW_PAD)
-    newest = _ring_row(pos, KW)
-    tap = _ring_row(ks - pos - 1, KW)  # tap of ring row r: its position minus (pos - K + 1)
-    x = tl.load(xbc_row + chans, mask=mask, other=0.0)
-    old = tl.load(ring + ks[None, :] * stride_sk + chans[:, None],
-                  mask=mask[:, None] & ((ks < KW) & (ks != newest))[None, :], other=0.0)
-    window = tl.where((ks == newest)[None, :], x[:, None], old.to(x.dtype)).to(tl.float32)
-    w = tl.load(w_ptr + chans[:, None] * KW + tap[None, :], mask=mask[:, None] & (ks < KW)[None, :], other=0.0)
-    acc = tl.sum(window * w.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(cb_ptr + chans, mask=mask, other=0.0).to(tl.float32)
-    y = acc * tl.sigmoid(acc)
-    return x, y.to(x.dtype).to(tl.float32)
-
-
-@triton.jit
-def _conv_channels_taps(xbc_row, w_ptr, cb_ptr, ring, stride_sk, chans, mask, pos,
-                        KW: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """As _conv_channels, one 1-D load per tap."""
+def _conv_channels(xbc_row, w_ptr, cb_ptr, ring, stride_sk, chans, mask, pos, KW: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(raw x at pos, silu(conv) rounded to xbc's dtype, as float32) for the given channels."""
     x = tl.load(xbc_row + chans, mask=mask, other=0.0)
     acc = x.to(tl.float32) * tl.load(w_ptr + chans * KW + KW - 1, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -63,8 +43,7 @@ def _mamba_step_kernel(
     xbc_ptr, dt_ptr, w_ptr, cb_ptr, a_ptr, d_ptr, dtb_ptr, lens_ptr, conv_ptr, state_ptr, slots_ptr, y_ptr,
     P, N, HEADS_PER_GROUP, X_CH, G,
     sxbc_b, sdt_b, scv_s, scv_k, ss_s, ss_h, ss_p, sy_b, sy_h,
-    KW: tl.constexpr, KW_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    CONV_2D: tl.constexpr,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -87,14 +66,9 @@ def _mamba_step_kernel(
     x_ch = h * P + ps
     b_ch = X_CH + g * N + ns
     c_ch = X_CH + (G + g) * N + ns
-    if CONV_2D:
-        x_raw, x = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, x_ch, pmask, pos, KW, KW_PAD, HAS_BIAS)
-        b_raw, bv = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, b_ch, nmask, pos, KW, KW_PAD, HAS_BIAS)
-        c_raw, cv = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, c_ch, nmask, pos, KW, KW_PAD, HAS_BIAS)
-    else:
-        x_raw, x = _conv_channels_taps(xbc_row, w_ptr, cb_ptr, ring, scv_k, x_ch, pmask, pos, KW, HAS_BIAS)
-        b_raw, bv = _conv_channels_taps(xbc_row, w_ptr, cb_ptr, ring, scv_k, b_ch, nmask, pos, KW, HAS_BIAS)
-        c_raw, cv = _conv_channels_taps(xbc_row, w_ptr, cb_ptr, ring, scv_k, c_ch, nmask, pos, KW, HAS_BIAS)
+    x_raw, x = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, x_ch, pmask, pos, KW, HAS_BIAS)
+    b_raw, bv = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, b_ch, nmask, pos, KW, HAS_BIAS)
+    c_raw, cv = _conv_channels(xbc_row, w_ptr, cb_ptr, ring, scv_k, c_ch, nmask, pos, KW, HAS_BIAS)
     tl.store(new_row + x_ch, x_raw.to(conv_ptr.dtype.element_ty), mask=pmask)
     group_writer = (h % HEADS_PER_GROUP == 0) & (tl.program_id(2) == 0)
     tl.store(new_row + b_ch, b_raw.to(conv_ptr.dtype.element_ty), mask=nmask & group_writer)
@@ -146,7 +120,6 @@ def mamba_decode_step(
         p, n, h // g, h * p, g,
         xbc.stride(0), dt_raw.stride(0), conv_state.stride(0), conv_state.stride(1),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1),
-        KW=kw, KW_PAD=triton.next_power_of_2(kw), HAS_BIAS=conv_bias is not None, BLOCK_P=block_p, BLOCK_N=block_n,
-        CONV_2D=STEP_TUNE["conv_2d"], num_warps=STEP_TUNE["num_warps"],
+        KW=kw, HAS_BIAS=conv_bias is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=STEP_TUNE["num_warps"],
     )
     return y
