@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from hybridserve.ops.triton.conv import _ring_row
-from hybridserve.ops.triton.ssd import _softplus
+from hybridserve.ops.triton.ssd import _ssu_load, _ssu_store
 
 # state elements per program (a [BLOCK_P, N] tile) and warps. H100 (bench/ops.py --sweep, 2026-11-27):
 # 2048 or 8192 elements, 8 warps, and the ring read as one [channels, K] tile were all slower
@@ -54,11 +54,8 @@ def _mamba_step_kernel(
     g = h // HEADS_PER_GROUP
     slot = tl.load(slots_ptr + b).to(tl.int64)
     pos = tl.load(lens_ptr + b) - 1
-    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    state = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)  # issue the big load first
-    dt = _softplus(tl.load(dt_ptr + b * sdt_b + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32))
-    decay = tl.exp(dt * tl.load(a_ptr + h).to(tl.float32))
+    sptr, smask, state, dt, decay = _ssu_load(state_ptr, slot, dt_ptr, dtb_ptr, a_ptr, b, h, ps, ns, pmask, nmask,
+                                              sdt_b, ss_s, ss_h, ss_p)
 
     xbc_row = xbc_ptr + b * sxbc_b
     ring = conv_ptr + slot * scv_s
@@ -74,10 +71,7 @@ def _mamba_step_kernel(
     tl.store(new_row + b_ch, b_raw.to(conv_ptr.dtype.element_ty), mask=nmask & group_writer)
     tl.store(new_row + c_ch, c_raw.to(conv_ptr.dtype.element_ty), mask=nmask & group_writer)
 
-    state = state * decay + (dt * x)[:, None] * bv[None, :]
-    tl.store(sptr, state.to(state_ptr.dtype.element_ty), mask=smask)
-    y = tl.sum(state * cv[None, :], axis=1) + tl.load(d_ptr + h).to(tl.float32) * x
-    tl.store(y_ptr + b * sy_b + h * sy_h + ps, y.to(y_ptr.dtype.element_ty), mask=pmask)
+    _ssu_store(state, sptr, smask, dt, decay, x, bv, cv, d_ptr, h, y_ptr + b * sy_b + h * sy_h + ps, pmask)
 
 
 def mamba_decode_step(

@@ -30,6 +30,27 @@ def _softplus(x):
 
 
 @triton.jit
+def _ssu_load(state_ptr, slot, dt_ptr, dtb_ptr, a_ptr, b, h, ps, ns, pmask, nmask, sdt_b, ss_s, ss_h, ss_p):
+    """The [P-tile, N] state of head h in `slot` as float32 (its pointers and mask), dt and the decay.
+    Shared by the decode kernels; the big state load is issued first."""
+    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    state = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
+    dt = _softplus(tl.load(dt_ptr + b * sdt_b + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32))
+    decay = tl.exp(dt * tl.load(a_ptr + h).to(tl.float32))
+    return sptr, smask, state, dt, decay
+
+
+@triton.jit
+def _ssu_store(state, sptr, smask, dt, decay, x, bv, cv, d_ptr, h, y_ptrs, pmask):
+    """Update the state tile with x (float32 [P-tile]) and B, store it, store y = state @ C + D x."""
+    state = state * decay + (dt * x)[:, None] * bv[None, :]
+    tl.store(sptr, state.to(sptr.dtype.element_ty), mask=smask)
+    y = tl.sum(state * cv[None, :], axis=1) + tl.load(d_ptr + h).to(tl.float32) * x
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
 def _ssu_kernel(
     x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dtb_ptr, state_ptr, slots_ptr, y_ptr,
     P, N, HEADS_PER_GROUP,
@@ -44,18 +65,12 @@ def _ssu_kernel(
     nmask = ns < N
     g = h // HEADS_PER_GROUP
     slot = tl.load(slots_ptr + b).to(tl.int64)
-    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    state = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)  # issue the big load first
-    dt = _softplus(tl.load(dt_ptr + b * sdt_b + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32))
-    decay = tl.exp(dt * tl.load(a_ptr + h).to(tl.float32))
+    sptr, smask, state, dt, decay = _ssu_load(state_ptr, slot, dt_ptr, dtb_ptr, a_ptr, b, h, ps, ns, pmask, nmask,
+                                              sdt_b, ss_s, ss_h, ss_p)
     x = tl.load(x_ptr + b * sx_b + h * sx_h + ps, mask=pmask, other=0.0).to(tl.float32)
     bv = tl.load(b_ptr + b * sb_b + g * sb_g + ns, mask=nmask, other=0.0).to(tl.float32)
     cv = tl.load(c_ptr + b * sc_b + g * sc_g + ns, mask=nmask, other=0.0).to(tl.float32)
-    state = state * decay + (dt * x)[:, None] * bv[None, :]
-    tl.store(sptr, state.to(state_ptr.dtype.element_ty), mask=smask)
-    y = tl.sum(state * cv[None, :], axis=1) + tl.load(d_ptr + h).to(tl.float32) * x
-    tl.store(y_ptr + b * sy_b + h * sy_h + ps, y.to(y_ptr.dtype.element_ty), mask=pmask)
+    _ssu_store(state, sptr, smask, dt, decay, x, bv, cv, d_ptr, h, y_ptr + b * sy_b + h * sy_h + ps, pmask)
 
 
 @triton.jit
