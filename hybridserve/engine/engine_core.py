@@ -66,14 +66,20 @@ class EngineCore:
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (SamplingParamsError) if it is invalid or can never fit."""
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError (SamplingParamsError) if the request is invalid or can never fit; else
+        return its max_tokens. Changes nothing, so a batch can be checked before any of it is queued."""
         vocab = self.model_config.vocab_size
         params.validate_vocab(vocab)
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         self.scheduler.check_fits(len(prompt_token_ids), max_tokens)
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError (SamplingParamsError) if it is invalid or can never fit."""
+        max_tokens = self.check_request(prompt_token_ids, params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seed = (params.seed if params.seed is not None else self._seeds.getrandbits(63)) & _SEED_MASK
         sequences = [

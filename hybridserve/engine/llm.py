@@ -66,9 +66,7 @@ class LLM:
         requests = []
         for prompt, params in zip(prompts, params_list):
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-            params.validate_vocab(self.model_config.vocab_size)
-            max_tokens = params.max_tokens or self.engine.max_model_len - len(token_ids)
-            self.engine.scheduler.check_fits(len(token_ids), max_tokens)
+            self.engine.check_request(token_ids, params)
             requests.append((f"llm-{next(self._ids)}", token_ids, params, prompt if isinstance(prompt, str) else None))
         for request_id, token_ids, params, text in requests:
             self.engine.add_request(request_id, token_ids, params)

@@ -60,6 +60,8 @@ def test_invalid_requests_fail_before_running(llm):
         llm.generate("Hello", SamplingParams(max_tokens=1000))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="prompt token ids"):  # the bad prompt is second: the first stays out too
+        llm.generate([[5, 6, 7], [10**7]], SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished()
 
 
