@@ -7,6 +7,7 @@ merges the prompts' outputs as they arrive, one chunk per step; the output is ra
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,8 @@ from hybridserve.serve.responses import (
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
+
+logger = logging.getLogger("hybridserve.serve")
 
 
 def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -146,10 +149,10 @@ class _CompletionRun:
             finals[k] = out
         choices = []
         for k, final in sorted(finals.items()):
+            prefix = self._echo(k) if self.req.echo else ""
             for o in sorted(final.outputs, key=lambda o: o.index):
                 index = k * self.req.n + o.index
                 self.completion_tokens[index] = len(o.token_ids)
-                prefix = self._echo(k) if self.req.echo else ""
                 lp = None
                 if self.text_of is not None:
                     lp = completion_logprobs(o.logprobs or [], self.text_of, self.req.logprobs or 0, len(prefix))
@@ -176,14 +179,13 @@ class _CompletionRun:
                     if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
                         continue
                     self.completion_tokens[index] = len(o.token_ids)
-                    text = o.text_delta
-                    if self.req.echo and index not in started:
-                        text = self._echo(k) + text
+                    prefix = self._echo(k) if self.req.echo and index not in started else ""
                     started.add(index)
+                    text = prefix + o.text_delta
                     lp = None
-                    if self.text_of is not None and o.logprobs_delta:
+                    if self.text_of is not None and o.logprobs_delta:  # offsets count the echoed prompt too
                         lp = completion_logprobs(o.logprobs_delta, self.text_of, self.req.logprobs or 0,
-                                                 offsets.get(index, 0))
+                                                 offsets.get(index, 0) + len(prefix))
                     offsets[index] = offsets.get(index, 0) + len(text)
                     if o.finish_reason:
                         finished.add(index)
@@ -201,6 +203,7 @@ class _CompletionRun:
                            "choices": [], "usage": self._usage()})
         except APIError as e:
             yield sse_error(e)
-        except Exception as e:
+        except Exception as e:  # the stream is already 200: report in-band, never hang
+            logger.exception("completion stream %s failed", self.id)
             yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
         yield SSE_DONE

@@ -29,6 +29,10 @@ def test_completion_echo_logprobs_stop(client, fake):
     lp = r.choices[0].logprobs
     assert lp.tokens == list(TEXT[:4]) and len(lp.token_logprobs) == 4
     assert lp.text_offset == [2, 3, 4, 5] and all(len(t) >= 2 for t in lp.top_logprobs)
+    chunks = list(client.completions.create(model="tiny", prompt="Q:", max_tokens=4, echo=True, logprobs=2,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "Q:" + TEXT[:4]
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == [2, 3, 4, 5]  # as without streaming
     r = client.completions.create(model="tiny", prompt="Q:", max_tokens=50, stop="think")
     assert r.choices[0].text == "Let me " and r.choices[0].finish_reason == "stop"
 
