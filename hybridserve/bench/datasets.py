@@ -7,7 +7,6 @@ until the token count is exact (the text is what gets sent).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -36,13 +35,11 @@ class DatasetError(ValueError):
 def load_tokenizer(name_or_path: str):
     """A hybridserve preset name or a checkpoint path -> a Hugging Face tokenizer.
 
-    Uses `hybridserve.tokenizer.load_tokenizer` when that module exists (it knows the presets),
-    and `transformers.AutoTokenizer` for anything it does not know (a hub id).
+    Uses `hybridserve.tokenizer.load_tokenizer` (it knows the presets), and
+    `transformers.AutoTokenizer` for anything it does not know (a hub id).
     """
     from transformers import AutoTokenizer
 
-    if importlib.util.find_spec("hybridserve.tokenizer") is None:
-        return AutoTokenizer.from_pretrained(name_or_path)
     from hybridserve.tokenizer import load_tokenizer as load_hybridserve_tokenizer
 
     try:

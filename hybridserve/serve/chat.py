@@ -112,7 +112,7 @@ def thinking_tokens(tokenizer: Any) -> ThinkingTokens | None:
     key = id(tokenizer)
     if key not in _thinking_cache:
         end = tokenizer.convert_tokens_to_ids(THINK_END)
-        if not isinstance(end, int) or end == tokenizer.unk_token_id or end is None:
+        if not isinstance(end, int) or end == tokenizer.unk_token_id:
             _thinking_cache[key] = None
         else:
             texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])

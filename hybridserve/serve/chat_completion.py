@@ -172,8 +172,6 @@ class _ChatRun:
         reasons: list[Any] = [None] * self.req.n
         stop_reasons: list[Any] = [None] * self.req.n
         async for out in stream:
-            if out.error:
-                raise APIError(500, f"generation failed: {out.error}")
             for o in out.outputs:
                 if self.finished[o.index]:
                     continue
@@ -226,8 +224,6 @@ class _ChatRun:
         try:
             out = first
             while out is not None:
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}")
                 live = [o for o in out.outputs if not self.finished[o.index]]
                 choices = [c for c in map(self._chunk_choice, live) if c is not None]
                 if choices:

@@ -34,7 +34,6 @@ class ChatOutputParser:
         self._only_function = only_function
         self._parallel = parallel_tool_calls
         self._kept: dict[int, int] = {}  # parser call index -> output index
-        self._dropped: set[int] = set()
 
     @property
     def in_reasoning(self) -> bool:
@@ -66,12 +65,10 @@ class ChatOutputParser:
             if isinstance(ev, ContentText):
                 out.content += ev.text
             elif isinstance(ev, ToolCallStart):
-                if self._keep(ev):
+                if self._keep(ev):  # a dropped call's arguments are skipped below: not in _kept
                     k = self._kept[ev.index] = len(self._kept)
                     entries[k] = {"index": k, "id": ev.id, "type": "function",
                                   "function": {"name": ev.name, "arguments": ""}}
-                else:
-                    self._dropped.add(ev.index)
             elif isinstance(ev, ToolCallArguments) and ev.index in self._kept:
                 k = self._kept[ev.index]
                 entry = entries.setdefault(k, {"index": k, "function": {"arguments": ""}})
@@ -86,18 +83,33 @@ class ChatOutputParser:
 
 
 class ChoiceAccumulator:
-    """Folds deltas into the final message fields (non-streaming responses)."""
+    """Folds deltas into the final message fields (non-streaming responses). Text is kept as parts
+    and joined once: `+=` on an attribute copies the whole string every step."""
 
     def __init__(self) -> None:
-        self.reasoning = ""
-        self.content = ""
-        self.tool_calls: list[dict[str, Any]] = []
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self._arguments: list[list[str]] = []  # per tool call
+        self._calls: list[dict[str, Any]] = []
 
     def add(self, delta: ChoiceDelta) -> None:
-        self.reasoning += delta.reasoning
-        self.content += delta.content
+        self._reasoning.append(delta.reasoning)
+        self._content.append(delta.content)
         for entry in delta.tool_calls:
             if "id" in entry:
-                self.tool_calls.append({"id": entry["id"], "type": "function",
-                                        "function": {"name": entry["function"]["name"], "arguments": ""}})
-            self.tool_calls[entry["index"]]["function"]["arguments"] += entry["function"]["arguments"]
+                self._calls.append({"id": entry["id"], "type": "function", "function": {"name": entry["function"]["name"]}})
+                self._arguments.append([])
+            self._arguments[entry["index"]].append(entry["function"]["arguments"])
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [{**call, "function": {**call["function"], "arguments": "".join(args)}}
+                for call, args in zip(self._calls, self._arguments)]

@@ -144,8 +144,6 @@ class _CompletionRun:
     async def collect(self, merged: AsyncIterator[tuple[int, Any]]) -> dict[str, Any]:
         finals: dict[int, Any] = {}
         async for k, out in merged:
-            if out.error:
-                raise APIError(500, f"generation failed: {out.error}")
             finals[k] = out
         choices = []
         for k, final in sorted(finals.items()):
@@ -171,8 +169,6 @@ class _CompletionRun:
             item: tuple[int, Any] | None = first
             while item is not None:
                 k, out = item
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}")
                 choices = []
                 for o in out.outputs:
                     index = k * self.req.n + o.index

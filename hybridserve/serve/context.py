@@ -37,7 +37,6 @@ class ServeSettings:
     max_num_seqs: int = 256
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
     shutdown_timeout: float = 30.0
-    enable_auto_tool_choice: bool = True
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -82,7 +82,7 @@ class ReasoningParser:
     # ---- states ---------------------------------------------------------------------------
     def _reasoning_step(self, buf: str, out: ReasoningDelta) -> str:
         markers = self._markers
-        pos, marker = _earliest(buf, markers)
+        pos, marker = earliest_marker(buf, markers)
         if marker is None:
             keep = held_back_suffix(buf, markers)
             out.reasoning += buf[: len(buf) - keep]
@@ -98,7 +98,7 @@ class ReasoningParser:
 
     def _thinking_off_step(self, buf: str, out: ReasoningDelta) -> str:
         markers = (THINK_START, THINK_END)
-        pos, marker = _earliest(buf, markers)
+        pos, marker = earliest_marker(buf, markers)
         if marker is None:
             keep = held_back_suffix(buf, markers)
             self._emit_content(buf[: len(buf) - keep], out)
@@ -114,18 +114,11 @@ class ReasoningParser:
         out.content += text
 
 
-def _earliest(text: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
+def earliest_marker(text: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
+    """(position, marker) of the first marker in text, or (len(text), None)."""
     best, found = len(text), None
     for marker in markers:
         pos = text.find(marker)
         if pos != -1 and pos < best:
             best, found = pos, marker
     return best, found
-
-
-def split_reasoning(text: str, reasoning_open: bool) -> tuple[str | None, str | None]:
-    """Non-streaming split: (reasoning or None, content or None)."""
-    parser = ReasoningParser(reasoning_open)
-    a, b = parser.feed(text), parser.finish()
-    reasoning, content = a.reasoning + b.reasoning, a.content + b.content
-    return reasoning or None, content or None

@@ -19,10 +19,10 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hybridserve.serve.reasoning import held_back_suffix
+from hybridserve.serve.reasoning import earliest_marker, held_back_suffix
 from hybridserve.serve.tool_schema import convert_parameter, is_streamable_string
 
 CALL_START = "<tool_call>"
@@ -146,11 +146,7 @@ class ToolCallParser:
 
     def _find(self, markers: tuple[str, ...]) -> tuple[int, str | None]:
         """Earliest marker in the buffer, or (safe length, None) with a possible partial marker held back."""
-        best, found = len(self._buf), None
-        for marker in markers:
-            pos = self._buf.find(marker)
-            if pos != -1 and pos < best:
-                best, found = pos, marker
+        best, found = earliest_marker(self._buf, markers)
         if found is None and not self._finishing:
             best = len(self._buf) - held_back_suffix(self._buf, markers)
         return best, found
@@ -310,36 +306,3 @@ _VALUE_ENDS = (PARAM_END, PARAM_START, FUNC_END, CALL_END)
 def _key_prefix(call: _Call) -> str:
     sep = ", " if call.opened else ""
     return sep + json.dumps(call.param, ensure_ascii=False) + ": "
-
-
-@dataclass
-class ParsedToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text
-
-
-@dataclass
-class ParsedContent:
-    content: str | None
-    tool_calls: list[ParsedToolCall] = field(default_factory=list)
-
-
-def collect(events: Iterable[Event], into: ParsedContent | None = None) -> ParsedContent:
-    """Fold parser events into content text and complete calls (used by non-streaming responses)."""
-    result = into or ParsedContent(content=None)
-    for ev in events:
-        if isinstance(ev, ContentText):
-            result.content = (result.content or "") + ev.text
-        elif isinstance(ev, ToolCallStart):
-            result.tool_calls.append(ParsedToolCall(ev.id, ev.name, ""))
-        else:
-            result.tool_calls[ev.index].arguments += ev.fragment
-    return result
-
-
-def parse_tool_calls(text: str, tools: Iterable[dict[str, Any]] | None = None) -> ParsedContent:
-    """Non-streaming: the same state machine fed the whole text at once."""
-    parser = ToolCallParser(tools)
-    events = parser.feed(text) + parser.finish()
-    return collect(events)

@@ -4,7 +4,14 @@ import random
 
 import pytest
 
-from hybridserve.serve.reasoning import ReasoningParser, prompt_opens_reasoning, split_reasoning
+from hybridserve.serve.reasoning import ReasoningParser, prompt_opens_reasoning
+
+
+def split_reasoning(text: str, reasoning_open: bool) -> tuple[str | None, str | None]:
+    """The whole text at once: (reasoning or None, content or None)."""
+    parser = ReasoningParser(reasoning_open)
+    a, b = parser.feed(text), parser.finish()
+    return (a.reasoning + b.reasoning) or None, (a.content + b.content) or None
 
 CASES = [
     # (output, thinking on?, expected reasoning, expected content)

@@ -3,18 +3,44 @@
 import itertools
 import json
 import random
+from dataclasses import dataclass, field
 
 import pytest
 
-from hybridserve.serve.tool_calls import (
-    ContentText,
-    ToolCallArguments,
-    ToolCallParser,
-    ToolCallStart,
-    collect,
-    parse_tool_calls,
-)
+from hybridserve.serve.tool_calls import ContentText, ToolCallArguments, ToolCallParser, ToolCallStart
 from hybridserve.serve.tool_schema import convert_parameter, parameter_type
+
+
+@dataclass
+class ParsedToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass
+class ParsedContent:
+    content: str | None
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+
+
+def collect(events) -> ParsedContent:
+    """Fold parser events into content text and complete calls."""
+    result = ParsedContent(content=None)
+    for ev in events:
+        if isinstance(ev, ContentText):
+            result.content = (result.content or "") + ev.text
+        elif isinstance(ev, ToolCallStart):
+            result.tool_calls.append(ParsedToolCall(ev.id, ev.name, ""))
+        else:
+            result.tool_calls[ev.index].arguments += ev.fragment
+    return result
+
+
+def parse_tool_calls(text: str, tools) -> ParsedContent:
+    """The whole text at once through the same state machine."""
+    parser = ToolCallParser(tools)
+    return collect(parser.feed(text) + parser.finish())
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
