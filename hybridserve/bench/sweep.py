@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from hybridserve.bench.plots import write_sweep_plots
-from hybridserve.bench.serve import BenchError, run_benchmark
+from hybridserve.bench.serve import BenchError, run_benchmark, server_urls
 
 CSV_FIELDS = (
     "completed", "failed", "duration", "request_throughput", "output_throughput",
@@ -155,7 +155,7 @@ def run_one(args, axis: str, value, out_dir: Path) -> tuple[dict | None, str]:
         port = free_port() if "{port}" in args.server_cmd else args.port
         if "{port}" in args.server_cmd:
             run_args.base_url = f"http://127.0.0.1:{port}"
-        base_url = (run_args.base_url or f"http://{args.host}:{port}").rstrip("/")
+        base_url, _ = server_urls(run_args)
         command = args.server_cmd.format(
             port=port, concurrency=run_args.max_concurrency, request_rate=run_args.request_rate
         )

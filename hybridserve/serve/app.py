@@ -217,9 +217,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         req = await parse_body(request, DetokenizeRequest)
         require_engine()
         ctx.check_model(req.model)
-        bad = next((t for t in req.tokens if not 0 <= t < ctx.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is out of vocabulary (size {ctx.vocab_size})", "tokens")
+        ctx.check_token_ids(req.tokens, "tokens")
         return {"prompt": ctx.tokenizer.decode(req.tokens)}
 
     return app

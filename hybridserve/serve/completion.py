@@ -47,9 +47,7 @@ def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | Non
             text: str | None = item
         else:
             ids, text = list(item), None
-            bad = next((t for t in ids if not 0 <= t < ctx.vocab_size), None)
-            if bad is not None:
-                raise bad_request(f"token id {bad} is out of vocabulary (size {ctx.vocab_size})", param)
+            ctx.check_token_ids(ids, param)
         if not ids:
             raise bad_request("prompt must not be empty", param)
         out.append((text, ids))

@@ -112,6 +112,12 @@ class ServerContext:
     def vocab_size(self) -> int:
         return self.engine.model_config.vocab_size
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 naming the first id outside the vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param)
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.settings.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
