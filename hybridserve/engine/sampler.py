@@ -158,11 +158,15 @@ class Sampler:
         vocab, device = logits.shape[1], logits.device
         prompt_mask = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
         counts = torch.zeros(len(outputs), vocab, dtype=torch.int32, device=device)
-        for i, (p, o) in enumerate(zip(prompts, outputs)):
-            prompt_mask[i, torch.tensor(p, dtype=torch.int64, device=device)] = True
-            if o:
-                ids = torch.tensor(o, dtype=torch.int64, device=device)
-                counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        # every row's ids at once, as flat offsets row * vocab + id: one copy each, not two per row
+        prompt_mask.view(-1)[_flat_offsets(prompts, vocab, device)] = True
+        out_ids = _flat_offsets(outputs, vocab, device)
+        counts.view(-1).index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.int32))
         sub = logits[rows]
         ref_sampling.apply_penalties(sub, prompt_mask, counts, presence, frequency, repetition)
         logits[rows] = sub
+
+
+def _flat_offsets(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """row * vocab + id for every id of every row, as one int64 tensor on the device."""
+    return torch.tensor([i * vocab + t for i, seq in enumerate(seqs) for t in seq], dtype=torch.int64, device=device)

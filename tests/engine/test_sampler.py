@@ -63,6 +63,32 @@ def test_penalties_match_hand_computation():
     assert ids == [2]
 
 
+def test_penalties_of_many_rows_each_see_only_their_own_tokens():
+    """Rows between unpenalised ones, one without output, repeated ids: each row is penalised by its
+    own prompt and output counts alone."""
+    logits = torch.randn(5, 7)
+    rows = [row(prompt=[0, 1], output=[3, 3, 6], presence_penalty=0.5, frequency_penalty=0.3),
+            row(prompt=[2], output=[4]),  # no penalty
+            row(prompt=[5, 5], output=[], repetition_penalty=1.5),
+            row(prompt=[1], output=[1, 2, 2, 2], frequency_penalty=1.0, repetition_penalty=1.2),
+            row(prompt=[6], output=[0])]  # no penalty
+    out = logits.clone()
+    Sampler._apply_penalties(out, SamplingMetadata.build(rows, torch.device("cpu")).penalties)
+    expected = logits.clone()
+    for i in (0, 2, 3):
+        r, p = rows[i], rows[i].params
+        mask = torch.zeros(1, 7, dtype=torch.bool)
+        mask[0, r.token_ids[: r.num_prompt_tokens]] = True
+        counts = torch.zeros(1, 7, dtype=torch.int32)
+        for t in r.output_token_ids:
+            counts[0, t] += 1
+        one = expected[i : i + 1].clone()
+        ref.apply_penalties(one, mask, counts, torch.tensor([p.presence_penalty]), torch.tensor([p.frequency_penalty]),
+                            torch.tensor([p.repetition_penalty]))
+        expected[i] = one[0]
+    torch.testing.assert_close(out, expected)
+
+
 def test_negative_logits_are_multiplied_by_the_repetition_penalty():
     logits = torch.tensor([[-1.0, -1.5]])
     out = logits.clone()
