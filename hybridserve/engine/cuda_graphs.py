@@ -99,7 +99,6 @@ class DecodeGraphs:
             block_tables=self.block_tables[:g],
             slot_mapping=self.slot_mapping[:g],
             logits_indices=self.logits_indices[:g],
-            max_query_len=1,
             is_decode=True,
         )
 

@@ -117,7 +117,6 @@ class ModelRunner:
             len(batch) <= self.max_graph_batch
             and batch.is_decode
             and all(s == 1 for s in batch.num_samples)
-            and all(r.num_computed_tokens > 0 for r in batch.requests)
         )
 
     def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
@@ -160,8 +159,7 @@ class ModelRunner:
             block_tables=tables,
             slot_mapping=parts[1],
             logits_indices=parts[6],
-            max_query_len=int(lens.max()),
-            is_decode=bool((lens == 1).all() and (cached > 0).all()),
+            is_decode=batch.is_decode,
         )
         return self.model(forward_batch, self.cache), rows
 
@@ -189,17 +187,16 @@ class ModelRunner:
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
         block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.dtype)
         budget = self._memory_budget() - slot_bytes - block_bytes
-        blocks_per_seq = -(-self.max_model_len // self.block_size)
         fixed_blocks = self.config.num_kv_blocks
         if fixed_blocks is None:
-            room_for_slots = budget // (slot_bytes + blocks_per_seq * block_bytes)
+            room_for_slots = budget // (slot_bytes + self.max_blocks_per_seq * block_bytes)
         else:
             room_for_slots = (budget - fixed_blocks * block_bytes) // slot_bytes
         num_slots = min(self.config.max_num_seqs, room_for_slots)
         if num_slots < 1:
             raise RuntimeError(
                 f"not enough memory for the cache: {max(budget, 0) / 2**20:.1f} MiB left, one sequence of "
-                f"{self.max_model_len} tokens needs {(slot_bytes + blocks_per_seq * block_bytes) / 2**20:.1f} MiB; "
+                f"{self.max_model_len} tokens needs {(slot_bytes + self.max_blocks_per_seq * block_bytes) / 2**20:.1f} MiB; "
                 "lower max_model_len or raise gpu_memory_utilization / cpu_cache_bytes"
             )
         num_blocks = fixed_blocks or (budget - num_slots * slot_bytes) // block_bytes

@@ -33,7 +33,6 @@ class EngineOutput(msgspec.Struct, array_like=True):
     request_id: str
     deltas: list[SequenceDelta]
     finished: bool  # every sequence of the request has finished
-    num_prompt_tokens: int = 0
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited before its first step
     error: str | None = None  # set when the engine failed this request

@@ -35,12 +35,9 @@ class ScheduledBatch:
     num_samples: list[int] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    @property
     def is_decode(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens)
+        """One new token per sequence, each continuing carried state (a one-token prompt is not a decode)."""
+        return all(n == 1 for n in self.num_new_tokens) and all(r.num_computed_tokens > 0 for r in self.requests)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -154,7 +151,7 @@ class Scheduler:
         scheduled: dict[Request, int] = {}
         decodes, prompts = [], []
         for r in self.running:
-            (decodes if r.num_tokens - r.num_computed_tokens == 1 else prompts).append(r)
+            (decodes if r.num_pending_tokens == 1 else prompts).append(r)
         for req in decodes + prompts:
             if budget == 0:
                 break
@@ -174,11 +171,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_pending_tokens, budget)
-            if self.states.num_free_slots == 0 or self.kv.blocks_for(n) > self.kv.num_free_blocks:
+            # all-or-nothing: a request that does not get its blocks holds none
+            if self.states.num_free_slots == 0 or not self.kv.allocate(req, n):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             self.states.allocate(req)
-            self.kv.allocate(req, n)
             req.status = RequestStatus.RUNNING
             if req.queue_time is None:
                 req.queue_time = time.monotonic() - req.arrival_time
@@ -306,14 +303,11 @@ class Scheduler:
 
     def _output(self, group: list[Request], deltas: list[SequenceDelta]) -> EngineOutput:
         first = group[0]
-        if len(group) == 1:
-            finished, preemptions = first.status is RequestStatus.FINISHED, first.num_preemptions
-        else:
-            finished = all(r.is_finished for r in group)
-            preemptions = sum(r.num_preemptions for r in group)
+        finished = all(r.is_finished for r in group)
         if finished:
             del self.groups[first.request_id]
-        return EngineOutput(first.request_id, deltas, finished, first.num_prompt_tokens, preemptions, first.queue_time)
+        return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
+                            queue_time=first.queue_time)
 
 
 def _arrival(req: Request) -> tuple[int, int]:

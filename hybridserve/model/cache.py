@@ -64,14 +64,6 @@ class HybridCache:
         n_attn = len(config.layers_of("*"))
         return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
 
-    @property
-    def num_slots(self) -> int:
-        return self.ssm_state.shape[1]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv.shape[2]
-
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate one sequence's Mamba state (n > 1: the prompt is prefilled once)."""
         self.conv_state[:, dst].copy_(self.conv_state[:, src])

@@ -25,16 +25,7 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, M] int32: KV page ids of each sequence (-1 / unused past the end)
     slot_mapping: torch.Tensor  # [T] int64: flat KV slot (page * block_size + offset) of each new token
     logits_indices: torch.Tensor | None = None  # [R] int64 rows of the T tokens to compute logits for; None: all
-    max_query_len: int = 0  # host copy of max(cu[b+1] - cu[b])
     is_decode: bool = False  # host flag: every sequence has exactly one new token and carried state
-
-    @property
-    def num_seqs(self) -> int:
-        return self.seq_lens.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[0]
 
     @classmethod
     def build(
@@ -79,7 +70,6 @@ class ForwardBatch:
             block_tables=tensor(tables, torch.int32),
             slot_mapping=tensor(slot_mapping, torch.int64),
             logits_indices=None if logits_indices is None else tensor(logits_indices, torch.int64),
-            max_query_len=max(lens),
             # a one-token prompt is a first step (zero state), not a decode: the decode ops read the slot
             is_decode=all(n == 1 for n in lens) and all(c > 0 for c in num_cached),
         )
