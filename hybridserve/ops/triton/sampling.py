@@ -21,9 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from hybridserve.ops.reference.sampling import apply_penalties, filter_logits, mix32, uniform_noise
-
-__all__ = ["apply_penalties", "filter_logits", "mix32", "sample_tokens", "uniform_noise"]
+from hybridserve.ops.reference.sampling import drop_sorted
 
 TOPK_FAST_MAX = 1024
 
@@ -98,16 +96,7 @@ def _thresholds(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
         vals = torch.topk(scaled, int(kmax), dim=-1, sorted=True).values  # [R, kmax]
     else:
         vals = torch.sort(scaled, dim=-1, descending=True).values
-    width = vals.shape[1]
-    rank = torch.arange(width, device=scaled.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).to(torch.int64)
-    drop = rank >= k[:, None]
-    vals = vals.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(vals, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    drop |= probs < min_p[:, None] * probs[:, :1]
-    drop[:, 0] = False
+    vals, drop = drop_sorted(vals, top_k, top_p, min_p, vocab)
     kept = (~drop).sum(-1)  # a prefix of the descending order
     return vals.gather(1, (kept - 1)[:, None]).squeeze(1).contiguous()
 
