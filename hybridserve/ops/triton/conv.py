@@ -92,6 +92,22 @@ def _conv_state_kernel(
 
 
 @triton.jit
+def _conv_channels(xbc_row, w_ptr, cb_ptr, ring, stride_sk, chans, mask, pos, KW: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One decode token's conv for the given channels: (raw x at pos, silu(conv) rounded to x's dtype,
+    as float32). `ring` is the sequence's slot; reads the rows of positions pos-K+1 .. pos-1."""
+    x = tl.load(xbc_row + chans, mask=mask, other=0.0)
+    acc = tl.zeros(chans.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(cb_ptr + chans, mask=mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(KW - 1):
+        old = tl.load(ring + _ring_row(pos + 1 + k, KW) * stride_sk + chans, mask=mask, other=0.0)
+        acc += old.to(x.dtype).to(tl.float32) * tl.load(w_ptr + chans * KW + k, mask=mask, other=0.0).to(tl.float32)
+    acc += x.to(tl.float32) * tl.load(w_ptr + chans * KW + KW - 1, mask=mask, other=0.0).to(tl.float32)
+    y = acc * tl.sigmoid(acc)
+    return x, y.to(x.dtype).to(tl.float32)
+
+
+@triton.jit
 def _conv_update_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, slots_ptr, lens_ptr,
     C, stride_x, stride_out, stride_ss, stride_sk,
@@ -102,17 +118,9 @@ def _conv_update_kernel(
     cmask = cs < C
     slot = tl.load(slots_ptr + b).to(tl.int64)
     pos = tl.load(lens_ptr + b) - 1
-    base = state_ptr + slot * stride_ss + cs
-    x = tl.load(x_ptr + b.to(tl.int64) * stride_x + cs, mask=cmask, other=0.0)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-    for k in tl.static_range(KW - 1):  # positions pos-K+1 .. pos-1
-        old = tl.load(base + _ring_row(pos + 1 + k, KW) * stride_sk, mask=cmask, other=0.0)
-        acc += old.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + cs * KW + k, mask=cmask, other=0.0).to(tl.float32)
-    acc += x.to(tl.float32) * tl.load(w_ptr + cs * KW + KW - 1, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(base + _ring_row(pos, KW) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=cmask)
-    y = acc * tl.sigmoid(acc)
+    ring = state_ptr + slot * stride_ss
+    x, y = _conv_channels(x_ptr + b.to(tl.int64) * stride_x, w_ptr, b_ptr, ring, stride_sk, cs, cmask, pos, KW, HAS_BIAS)
+    tl.store(ring + _ring_row(pos, KW) * stride_sk + cs, x.to(state_ptr.dtype.element_ty), mask=cmask)
     tl.store(out_ptr + b.to(tl.int64) * stride_out + cs, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
 

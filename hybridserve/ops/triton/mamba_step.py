@@ -16,26 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridserve.ops.triton.conv import _ring_row
+from hybridserve.ops.triton.conv import _conv_channels, _ring_row
 from hybridserve.ops.triton.ssd import _ssu_load, _ssu_store
 
 # state elements per program (a [BLOCK_P, N] tile) and warps. H100 (bench/ops.py --sweep, 2026-11-27):
 # 2048 or 8192 elements, 8 warps, and the ring read as one [channels, K] tile were all slower
 STEP_TUNE = dict(state_elems=4096, num_warps=4)
-
-
-@triton.jit
-def _conv_channels(xbc_row, w_ptr, cb_ptr, ring, stride_sk, chans, mask, pos, KW: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(raw x at pos, silu(conv) rounded to xbc's dtype, as float32) for the given channels."""
-    x = tl.load(xbc_row + chans, mask=mask, other=0.0)
-    acc = x.to(tl.float32) * tl.load(w_ptr + chans * KW + KW - 1, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(cb_ptr + chans, mask=mask, other=0.0).to(tl.float32)
-    for k in tl.static_range(KW - 1):  # positions pos-K+1 .. pos-1
-        old = tl.load(ring + _ring_row(pos + 1 + k, KW) * stride_sk + chans, mask=mask, other=0.0)
-        acc += old.to(x.dtype).to(tl.float32) * tl.load(w_ptr + chans * KW + k, mask=mask, other=0.0).to(tl.float32)
-    y = acc * tl.sigmoid(acc)
-    return x, y.to(x.dtype).to(tl.float32)
 
 
 @triton.jit
