@@ -52,17 +52,15 @@ class HybridCache:
 
     @staticmethod
     def bytes_per_slot(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-        """Mamba state bytes of one sequence over all Mamba layers."""
-        n_mamba = len(config.layers_of("M"))
-        conv = config.conv_kernel * config.conv_dim * dtype.itemsize
-        ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
-        return n_mamba * (conv + ssm)
+        """Mamba state bytes of one sequence over all Mamba layers (from `allocate` on the meta device,
+        so the layout is written once)."""
+        one = HybridCache.allocate(config, 1, 0, 1, dtype, ssm_dtype, device="meta")
+        return one.conv_state.nbytes + one.ssm_state.nbytes
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
         """KV bytes of one page over all attention layers."""
-        n_attn = len(config.layers_of("*"))
-        return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
+        return HybridCache.allocate(config, 0, 1, block_size, kv_dtype, device="meta").kv.nbytes
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate one sequence's Mamba state (n > 1: the prompt is prefilled once)."""

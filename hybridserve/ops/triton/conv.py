@@ -164,7 +164,7 @@ def causal_conv1d(
     init = has_initial_state.to(torch.int8)
     if t > 0:
         pos = torch.arange(t, device=x.device, dtype=torch.int32)
-        seq_idx = torch.searchsorted(cu[1:], pos, right=True).to(torch.int32)
+        seq_idx = torch.searchsorted(cu[1:], pos, right=True, out_int32=True)
         block_t, block_c = 16, 128
         _conv_varlen_kernel[(triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
             x, weight, bias, out, conv_state, seq_idx, cu, lens, state_slots, init,
