@@ -47,6 +47,11 @@ class ConfigError(ValueError):
     """A config.json (or preset) that cannot describe a NemotronH model; the message says why."""
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     layer_types: str  # one char per layer: M mamba, * attention, E moe, - dense mlp
@@ -165,47 +170,43 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         for f in fields(self):
             if f.type == "int" and not f.name.endswith("_token_id"):  # token ids may be null
                 value = getattr(self, f.name)
-                need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                _need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                      f"{f.name} must be a non-negative integer, not {value!r}")
-        need(self.num_layers > 0, "the layer pattern is empty")
-        need(set(self.layer_types) <= set(LAYER_TYPES), f"unknown layer type in pattern {self.layer_types!r}")
-        need(self.vocab_size > 0 and self.hidden_size > 0, "vocab_size and hidden_size must be positive")
+        _need(self.num_layers > 0, "the layer pattern is empty")
+        _need(set(self.layer_types) <= set(LAYER_TYPES), f"unknown layer type in pattern {self.layer_types!r}")
+        _need(self.vocab_size > 0 and self.hidden_size > 0, "vocab_size and hidden_size must be positive")
         if "*" in self.layer_types:
-            need(min(self.num_attention_heads, self.num_key_value_heads, self.head_dim) > 0,
+            _need(min(self.num_attention_heads, self.num_key_value_heads, self.head_dim) > 0,
                  "num_attention_heads, num_key_value_heads and head_dim must be positive")
-            need(
+            _need(
                 self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})",
             )
         if "M" in self.layer_types:
-            need(min(self.mamba_num_heads, self.mamba_head_dim, self.ssm_state_size, self.n_groups) > 0,
+            _need(min(self.mamba_num_heads, self.mamba_head_dim, self.ssm_state_size, self.n_groups) > 0,
                  "mamba_num_heads, mamba_head_dim, ssm_state_size and n_groups must be positive")
-            need(
+            _need(
                 self.mamba_num_heads % self.n_groups == 0,
                 f"mamba_num_heads ({self.mamba_num_heads}) must be a multiple of n_groups ({self.n_groups})",
             )
-            need(self.conv_kernel >= 2, "conv_kernel must be >= 2")
+            _need(self.conv_kernel >= 2, "conv_kernel must be >= 2")
         if "E" in self.layer_types:
-            need(
+            _need(
                 0 < self.num_experts_per_tok <= self.n_routed_experts,
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, n_routed_experts={self.n_routed_experts}]",
             )
-            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            _need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
         if "-" in self.layer_types:
-            need(self.intermediate_size > 0, "intermediate_size must be positive for '-' (dense MLP) layers")
-        need(
+            _need(self.intermediate_size > 0, "intermediate_size must be positive for '-' (dense MLP) layers")
+        _need(
             self.torch_dtype in ("float32", "bfloat16", "float16"),
             f"torch_dtype {self.torch_dtype!r} must be float32, bfloat16 or float16",
         )
-        need(
+        _need(
             self.mamba_ssm_cache_dtype in ("float32", "bfloat16", "float16"),
             f"mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r} must be float32, bfloat16 or float16",
         )
@@ -259,21 +260,17 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, not {self.load_format!r}")
-        need(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}")
-        need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
-        need(
+        _need(self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, not {self.load_format!r}")
+        _need(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}")
+        _need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+        _need(
             self.mamba_ssm_cache_dtype in ("auto", "float32", "bfloat16", "float16"),
             f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}",
         )
-        need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
-        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
-        need(self.block_size >= 1, "block_size must be >= 1")
-        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
-        need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
-        need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet")
+        _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
+        _need(self.block_size >= 1, "block_size must be >= 1")
+        _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
+        _need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        _need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet")

@@ -172,6 +172,15 @@ def _fill_tied_lm_head(model, params, loaded) -> None:
         loaded["lm_head.weight"] = None
 
 
+_STACKED = ("experts.up_proj", "experts.down_proj")  # our parameters holding all routed experts
+
+
+def _expert_name(stacked: str, j: int) -> str:
+    """Checkpoint name of expert j's slice of a stacked parameter: ...experts.up_proj -> ...experts.j.up_proj.weight."""
+    stack, proj = stacked.rsplit(".", 1)
+    return f"{stack}.{j}.{proj}.weight"
+
+
 def _check_complete(params, loaded) -> None:
     """Raise naming the first missing tensors (checkpoint names) if any parameter was not filled."""
     missing = []
@@ -179,9 +188,8 @@ def _check_complete(params, loaded) -> None:
         rows = loaded.get(name, set())
         if rows is None:
             continue
-        if name.endswith(("experts.up_proj", "experts.down_proj")):
-            stack, proj = name.rsplit(".", 1)
-            missing += [f"{stack}.{j}.{proj}.weight" for j in range(p.shape[0]) if j not in rows]
+        if name.endswith(_STACKED):
+            missing += [_expert_name(name, j) for j in range(p.shape[0]) if j not in rows]
         else:
             missing.append(name)
     if missing:
@@ -271,10 +279,9 @@ def save_checkpoint(
 def _hf_tensors(model: NemotronHForCausalLM):
     """(checkpoint name, tensor) pairs: model parameters with the routed experts unstacked."""
     for name, p in model.named_parameters():
-        if name.endswith(("experts.up_proj", "experts.down_proj")):
-            stack, proj = name.rsplit(".", 1)
+        if name.endswith(_STACKED):
             for j in range(p.shape[0]):
-                yield f"{stack}.{j}.{proj}.weight", p[j]
+                yield _expert_name(name, j), p[j]
         else:
             yield name, p
 
