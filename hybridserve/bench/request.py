@@ -17,15 +17,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-
-@dataclass
-class RequestInput:
-    """What to send: prompt text, its client-side length, the output token budget."""
-
-    prompt: str
-    prompt_len: int
-    output_len: int
-    request_id: str = ""
+from hybridserve.bench.datasets import SampleRequest
 
 
 @dataclass
@@ -62,20 +54,20 @@ class SSEParser:
         return events
 
 
-def build_payload(backend: str, model: str, request: RequestInput, ignore_eos: bool, extra_body: dict) -> dict:
+def build_payload(backend: str, model: str, request: SampleRequest, ignore_eos: bool, extra_body: dict) -> dict:
     """The JSON body vLLM's client sends for this backend."""
     if backend == "openai-chat":
         payload = {
             "model": model,
             "messages": [{"role": "user", "content": request.prompt}],
-            "max_completion_tokens": request.output_len,
+            "max_completion_tokens": request.expected_output_len,
         }
     else:
         payload = {
             "model": model,
             "prompt": request.prompt,
             "repetition_penalty": 1.0,
-            "max_tokens": request.output_len,
+            "max_tokens": request.expected_output_len,
             "logprobs": None,
         }
     payload |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -119,7 +111,7 @@ async def send_request(
     url: str,
     backend: str,
     model: str,
-    request: RequestInput,
+    request: SampleRequest,
     ignore_eos: bool = False,
     extra_body: dict | None = None,
 ) -> RequestOutput:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from hybridserve.bench.datasets import DatasetError, SampleRequest, load_tokenizer, sample_requests
 from hybridserve.bench.metrics import GOODPUT_METRICS, calculate_metrics
 from hybridserve.bench.report import DETAIL_FIELDS, format_report, result_fields, result_filename
-from hybridserve.bench.request import RequestInput, error_text, send_request
+from hybridserve.bench.request import error_text, send_request
 
 SESSION_TIMEOUT = aiohttp.ClientTimeout(total=6 * 60 * 60)
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -173,9 +173,8 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
     async with aiohttp.ClientSession(connector=connector, timeout=SESSION_TIMEOUT, trust_env=True) as session:
 
         async def limited(request: SampleRequest, arrival: float, progress: tqdm | None):
-            req = RequestInput(request.prompt, request.prompt_len, request.expected_output_len, request.request_id)
             async with semaphore:
-                output = await send_request(session, api_url, args.backend, model, req, ignore_eos, extra_body)
+                output = await send_request(session, api_url, args.backend, model, request, ignore_eos, extra_body)
             output.client_queue_time = output.start_time - arrival
             if progress is not None:
                 progress.update(1)

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from hybridserve.bench.datasets import SampleRequest
 from hybridserve.bench.metrics import calculate_metrics
 from hybridserve.bench.report import format_report, metric_fields, result_filename
-from hybridserve.bench.request import RequestInput, RequestOutput, SSEParser, build_payload, error_text
+from hybridserve.bench.request import RequestOutput, SSEParser, build_payload, error_text
 from hybridserve.bench.serve import (
     BenchError,
     arrival_offsets,
@@ -29,7 +30,7 @@ def test_sse_parser_handles_split_frames_comments_crlf_and_utf8():
 
 
 def test_completions_payload_matches_vllm():
-    request = RequestInput("w1 w2", 2, 9, "bench-0")
+    request = SampleRequest("w1 w2", 2, 9, "bench-0")
     payload = build_payload("openai", "m", request, ignore_eos=True, extra_body={"temperature": 0.5})
     assert payload == {
         "model": "m", "prompt": "w1 w2", "repetition_penalty": 1.0, "max_tokens": 9, "logprobs": None,
@@ -38,7 +39,7 @@ def test_completions_payload_matches_vllm():
 
 
 def test_chat_payload_sends_max_completion_tokens():
-    payload = build_payload("openai-chat", "m", RequestInput("hi", 1, 5), ignore_eos=False, extra_body={})
+    payload = build_payload("openai-chat", "m", SampleRequest("hi", 1, 5), ignore_eos=False, extra_body={})
     assert payload["messages"] == [{"role": "user", "content": "hi"}]
     assert payload["max_completion_tokens"] == 5
     assert "max_tokens" not in payload and "ignore_eos" not in payload
@@ -140,7 +141,7 @@ async def test_send_request_on_odd_streams():
     async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
 
         async def send(path):
-            return await send_request(session, str(server.make_url(path)), "openai", "m", RequestInput("p", 1, 2))
+            return await send_request(session, str(server.make_url(path)), "openai", "m", SampleRequest("p", 1, 2))
 
         garbage, array, empty, no_usage = [await send(path) for path in STREAMS]
     assert not garbage.success and "JSONDecodeError" in garbage.error
