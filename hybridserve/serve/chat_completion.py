@@ -69,11 +69,11 @@ class _ToolPolicy:
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools in play: shown to the model by the template and parsed from its output."""
         return None if self.choice == "none" else self.tools
 
     def parser(self, reasoning_open: bool) -> ChatOutputParser:
-        tools = None if self.choice == "none" else self.tools
-        return ChatOutputParser(reasoning_open, tools, self.function, self.parallel)
+        return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel)
 
     def check(self, finish_reason: str | None, num_calls: int) -> None:
         if self.choice in ("required", "named") and finish_reason == "stop" and num_calls == 0:
