@@ -109,7 +109,7 @@ class ModelRunner:
             logits = self.decode_graphs.run(batch)
         else:
             logits = self.model(batch, self.cache)
-        self._copy_states(plan, self.cache)
+        self._copy_states(plan)
         return logits
 
     @torch.inference_mode()
@@ -125,15 +125,14 @@ class ModelRunner:
         """A pure decode of continuing sequences, one sample each, within the captured sizes."""
         return plan.num_seqs <= self.max_graph_batch and plan.is_decode and plan.samples_each_sequence_once
 
-    @staticmethod
-    def _copy_states(plan: StepPlan, cache: HybridCache) -> None:
+    def _copy_states(self, plan: StepPlan) -> None:
         """n > 1 forks: Mamba slots and KV tail blocks copied after the forward that computed them."""
         if len(plan.slot_copies):
-            src, dst = torch.from_numpy(plan.slot_copies.T.copy()).to(cache.kv.device)
-            cache.copy_slots(src, dst)
+            src, dst = torch.from_numpy(plan.slot_copies.T.copy()).to(self.device)
+            self.cache.copy_slots(src, dst)
         if len(plan.block_copies):
-            src, dst = torch.from_numpy(plan.block_copies.T.copy()).to(cache.kv.device)
-            cache.copy_blocks(src, dst)
+            src, dst = torch.from_numpy(plan.block_copies.T.copy()).to(self.device)
+            self.cache.copy_blocks(src, dst)
 
     # ---- start-up ------------------------------------------------------------------------------
     def _cache_sizes(self) -> tuple[int, int]:
