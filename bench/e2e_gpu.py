@@ -94,7 +94,7 @@ def main() -> int:
         mamba_state_GiB=round((cache.conv_state.numel() * cache.conv_state.element_size()
                                + cache.ssm_state.numel() * cache.ssm_state.element_size()) / 2**30, 2),
         ssm_state_dtype=str(cache.ssm_state.dtype).replace("torch.", ""),
-        state_slots=runner.num_slots, kv_blocks=runner.num_blocks, block_size=runner.block_size,
+        state_slots=runner.layout.num_slots, kv_blocks=runner.layout.num_blocks, block_size=runner.block_size,
         torch_max_allocated_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     )
     card = torch.cuda.get_device_name() if cuda else "cpu"

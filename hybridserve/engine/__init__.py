@@ -1,2 +1,3 @@
-"""The engine: requests, scheduler, KV blocks and Mamba state slots, model runner, sampler, engine
-core (in-process or its own process), the ZMQ client, output processing and the offline LLM."""
+"""The engine: requests, scheduler, cache manager (KV blocks, Mamba state slots), step plans, model
+runner, sampler, engine core (in-process or its own process), the ZMQ client, output processing and
+the offline LLM."""

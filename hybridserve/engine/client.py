@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from hybridserve.config import EngineConfig, ModelConfig
+from hybridserve.engine.cache_manager import CacheLayout
 from hybridserve.engine.engine_core import run_engine_core_process
 from hybridserve.engine.llm import end_of_turn_token_ids
 from hybridserve.engine.messages import (
@@ -36,7 +37,6 @@ from hybridserve.engine.messages import (
 )
 from hybridserve.engine.output_processor import OutputProcessor
 from hybridserve.engine.outputs import RequestOutput
-from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.stats import EngineStats
 from hybridserve.sampling_params import SamplingParams
 
@@ -53,6 +53,7 @@ class EngineDeadError(RuntimeError):
 class EngineClient:
     model_config: ModelConfig
     tokenizer: object
+    layout: CacheLayout  # from the engine once it is ready
     max_model_len: int
 
     def __init__(self) -> None:  # use `await EngineClient.create(...)`
@@ -100,10 +101,10 @@ class EngineClient:
         except BaseException:
             await self.shutdown()
             raise
-        self.max_model_len = ready.max_model_len
-        self._block_size, self._num_blocks = ready.block_size, ready.num_blocks
-        self._stats = EngineStats(num_blocks=ready.num_blocks, num_slots=ready.num_slots,
-                                  num_free_blocks=ready.num_blocks, num_free_slots=ready.num_slots)
+        self.layout = ready.layout
+        self.max_model_len = self.layout.max_model_len
+        self._stats = EngineStats(num_blocks=self.layout.num_blocks, num_slots=self.layout.num_slots,
+                                  num_free_blocks=self.layout.num_blocks, num_free_slots=self.layout.num_slots)
         self._reader = asyncio.get_running_loop().create_task(self._read_outputs())
         self.is_ready = True
         return self
@@ -118,8 +119,7 @@ class EngineClient:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.validate_vocab(self.model_config.vocab_size)
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
-        Scheduler.check_request_fits(len(prompt_token_ids), max_tokens, self.max_model_len, self._num_blocks, self._block_size)
+        self.layout.check_request(len(prompt_token_ids), params.max_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add_request(request_id, prompt_token_ids, params)

@@ -4,8 +4,10 @@ Eager decode is launch-bound (hundreds of kernels per step), so each padded batc
 captured graph of the whole model forward. All graphs read the same static input buffers, sized
 for the largest batch, and share one memory pool (captured largest first). A step of b sequences
 replays the graph of the next captured size g >= b; rows b..g-1 are padding that point at the
-runner's spare state slot and KV block, so they never touch a live sequence's state.
-Used only on CUDA without `enforce_eager`; the sampler runs after the replay, outside the graph.
+runner's spare state slot and KV block, so they never touch a live sequence's state. A step's
+inputs come packed by the runner's InputPacker (like every step) and are copied into the static
+buffers before the replay. Used only on CUDA without `enforce_eager`; the sampler runs after the
+replay, outside the graph.
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
-from hybridserve.engine.block_table import BlockTable
-from hybridserve.engine.request import Request
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
 
@@ -35,16 +34,15 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         cache: HybridCache,
-        block_table: BlockTable,
         *,
         max_batch: int,
+        max_blocks_per_seq: int,
         pad_slot: int,
+        pad_block: int,
     ) -> None:
-        self.model, self.cache, self.block_table = model, cache, block_table
+        self.model, self.cache = model, cache
         self.sizes = capture_sizes(max_batch)
         self.block_size = cache.block_size
-        pad_block = block_table.pad_block
-        max_blocks_per_seq = block_table.table.shape[1]
         self.pad_slot, self.pad_block = pad_slot, pad_block
         n, device = self.sizes[-1], cache.kv.device
         # static inputs; every row starts out as padding
@@ -64,27 +62,22 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def run(self, requests: list[Request]) -> torch.Tensor:
-        """One decode step for these sequences; returns logits [b, V] (a view of a static buffer)."""
-        b = len(requests)
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Replay the graph for this packed pure-decode batch (b sequences, one token and one logits
+        row each); returns logits [b, V] (a view of a static buffer)."""
+        b = batch.input_ids.shape[0]
         g = next(s for s in self.sizes if s >= b)
-        bs = self.block_size
-        slots = self.block_table.sync(requests)
-        positions = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
-        last_tokens = np.array([r.token_ids[-1] for r in requests], dtype=np.int64)
-        slot_mapping = self.block_table.slot_mapping(slots, positions, np.arange(b))
-        host = torch.from_numpy(np.stack([last_tokens, positions + 1, slots, slot_mapping]))
-        width = max(len(r.block_ids) for r in requests)
-        self.input_ids[:b].copy_(host[0], non_blocking=True)
-        self.seq_lens[:b].copy_(host[1], non_blocking=True)
-        self.state_slots[:b].copy_(host[2], non_blocking=True)
-        self.slot_mapping[:b].copy_(host[3], non_blocking=True)
-        self.block_tables[:b, :width].copy_(torch.from_numpy(self.block_table.table[slots, :width]), non_blocking=True)
+        width = batch.block_tables.shape[1]
+        self.input_ids[:b].copy_(batch.input_ids)
+        self.seq_lens[:b].copy_(batch.seq_lens)
+        self.state_slots[:b].copy_(batch.state_slots)
+        self.slot_mapping[:b].copy_(batch.slot_mapping)
+        self.block_tables[:b, :width].copy_(batch.block_tables)
         if g > b:  # rows left over from a bigger batch become padding again
             self.input_ids[b:g] = 0
             self.seq_lens[b:g] = 1
             self.state_slots[b:g] = self.pad_slot
-            self.slot_mapping[b:g] = self.pad_block * bs
+            self.slot_mapping[b:g] = self.pad_block * self.block_size
             self.block_tables[b:g, 0] = self.pad_block
         self.graphs[g].replay()
         return self.logits[g][:b]

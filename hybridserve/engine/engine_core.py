@@ -54,14 +54,11 @@ class EngineCore:
         self.config = config
         self.model_config = model_config or ModelConfig.from_hf(config.model)
         self.runner = ModelRunner(config, self.model_config, model=model)
-        self.max_model_len = self.runner.max_model_len
+        self.layout = self.runner.layout
         self.scheduler = Scheduler(
+            layout=self.layout,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            num_blocks=self.runner.num_blocks,
-            num_slots=self.runner.num_slots,
-            block_size=config.block_size,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
@@ -73,9 +70,7 @@ class EngineCore:
         params.validate_vocab(vocab)
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
-        self.scheduler.check_fits(len(prompt_token_ids), max_tokens)
-        return max_tokens
+        return self.layout.check_request(len(prompt_token_ids), params.max_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError (SamplingParamsError) if it is invalid or can never fit."""
@@ -84,7 +79,7 @@ class EngineCore:
         seed = (params.seed if params.seed is not None else self._seeds.getrandbits(63)) & _SEED_MASK
         sequences = [
             Request(
-                request_id, prompt_token_ids, params, index=i, seed=_choice_seed(seed, i),
+                request_id, prompt_token_ids, params, index=i, seed=choice_seed(seed, i),
                 max_tokens=max_tokens, stop_token_ids=stop_ids,
             )
             for i in range(params.n)
@@ -96,15 +91,15 @@ class EngineCore:
         return self.scheduler.abort(request_id, indices)
 
     def step(self) -> list[EngineOutput]:
-        batch = self.scheduler.schedule()
-        if not batch:
+        """Schedule, run the forward, sample, apply the tokens (synchronously)."""
+        step = self.scheduler.schedule()
+        if not step:
             return []
-        token_ids, logprobs = self.runner.execute(batch)
-        outputs = self.scheduler.update(batch, token_ids, logprobs)
-        forks = self.scheduler.take_forks()
-        if forks:
-            self.runner.apply_forks(forks)
-        return outputs
+        logits = self.runner.forward(step.plan)
+        if not step.plan.num_samples:
+            return []
+        token_ids, logprobs = self.runner.sample(step.plan, logits).to_host()
+        return self.scheduler.update(step, token_ids, logprobs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -114,19 +109,19 @@ class EngineCore:
         return EngineStats(
             num_running=len(s.running),
             num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv.usage,
-            state_slot_usage=s.states.usage,
+            kv_cache_usage=s.cache.block_usage,
+            state_slot_usage=s.cache.slot_usage,
             num_preemptions_total=s.num_preemptions_total,
             prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total,
-            num_free_blocks=s.kv.num_free_blocks,
-            num_free_slots=s.states.num_free_slots,
-            num_blocks=s.kv.num_blocks,
-            num_slots=s.states.num_slots,
+            num_free_blocks=s.cache.block_pool.num_free,
+            num_free_slots=s.cache.slot_pool.num_free,
+            num_blocks=self.layout.num_blocks,
+            num_slots=self.layout.num_slots,
         )
 
 
-def _choice_seed(seed: int, index: int) -> int:
+def choice_seed(seed: int, index: int) -> int:
     """Distinct sampling keys for the n choices of one request."""
     return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) & _SEED_MASK
 
@@ -185,8 +180,7 @@ def run_engine_core_process(
         inputs.close(linger=0)
         ctx.term()
         return
-    r = core.runner
-    outputs.send(encoder.encode(EngineReady(core.max_model_len, r.block_size, r.num_blocks, r.num_slots)))
+    outputs.send(encoder.encode(EngineReady(core.layout)))
 
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from hybridserve.engine.cache_manager import CacheLayout
 from hybridserve.engine.outputs import EngineOutput
 from hybridserve.engine.stats import EngineStats
 from hybridserve.sampling_params import SamplingParams
@@ -30,10 +31,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
 
 
 class EngineReady(msgspec.Struct, tag=True, array_like=True):
-    max_model_len: int = 0
-    block_size: int = 0
-    num_blocks: int = 0
-    num_slots: int = 0
+    layout: CacheLayout | None = None  # what the caches hold; its check_request is the admission rule
     error: str | None = None
 
 

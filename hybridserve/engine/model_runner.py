@@ -1,33 +1,32 @@
-"""ModelRunner: owns the model, the cache memory and the sampler; runs one ScheduledBatch.
+"""ModelRunner: owns the model, the cache memory and the sampler; runs one StepPlan at a time.
 
 Start-up: load the weights, measure what memory is left (GPU: `gpu_memory_utilization` of the card
 minus weights, other processes and the activation peak of a warm-up step at
 `max_num_batched_tokens`; CPU: `cpu_cache_bytes`), give `max_num_seqs` Mamba state slots their
 share and the rest to KV blocks. One extra slot and one extra block are kept out of the pools as
-padding targets (for CUDA-graph batch padding). The sizes are returned to the engine through
-`num_slots` / `num_blocks`, never written into a config.
+padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
+`CacheLayout` (`self.layout`), never written into a config.
 
-Per step: ScheduledBatch -> ForwardBatch (packed with numpy from the persistent host BlockTable;
-two host->device copies) or a decode CUDA graph -> model -> sampler -> one device->host copy.
+Per step, in two calls so that host work (grammar masks) can run while the GPU computes:
+`forward(plan)`: InputPacker -> ForwardBatch -> the model or a decode CUDA graph -> fork copies;
+`sample(plan, logits)`: the sampler -> tokens into the device token buffer -> a `SamplerOutput`
+whose `to_host()` is the step's one device->host copy. The runner never sees a Request.
 """
 
 from __future__ import annotations
 
 import logging
-from itertools import chain
 
-import numpy as np
 import torch
 
 from hybridserve.config import EngineConfig, ModelConfig
-from hybridserve.engine.block_table import BlockTable
+from hybridserve.engine.cache_manager import CacheLayout
 from hybridserve.engine.cuda_graphs import DecodeGraphs
-from hybridserve.engine.outputs import TokenLogprob
+from hybridserve.engine.input_packer import InputPacker
 from hybridserve.engine.request import Request
-from hybridserve.engine.sampler import Sampler, SamplingMetadata
-from hybridserve.engine.scheduler import Fork, ScheduledBatch
+from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
+from hybridserve.engine.step_plan import StepPlan, synthetic_plan
 from hybridserve.model.cache import HybridCache
-from hybridserve.model.forward_batch import ForwardBatch
 from hybridserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
 
 
 class ModelRunner:
-    """Model + HybridCache + Sampler on one device."""
+    """Model + HybridCache + Sampler on one device; runs StepPlans."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module | None = None) -> None:
         self.config = config
@@ -76,105 +75,64 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.max_graph_batch = min(config.max_num_seqs, MAX_GRAPH_BATCH)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.num_slots, self.num_blocks = self._cache_sizes()
-        self.cache = HybridCache.allocate(
-            model_config, self.num_slots + 1, self.num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+        num_slots, num_blocks = self._cache_sizes()
+        self.layout = CacheLayout(
+            block_size=self.block_size, num_blocks=num_blocks, num_slots=num_slots, max_model_len=self.max_model_len,
+            kv_dtype=_dtype_name(self.dtype), state_dtype=ssm_name,
         )
-        self.pad_slot, self.pad_block = self.num_slots, self.num_blocks
-        self.block_table = BlockTable(self.num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block)
-        kv_tokens = self.num_blocks * self.block_size
+        self.cache = HybridCache.allocate(
+            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+        )
+        self.pad_slot, self.pad_block = num_slots, num_blocks
+        self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
+        kv_tokens = num_blocks * self.block_size
         logger.info(
             "cache: %d KV blocks x %d tokens = %d tokens of KV, %d Mamba state slots (SSM state %s); "
             "max concurrency %d requests of %d tokens",
-            self.num_blocks, self.block_size, kv_tokens, self.num_slots, ssm_name,
-            min(self.num_slots, kv_tokens // self.max_model_len), self.max_model_len,
+            num_blocks, self.block_size, kv_tokens, num_slots, ssm_name,
+            min(num_slots, kv_tokens // self.max_model_len), self.max_model_len,
         )
         self.decode_graphs = None
         if self.use_graphs:
             self.decode_graphs = DecodeGraphs(
-                self.model, self.cache, self.block_table, max_batch=self.max_graph_batch, pad_slot=self.pad_slot
+                self.model, self.cache, max_batch=self.max_graph_batch, max_blocks_per_seq=self.max_blocks_per_seq,
+                pad_slot=self.pad_slot, pad_block=self.pad_block,
             )
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
-        """Run the batch; returns the sampled token ids (one per sampled row, batch order) and
-        their logprob entries (None when no row asked)."""
-        reqs = batch.requests
-        if self.decode_graphs is not None and self._graph_ready(batch):
-            logits, rows = self.decode_graphs.run(reqs), reqs
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Run the plan's forward (and its post-forward copies); returns the logits of its sample
+        rows [R, V] on the device, without waiting for them."""
+        batch = self.packer.pack(plan)
+        if self.decode_graphs is not None and self._graph_ready(plan):
+            logits = self.decode_graphs.run(batch)
         else:
-            logits, rows = self._run_eager(batch)
-        if not rows:
-            return [], None
-        meta = SamplingMetadata.build(rows, self.device)
-        host = self.sampler(logits, meta).tolist()  # the step's one device->host copy
-        return Sampler.unpack(host, meta)
-
-    def _graph_ready(self, batch: ScheduledBatch) -> bool:
-        """A pure decode of continuing sequences, one sample each, within the captured sizes."""
-        return (
-            len(batch) <= self.max_graph_batch
-            and batch.is_decode
-            and all(s == 1 for s in batch.num_samples)
-        )
-
-    def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Any batch: pack it, run the model; returns logits of the sampled rows and their requests
-        (a request finishing its prompt with forks samples one row per choice)."""
-        reqs = batch.requests
-        b = len(reqs)
-        lens = np.array(batch.num_new_tokens, dtype=np.int64)
-        cached = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
-        slots = self.block_table.sync(reqs)
-        cu = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        seq_index = np.repeat(np.arange(b), lens)
-        positions = np.arange(cu[-1]) - cu[:-1][seq_index] + cached[seq_index]
-        slot_mapping = self.block_table.slot_mapping(slots, positions, seq_index)
-        input_ids = np.fromiter(
-            chain.from_iterable(r.token_ids[c : c + n] for r, c, n in zip(reqs, cached.tolist(), batch.num_new_tokens)),
-            dtype=np.int64, count=int(cu[-1]),
-        )
-        rows: list[Request] = []
-        logits_indices: list[int] = []
-        for r, end, s in zip(reqs, cu[1:].tolist(), batch.num_samples):
-            if s:
-                rows += [r, *r.forks[: s - 1]]
-                logits_indices += [end - 1] * s
-        # one host->device copy for the 1-D inputs, one for the block tables
-        flat = np.concatenate([input_ids, slot_mapping, cu, cached + lens, slots, cached > 0,
-                               np.array(logits_indices, dtype=np.int64)])
-        dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
-        t = int(cu[-1])
-        parts = dev.split([t, t, b + 1, b, b, b, len(logits_indices)])
-        width = max(1, max(len(r.block_ids) for r in reqs))
-        tables = torch.from_numpy(self.block_table.table[slots, :width]).to(self.device, non_blocking=True)
-        forward_batch = ForwardBatch(
-            input_ids=parts[0],
-            cu_seqlens=parts[2].to(torch.int32),
-            seq_lens=parts[3].to(torch.int32),
-            state_slots=parts[4],
-            has_initial_state=parts[5].bool(),
-            block_tables=tables,
-            slot_mapping=parts[1],
-            logits_indices=parts[6],
-            is_decode=batch.is_decode,
-        )
-        return self.model(forward_batch, self.cache), rows
+            logits = self.model(batch, self.cache)
+        self._copy_states(plan)
+        return logits
 
     @torch.inference_mode()
-    def apply_forks(self, forks: list[Fork]) -> None:
-        """n > 1: copy each parent's Mamba state and prompt KV blocks into its sibling's."""
-        src_blocks, dst_blocks = [], []
-        for f in forks:
-            self.cache.copy_slot(f.src_slot, f.dst_slot)
-            src_blocks += f.src_blocks
-            dst_blocks += f.dst_blocks
-        if src_blocks:
-            src = torch.tensor(src_blocks, dtype=torch.int64, device=self.device)
-            dst = torch.tensor(dst_blocks, dtype=torch.int64, device=self.device)
-            self.cache.kv[:, :, dst] = self.cache.kv[:, :, src]
+    def sample(self, plan: StepPlan, logits: torch.Tensor) -> SamplerOutput:
+        """Sample the plan's rows from `forward`'s logits; the tokens also go into the token buffer,
+        where the next step's decode rows read them."""
+        meta = SamplingMetadata.build(plan.sampling, self.device)
+        out = self.sampler(logits, meta)
+        self.packer.store_sampled(meta.slots, out.token_ids)
+        return out
+
+    def _graph_ready(self, plan: StepPlan) -> bool:
+        """A pure decode of continuing sequences, one sample each, within the captured sizes."""
+        return plan.num_seqs <= self.max_graph_batch and plan.is_decode and plan.samples_each_sequence_once
+
+    def _copy_states(self, plan: StepPlan) -> None:
+        """n > 1 forks: Mamba slots and KV tail blocks copied after the forward that computed them."""
+        if len(plan.slot_copies):
+            src, dst = torch.from_numpy(plan.slot_copies.T.copy()).to(self.device)
+            self.cache.copy_slots(src, dst)
+        if len(plan.block_copies):
+            src, dst = torch.from_numpy(plan.block_copies.T.copy()).to(self.device)
+            self.cache.copy_blocks(src, dst)
 
     # ---- start-up ------------------------------------------------------------------------------
     def _cache_sizes(self) -> tuple[int, int]:
@@ -237,25 +195,29 @@ class ModelRunner:
             nb = -(-n // self.block_size)
             tables.append(list(range(next_block, next_block + nb)))
             next_block += nb
-        scratch = HybridCache.allocate(
-            self.model_config, len(lengths), next_block, self.block_size, self.dtype, self.ssm_dtype, self.device
-        )
-        batch = ForwardBatch.build(
-            [[0] * n for n in lengths], [0] * len(lengths), list(range(len(lengths))), tables, self.block_size, self.device
-        )
         rows = min(tokens, self.config.max_num_seqs)
-        batch.logits_indices = torch.arange(rows, device=self.device)
-        logits = self.model(batch, scratch)
         probe = Request("warm-up", [0], SamplingParams(top_p=0.9, logprobs=5), max_tokens=1)
-        self.sampler(logits, SamplingMetadata.build([probe] * rows, self.device))
-        del scratch, logits
+        plan = synthetic_plan([[0] * n for n in lengths], [0] * len(lengths), list(range(len(lengths))), tables,
+                              sample_token_indices=list(range(rows)), sample_rows=[probe] * rows)
+        self._scratch_step(plan, len(lengths), next_block, max(len(t) for t in tables), sample=True)
 
     @torch.inference_mode()
     def _warm_up_decode(self) -> None:
         """One eager decode step at the largest graph batch (every row on one scratch slot)."""
         n = self.max_graph_batch
-        scratch = HybridCache.allocate(self.model_config, 1, 1, self.block_size, self.dtype, self.ssm_dtype, self.device)
-        batch = ForwardBatch.build([[0]] * n, [1] * n, [0] * n, [[0, 0]] * n, self.block_size, self.device)
-        self.model(batch, scratch)
-        del scratch
+        self._scratch_step(synthetic_plan([[0]] * n, [1] * n, [0] * n, [[0]] * n), 1, 1, 1, sample=False)
 
+    def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:
+        """Run a plan on a scratch cache, through the same packer and sampler as real steps."""
+        scratch = HybridCache.allocate(
+            self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device
+        )
+        packer = InputPacker(num_slots, width, self.block_size, 0, self.device)
+        logits = self.model(packer.pack(plan), scratch)
+        if sample:
+            self.sampler(logits, SamplingMetadata.build(plan.sampling, self.device))
+        del scratch, logits
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,10 +1,12 @@
 """Request: one sequence the scheduler runs, from arrival to finish.
 
 A client request with `n` choices becomes `n` Requests sharing a `request_id` (one per `index`).
-The scheduler owns every field that changes: `num_computed_tokens` (tokens whose KV and Mamba state
-are in the caches), the KV pages in `block_ids`, the Mamba `state_slot`, and the status. Invariant:
-`num_computed_tokens <= num_tokens`, and the gap is what the next steps must feed the model (the
-rest of the prompt, or the one token sampled last step). Pure Python, no torch.
+The scheduler is the only writer of every field that changes: `num_computed_tokens` (tokens whose
+KV and Mamba state are in the caches once the scheduled steps have run; advanced when a step is
+scheduled), the status, and — through the CacheManager — the KV blocks in `block_ids` and the
+Mamba `state_slot`. Invariant: `num_computed_tokens <= num_tokens`, and the gap is what the next
+steps must feed the model (the rest of the prompt, or the one token sampled last step). The model
+runner never sees a Request (it gets a `StepPlan`). Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.forks: list[Request] = []  # n > 1: siblings that start from this sequence's prompt state
+        # the last token was sampled into this sequence's token-buffer row (its slot) on the device
+        self.last_token_on_device = False
         self.thinking_open = params.thinking_budget is not None and params.thinking_end_token_id is not None
 
     # ---- sizes ---------------------------------------------------------------------------------

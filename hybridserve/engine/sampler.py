@@ -5,27 +5,30 @@ logit_bias; stop tokens masked while `min_tokens` is not reached; repetition, fr
 presence penalties; then greedy (temperature 0) or seeded sampling with top_k / top_p / min_p
 (`ops.reference.sampling`); finally a forced token (thinking budget) replaces the pick.
 
-`SamplingMetadata.build` turns the rows' requests into tensors once per step; rare features
-(penalties, bias, min_tokens, logprobs) cost nothing when no row uses them. The sampler returns one
-device tensor so the runner makes a single device->host copy per step.
+`SamplingMetadata.build` puts a step plan's `SamplingInputs` (host arrays, built by the scheduler)
+on the device once per step; rare features (penalties, bias, min_tokens, logprobs) cost nothing
+when no row uses them. The sampler's `SamplerOutput` stays on the device (the runner writes the
+tokens into the token buffer) and reaches the host in a single copy per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hybridserve.engine.outputs import TokenLogprob
-from hybridserve.engine.request import Request
+from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.ops import get_ops
 from hybridserve.ops.reference import sampling as ref_sampling
 
 
 @dataclass
 class SamplingMetadata:
-    """Per-row sampling inputs for one step (R rows). Optional parts are None when unused."""
+    """Per-row sampling inputs for one step (R rows) on the device. Optional parts are None when unused."""
 
+    slots: torch.Tensor  # [R] int64: token-buffer row of each sampled token
     temperature: torch.Tensor  # [R] float32
     top_k: torch.Tensor  # [R] int32
     top_p: torch.Tensor  # [R] float32
@@ -42,59 +45,70 @@ class SamplingMetadata:
     max_logprobs: int  # -1 when no row asks for logprobs
 
     @classmethod
-    def build(cls, rows: list[Request], device: torch.device) -> SamplingMetadata:
-        ps = [r.params for r in rows]
+    def build(cls, inputs: SamplingInputs, device: torch.device) -> SamplingMetadata:
+        """The host inputs on the device: two copies for the per-row scalars, more only for rare features."""
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        forced = [r.forced_next_token() for r in rows]
-        bias_r, bias_c, bias_v = [], [], []
-        sup_r, sup_c = [], []
-        pen_rows = []
-        for i, (r, p) in enumerate(zip(rows, ps)):
-            for tid, v in p.logit_bias.items():
-                bias_r.append(i)
-                bias_c.append(tid)
-                bias_v.append(v)
-            if r.suppress_stop_tokens:
-                for tid in r.stop_token_ids:
-                    sup_r.append(i)
-                    sup_c.append(tid)
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-                pen_rows.append(i)
+        floats = torch.from_numpy(np.stack([inputs.temperature, inputs.top_p, inputs.min_p])).to(device)
+        ints = torch.from_numpy(np.stack([inputs.slots, inputs.top_k, inputs.seeds, inputs.positions,
+                                          inputs.forced])).to(device)
+        pen = inputs.penalty_values
         penalties = None
-        if pen_rows:
-            penalties = (
-                tensor(pen_rows, torch.int64),
-                [rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen_rows],
-                [rows[i].output_token_ids for i in pen_rows],
-                tensor([ps[i].presence_penalty for i in pen_rows], torch.float32),
-                tensor([ps[i].frequency_penalty for i in pen_rows], torch.float32),
-                tensor([ps[i].repetition_penalty for i in pen_rows], torch.float32),
-            )
-        num_logprobs = [p.logprobs for p in ps]
-        # two host->device copies for the per-row scalars
-        floats = tensor([[p.temperature if not p.greedy else 0.0 for p in ps], [p.top_p for p in ps],
-                         [p.min_p for p in ps]], torch.float32)
-        ints = tensor([[p.top_k for p in ps], [r.seed for r in rows], [r.num_output_tokens for r in rows],
-                       [-1 if f is None else f for f in forced]], torch.int64)
+        if inputs.penalty_rows:
+            values = torch.from_numpy(pen).to(device)
+            penalties = (tensor(inputs.penalty_rows, torch.int64), inputs.penalty_prompts, inputs.penalty_outputs,
+                         values[0], values[1], values[2])
+        bias_rows, bias_cols, bias_values = inputs.bias
+        sup_rows, sup_cols = inputs.suppress
         return cls(
+            slots=ints[0],
             temperature=floats[0],
-            top_k=ints[0].to(torch.int32),
+            top_k=ints[1].to(torch.int32),
             top_p=floats[1],
             min_p=floats[2],
-            seeds=ints[1],
-            positions=ints[2],
-            filter_needed=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
-            all_greedy=all(p.greedy for p in ps),
-            forced=ints[3] if any(f is not None for f in forced) else None,
-            bias=(tensor(bias_r, torch.int64), tensor(bias_c, torch.int64), tensor(bias_v, torch.float32)) if bias_r else None,
-            suppress=(tensor(sup_r, torch.int64), tensor(sup_c, torch.int64)) if sup_r else None,
+            seeds=ints[2],
+            positions=ints[3],
+            filter_needed=inputs.filter_needed,
+            all_greedy=inputs.all_greedy,
+            forced=ints[4] if (inputs.forced >= 0).any() else None,
+            bias=(tensor(bias_rows, torch.int64), tensor(bias_cols, torch.int64), tensor(bias_values, torch.float32))
+            if bias_rows else None,
+            suppress=(tensor(sup_rows, torch.int64), tensor(sup_cols, torch.int64)) if sup_rows else None,
             penalties=penalties,
-            num_logprobs=num_logprobs,
-            max_logprobs=max((k for k in num_logprobs if k is not None), default=-1),
+            num_logprobs=inputs.num_logprobs,
+            max_logprobs=inputs.max_logprobs,
         )
+
+
+@dataclass
+class SamplerOutput:
+    """One step's samples on the device; `to_host` is the step's one device->host copy."""
+
+    token_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor | None  # [R, 2 + 2K] float32: sampled logprob, its rank, K top ids, K top logprobs
+    num_logprobs: list[int | None]
+
+    def to_host(self) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
+        """Token ids, and per row the logprob entries (sampled token first, then the top
+        alternatives) or None; the second item is None when no row asked for logprobs."""
+        if self.logprobs is None:
+            return self.token_ids.tolist(), None
+        host = torch.cat([self.token_ids[:, None].float(), self.logprobs], dim=1).tolist()
+        k_max = (len(host[0]) - 3) // 2 if host else 0
+        token_ids, logprobs = [], []
+        for row, k in zip(host, self.num_logprobs):
+            token_id = int(row[0])
+            token_ids.append(token_id)
+            if k is None:
+                logprobs.append(None)
+                continue
+            entries = [TokenLogprob(token_id, row[1], int(row[2]))]
+            for j in range(k):
+                entries.append(TokenLogprob(int(row[3 + j]), row[3 + k_max + j], j + 1))
+            logprobs.append(entries)
+        return token_ids, logprobs
 
 
 class Sampler:
@@ -104,10 +118,8 @@ class Sampler:
         # the Triton twin of sample_tokens when the device's op set has one
         self.sample_tokens = getattr(get_ops(device), "sample_tokens", ref_sampling.sample_tokens)
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """logits: [R, V] float32 (may be modified). Returns [R] int64 token ids, or, when some row
-        asks for logprobs, [R, 3 + 2K] float32: token id, its logprob, its rank, K top ids, K top
-        logprobs (see `unpack`)."""
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [R, V] float32 (may be modified)."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_logprobs >= 0 else None
         if meta.bias is not None:
             rows, cols, values = meta.bias
@@ -126,31 +138,12 @@ class Sampler:
         if meta.forced is not None:
             token_ids = torch.where(meta.forced >= 0, meta.forced, token_ids)
         if raw_logprobs is None:
-            return token_ids
+            return SamplerOutput(token_ids, None, meta.num_logprobs)
         chosen = raw_logprobs.gather(1, token_ids[:, None])  # [R, 1]
         rank = (raw_logprobs > chosen).sum(-1, keepdim=True) + 1
         top_lp, top_ids = raw_logprobs.topk(meta.max_logprobs, dim=-1)
-        return torch.cat([token_ids[:, None].float(), chosen, rank.float(), top_ids.float(), top_lp], dim=1)
-
-    @staticmethod
-    def unpack(host: list, meta: SamplingMetadata) -> tuple[list[int], list[list[TokenLogprob]] | None]:
-        """The host copy of `__call__`'s result -> token ids, and per row the logprob entries
-        (sampled token first, then the top alternatives) or None."""
-        if meta.max_logprobs < 0:
-            return host, None
-        k_max = meta.max_logprobs
-        token_ids, logprobs = [], []
-        for row, k in zip(host, meta.num_logprobs):
-            token_id = int(row[0])
-            token_ids.append(token_id)
-            if k is None:
-                logprobs.append(None)
-                continue
-            entries = [TokenLogprob(token_id, row[1], int(row[2]))]
-            for j in range(k):
-                entries.append(TokenLogprob(int(row[3 + j]), row[3 + k_max + j], j + 1))
-            logprobs.append(entries)
-        return token_ids, logprobs
+        return SamplerOutput(token_ids, torch.cat([chosen, rank.float(), top_ids.float(), top_lp], dim=1),
+                             meta.num_logprobs)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, penalties: tuple) -> None:

@@ -7,109 +7,68 @@ waiting requests admitted first come, first served while a state slot, KV blocks
 chunk, a `max_num_seqs` place and budget remain. When a running request needs a KV block and none
 is free, the newest running request is preempted (blocks and slot freed, requeued, recomputed).
 
-n > 1: choice 0 prefills the prompt once; the step that finishes the prompt samples one row per
-choice, and the other choices fork from it (state slot and KV blocks copied by the model runner,
-see `take_forks`). Pure Python, no torch. Invariants: `check_invariants`.
+The scheduler is the only writer of `Request`: `schedule()` advances `num_computed_tokens` of what
+it schedules and returns a `ScheduledStep` whose `plan` (plain numpy, `step_plan.py`) is all the
+model runner sees; `update()` applies the sampled tokens. Cache ownership goes through the
+`CacheManager`.
+
+n > 1: choice 0 prefills the prompt once. The step that completes the prompt forks the other
+choices right when it is scheduled, before anything can free the parent: each sibling shares the
+parent's full prompt blocks, gets its own copy of the tail block and of the Mamba slot (copied by
+the runner after that step's forward) and samples its first token from the parent's logits row.
+From then on the choices are independent sequences: no choice's end touches a sibling's state.
+A sibling with no room (slot, block, `max_num_seqs`) is queued and prefills its prompt itself.
+Pure Python, no torch. Invariants: `check_invariants`.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
-from hybridserve.engine.kv_cache import KVCache
+import numpy as np
+
+from hybridserve.engine.cache_manager import CacheLayout, CacheManager
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta, TokenLogprob
 from hybridserve.engine.request import Request, RequestStatus
-from hybridserve.engine.state_cache import StateCache
+from hybridserve.engine.step_plan import FROM_DEVICE, SamplingInputs, StepPlan
 
 
 @dataclass
-class ScheduledBatch:
-    """One step's work, in batch order (decodes first)."""
+class ScheduledStep:
+    """One step: the plan for the runner, and the scheduler's own record of whom it concerns."""
 
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    # logits rows to sample per request: 0 (a prompt chunk that does not reach the end), 1, or
-    # 1 + forks (choice 0 of an n > 1 request finishing its prompt)
-    num_samples: list[int] = field(default_factory=list)
-
-    @property
-    def is_decode(self) -> bool:
-        """One new token per sequence, each continuing carried state (a one-token prompt is not a decode)."""
-        return all(n == 1 for n in self.num_new_tokens) and all(r.num_computed_tokens > 0 for r in self.requests)
+    plan: StepPlan
+    requests: list[Request]  # [B] the sequences fed, in batch order (decodes first)
+    sample_requests: list[Request]  # [R] the sequence each sample row belongs to
 
     def __len__(self) -> int:
         return len(self.requests)
 
 
-@dataclass
-class Fork:
-    """Copy a parent's prompt state into a sibling (n > 1): one slot, and the prompt's KV blocks."""
-
-    src_slot: int
-    dst_slot: int
-    src_blocks: list[int]
-    dst_blocks: list[int]
-
-
 class Scheduler:
-    """Token-budget continuous batching over a KV block pool and a Mamba state slot pool."""
+    """Token-budget continuous batching over the CacheManager's block and slot pools."""
 
-    def __init__(
-        self,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        max_model_len: int,
-        num_blocks: int,
-        num_slots: int,
-        block_size: int,
-    ) -> None:
+    def __init__(self, *, layout: CacheLayout, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.layout = layout
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
-        self.kv = KVCache(num_blocks, block_size)
-        self.states = StateCache(num_slots)
+        self.cache = CacheManager(layout)
         self.waiting: list[Request] = []  # sorted by arrival (FCFS; preempted ones keep their place)
         self.running: list[Request] = []  # sorted by arrival; the last is the newest
         self.groups: dict[str, list[Request]] = {}  # request_id -> its n sequences
-        self.pending_forks: list[Fork] = []
         self.num_preemptions_total = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._next_arrival = 0
 
     # ---- admission -----------------------------------------------------------------------------
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Reject at admission what could never run, instead of letting it starve."""
-        self.check_request_fits(num_prompt_tokens, max_tokens, self.max_model_len, self.kv.num_blocks, self.kv.block_size)
-
-    @staticmethod
-    def check_request_fits(
-        num_prompt_tokens: int, max_tokens: int, max_model_len: int, num_blocks: int, block_size: int
-    ) -> None:
-        """Raise ValueError unless prompt + max_tokens fits the context and, alone, the KV cache
-        (the last sampled token is never fed back, so it needs no KV)."""
-        total = num_prompt_tokens + max_tokens
-        if num_prompt_tokens < 1:
-            raise ValueError("the prompt is empty")
-        if total > max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
-                f"maximum context length {max_model_len}"
-            )
-        blocks = -(-(total - 1) // block_size)
-        if blocks > num_blocks:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks, "
-                f"more than the cache holds ({num_blocks})"
-            )
-
     def add(self, sequences: list[Request]) -> None:
         """Queue the n sequences of one request (index 0 first)."""
         first = sequences[0]
-        self.check_fits(first.num_prompt_tokens, first.max_tokens)
+        self.layout.check_request(first.num_prompt_tokens, first.max_tokens)
         if first.request_id in self.groups:
             raise ValueError(f"request id {first.request_id!r} is already in the engine")
         arrival = self._next_arrival
@@ -132,23 +91,19 @@ class Scheduler:
             if seq.is_finished or (indices is not None and seq.index not in indices):
                 continue
             if seq.status is RequestStatus.WAITING_FOR_FORK:
-                parent = group[0]
-                parent.forks.remove(seq)
+                group[0].forks.remove(seq)
             else:
                 self._remove(seq)
-            if seq.forks:  # choice 0 aborted before its prompt was done: siblings prefill themselves
-                for sib in seq.forks:
-                    sib.status = RequestStatus.WAITING
-                    bisect.insort(self.waiting, sib, key=_arrival)
-                seq.forks = []
+            self._release_forks(seq)  # choice 0 aborted before its prompt was done: siblings prefill themselves
             self._finish(seq, "abort")
             deltas.append(SequenceDelta(index=seq.index, token_ids=[], finish_reason="abort"))
         return self._output(group, deltas) if deltas else None
 
     # ---- one step ------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledStep:
         budget = self.max_num_batched_tokens
-        scheduled: dict[Request, int] = {}
+        scheduled: dict[Request, int] = {}  # in batch order
+        forked: dict[Request, list[Request]] = {}  # parent -> siblings forked this step
         decodes, prompts = [], []
         for r in self.running:
             (decodes if r.num_pending_tokens == 1 else prompts).append(r)
@@ -157,8 +112,8 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted by an older request this step
                 continue
-            n = min(req.num_pending_tokens, budget)
-            while not self.kv.allocate(req, req.num_computed_tokens + n):
+            n = self.cache.chunk_size(req, budget)
+            while not self.cache.grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
@@ -167,68 +122,38 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 scheduled[req] = n
                 budget -= n
+        # forks only once no more preemption can come in this step (a victim is never forked)
+        for req, n in list(scheduled.items()):
+            self._fork_at_prompt_end(req, n, forked)
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_pending_tokens, budget)
-            # all-or-nothing: a request that does not get its blocks holds none
-            if self.states.num_free_slots == 0 or not self.kv.allocate(req, n):
+            n = self.cache.chunk_size(req, budget)
+            if not self.cache.admit(req, n):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
-            self.states.allocate(req)
             req.status = RequestStatus.RUNNING
             if req.queue_time is None:
                 req.queue_time = time.monotonic() - req.arrival_time
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req] = n
             budget -= n
-
-        batch = ScheduledBatch()
-        for req, n in scheduled.items():
-            reaches_end = req.num_computed_tokens + n == req.num_tokens
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
-            batch.num_samples.append(1 + len(req.forks) if reaches_end else 0)
-        return batch
+            self._fork_at_prompt_end(req, n, forked)
+        return self._plan(scheduled, forked)
 
     def update(
         self,
-        batch: ScheduledBatch,
+        step: ScheduledStep,
         sampled_token_ids: list[int],
-        logprobs: list[list[TokenLogprob]] | None = None,
+        logprobs: list[list[TokenLogprob] | None] | None = None,
     ) -> list[EngineOutput]:
-        """Apply a step's results: advance computed tokens, append samples, stop, fork, free.
-
-        sampled_token_ids / logprobs: one entry per sampled row, in batch order.
-        """
+        """Apply a step's samples (one per sample row, in row order): append, stop, free."""
         deltas: dict[str, list[SequenceDelta]] = {}
-        row = 0
-        for req, n, s in zip(batch.requests, batch.num_new_tokens, batch.num_samples):
-            rows = range(row, row + s)
-            row += s
+        for i, req in enumerate(step.sample_requests):
             if req.status is not RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens += n
-            if s == 0:
-                continue
-            if req.num_output_tokens == 0:  # the prompt's first complete pass
-                self.prompt_tokens_total += req.num_prompt_tokens
-            self._append(req, sampled_token_ids[rows[0]], logprobs and logprobs[rows[0]], deltas)
-            if req.forks:
-                for sib, i in zip(req.forks, rows[1:]):
-                    sib.status = RequestStatus.WAITING
-                    if not self._append(sib, sampled_token_ids[i], logprobs and logprobs[i], deltas):
-                        self._fork(req, sib)
-                req.forks = []
-        outputs = []
-        for request_id, ds in deltas.items():
-            outputs.append(self._output(self.groups[request_id], ds))
-        return outputs
-
-    def take_forks(self) -> list[Fork]:
-        """State copies the model runner must do before the next step."""
-        forks, self.pending_forks = self.pending_forks, []
-        return forks
+            self._append(req, sampled_token_ids[i], logprobs[i] if logprobs else None, deltas)
+        return [self._output(self.groups[request_id], ds) for request_id, ds in deltas.items()]
 
     # ---- queries -------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -239,46 +164,104 @@ class Scheduler:
         return len(self.waiting) + sum(len(r.forks) for r in self.waiting + self.running)
 
     def check_invariants(self) -> None:
-        """Every block and slot is free or owned by exactly one running request (raises AssertionError)."""
-        owned_blocks = [b for r in self.running for b in r.block_ids]
-        owned_slots = [r.state_slot for r in self.running]
+        """Every slot is owned by one running request or free; every block's reference count is
+        its number of owners, and 0 exactly for free blocks; a shared block is full (never written
+        again) for each owner; waiting sequences and unforked siblings own nothing; siblings
+        belong to their group. Raises AssertionError."""
+        pool, slots = self.cache.block_pool, self.cache.slot_pool
+        bs = self.layout.block_size
         assert all(r.status is RequestStatus.RUNNING for r in self.running)
+        assert all(r.status is RequestStatus.WAITING for r in self.waiting)
         assert all(not r.block_ids and r.state_slot is None for r in self.waiting), "a waiting request holds cache"
-        assert None not in owned_slots, "a running request has no state slot"
-        assert len(owned_blocks) == len(set(owned_blocks)), "a KV block has two owners"
-        assert len(owned_slots) == len(set(owned_slots)), "a state slot has two owners"
-        assert sorted(owned_blocks + list(self.kv.free_blocks)) == list(range(self.kv.num_blocks)), "KV blocks leaked"
-        assert sorted(owned_slots + list(self.states.free_slots)) == list(range(self.states.num_slots)), "slots leaked"
         assert len(self.running) <= self.max_num_seqs
+        owned_slots = [r.state_slot for r in self.running]
+        assert None not in owned_slots, "a running request has no state slot"
+        assert len(owned_slots) == len(set(owned_slots)), "a state slot has two owners"
+        assert sorted(owned_slots + list(slots.free)) == list(range(slots.num_slots)), "state slots leaked"
+        owners = Counter(b for r in self.running for b in r.block_ids)
+        assert len(pool.free) == len(set(pool.free)), "a block is free twice"
+        for b in range(pool.num_blocks):
+            assert pool.refcounts[b] == owners.get(b, 0), f"block {b}: refcount {pool.refcounts[b]}, {owners.get(b, 0)} owners"
+        assert set(pool.free) == {b for b in range(pool.num_blocks) if pool.refcounts[b] == 0}, "free list != unreferenced"
+        for r in self.running:
+            assert len(r.block_ids) >= self.layout.blocks_for(r.num_computed_tokens), f"{r} lacks blocks"
+            for col, b in enumerate(r.block_ids):
+                if owners[b] > 1:
+                    assert (col + 1) * bs <= r.num_computed_tokens, f"{r} may still write shared block {b}"
         live = {id(r) for g in self.groups.values() for r in g if not r.is_finished}
         assert {id(r) for r in self.running + self.waiting} <= live
+        for request_id, group in self.groups.items():
+            assert [s.index for s in group] == list(range(len(group))) and {s.request_id for s in group} == {request_id}
+            pending = [s for s in group if s.status is RequestStatus.WAITING_FOR_FORK]
+            assert pending == group[0].forks, "a sibling waits for a fork its parent does not know"
+            if pending:
+                parent = group[0]
+                assert parent.status in (RequestStatus.RUNNING, RequestStatus.WAITING) and parent.num_output_tokens == 0
+                assert all(not s.block_ids and s.state_slot is None and s.num_output_tokens == 0 for s in pending)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _append(self, req: Request, token: int, lp, deltas: dict[str, list[SequenceDelta]]) -> bool:
+    def _fork_at_prompt_end(self, parent: Request, n: int, forked: dict[Request, list[Request]]) -> None:
+        """If this step completes the parent's prompt, fork its waiting siblings from it now."""
+        if not parent.forks or parent.num_computed_tokens + n != parent.num_tokens:
+            return
+        unforked = []
+        for sib in parent.forks:
+            if len(self.running) < self.max_num_seqs and self.cache.fork(parent, sib):
+                sib.status = RequestStatus.RUNNING
+                sib.num_computed_tokens = parent.num_prompt_tokens
+                sib.queue_time = parent.queue_time
+                bisect.insort(self.running, sib, key=_arrival)
+                forked.setdefault(parent, []).append(sib)
+            else:
+                unforked.append(sib)  # no room: it prefills its prompt later
+        parent.forks = unforked
+        self._release_forks(parent)
+
+    def _plan(self, scheduled: dict[Request, int], forked: dict[Request, list[Request]]) -> ScheduledStep:
+        """Turn this step's decisions into a StepPlan and advance what it computes."""
+        requests = list(scheduled)
+        ids, sample_indices, sample_requests = [], [], []
+        end = 0
+        for req, n in scheduled.items():
+            c = req.num_computed_tokens
+            if n == 1 and req.last_token_on_device and c == req.num_tokens - 1:
+                ids.append(FROM_DEVICE)
+            else:
+                ids += req.token_ids[c : c + n]
+            end += n
+            if c + n == req.num_tokens:  # the fed tokens reach the end: sample the next one
+                if req.num_output_tokens == 0:
+                    self.prompt_tokens_total += req.num_prompt_tokens  # a complete pass over the prompt
+                for seq in (req, *forked.get(req, ())):
+                    sample_indices.append(end - 1)
+                    sample_requests.append(seq)
+        changes = self.cache.take_step_changes()
+        plan = StepPlan(
+            slots=np.array([r.state_slot for r in requests], dtype=np.int64),
+            num_cached=np.array([r.num_computed_tokens for r in requests], dtype=np.int64),
+            num_new_tokens=np.array(list(scheduled.values()), dtype=np.int64),
+            input_ids=np.array(ids, dtype=np.int64),
+            sample_token_indices=np.array(sample_indices, dtype=np.int64),
+            sampling=SamplingInputs.of(sample_requests, [r.state_slot for r in sample_requests]),
+            table_updates=changes.table_updates,
+            slot_copies=changes.slot_copies,
+            block_copies=changes.block_copies,
+        )
+        for req, n in scheduled.items():
+            req.num_computed_tokens += n
+        for req in sample_requests:
+            req.last_token_on_device = True
+        return ScheduledStep(plan, requests, sample_requests)
+
+    def _append(self, req: Request, token: int, lp, deltas: dict[str, list[SequenceDelta]]) -> None:
         finished = req.append_token(token)
         self.generation_tokens_total += 1
         delta = SequenceDelta(index=req.index, token_ids=[token], logprobs=None if lp is None else [lp])
         deltas.setdefault(req.request_id, []).append(delta)
         if finished:
-            if req.status is RequestStatus.RUNNING:
-                self._remove(req)
+            self._remove(req)
             self._finish(req, req.finish_reason)
             delta.finish_reason, delta.stop_reason = req.finish_reason, req.stop_reason
-        return finished
-
-    def _fork(self, parent: Request, sib: Request) -> None:
-        """Give a sibling its own slot and a copy of the parent's prompt state, or requeue it."""
-        num_prompt = parent.num_prompt_tokens
-        if len(self.running) < self.max_num_seqs and self.states.allocate(sib):
-            if self.kv.allocate(sib, num_prompt):
-                sib.num_computed_tokens = num_prompt
-                sib.status = RequestStatus.RUNNING
-                bisect.insort(self.running, sib, key=_arrival)
-                nb = len(sib.block_ids)
-                self.pending_forks.append(Fork(parent.state_slot, sib.state_slot, parent.block_ids[:nb], sib.block_ids))
-                return
-            self.states.free(sib)
-        bisect.insort(self.waiting, sib, key=_arrival)  # no room: it recomputes its prompt later
 
     def _preempt(self, req: Request) -> None:
         self._remove(req)
@@ -294,8 +277,14 @@ class Scheduler:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-        self.kv.free(req)
-        self.states.free(req)
+        self.cache.free(req)
+        req.last_token_on_device = False
+
+    def _release_forks(self, parent: Request) -> None:
+        for sib in parent.forks:
+            sib.status = RequestStatus.WAITING
+            bisect.insort(self.waiting, sib, key=_arrival)
+        parent.forks = []
 
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED

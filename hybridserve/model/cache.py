@@ -62,7 +62,11 @@ class HybridCache:
         """KV bytes of one page over all attention layers."""
         return HybridCache.allocate(config, 0, 1, block_size, kv_dtype, device="meta").kv.nbytes
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Duplicate one sequence's Mamba state (n > 1: the prompt is prefilled once)."""
-        self.conv_state[:, dst].copy_(self.conv_state[:, src])
-        self.ssm_state[:, dst].copy_(self.ssm_state[:, src])
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Mamba states of slots src [C] int64 into slots dst [C] (n > 1: the prompt is prefilled once)."""
+        self.conv_state[:, dst] = self.conv_state[:, src]
+        self.ssm_state[:, dst] = self.ssm_state[:, src]
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """KV pages src [D] int64 into pages dst [D] (n > 1: a fork's partial tail block)."""
+        self.kv[:, :, dst] = self.kv[:, :, src]

@@ -43,7 +43,7 @@ def make_core(tiny_config, tiny_model):
             cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks), num_kv_blocks=num_blocks, **fields,
         )
         core = EngineCore(config, tiny_config, model=tiny_model)
-        assert (core.runner.num_slots, core.runner.num_blocks) == (max_num_seqs, num_blocks)
+        assert (core.layout.num_slots, core.layout.num_blocks) == (max_num_seqs, num_blocks)
         return core
 
     return make

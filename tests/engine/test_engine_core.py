@@ -9,12 +9,13 @@ import random
 import pytest
 import torch
 
-from hybridserve.engine.engine_core import EngineCore
+from hybridserve.engine.engine_core import EngineCore, choice_seed
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
 from hybridserve.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+EOS = 2  # the tiny model's eos id
 
 
 def mixed_prompts(count: int = 32, seed: int = 0) -> list[list[int]]:
@@ -48,7 +49,7 @@ def assert_all_free(core: EngineCore) -> None:
     s = core.scheduler
     s.check_invariants()
     assert not s.running and not s.waiting and not s.groups
-    assert s.kv.num_free_blocks == s.kv.num_blocks and s.states.num_free_slots == s.states.num_slots
+    assert s.cache.block_pool.num_free == s.layout.num_blocks and s.cache.slot_pool.num_free == s.layout.num_slots
 
 
 def run_alone(core: EngineCore, prompts, params=GREEDY) -> list[list[int]]:
@@ -143,6 +144,73 @@ def test_n_choices_fork_from_one_prefill(make_core):
     assert recomputed == forked
 
 
+def test_n_choices_share_prompt_blocks_and_equal_separate_seeded_requests(make_core):
+    prompt = mixed_prompts()[7] + [11, 12, 13]  # 67 tokens: 4 full KV blocks and a partial one
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=10, n=3, ignore_eos=True)
+    core = make_core()
+    core.add_request("a", prompt, params)
+    core.step()  # prefills the prompt, forks choices 1 and 2, samples three first tokens
+    seqs = core.scheduler.groups["a"]
+    refcounts = core.scheduler.cache.block_pool.refcounts
+    full = seqs[0].block_ids[:4]
+    assert all(s.block_ids[:4] == full for s in seqs) and [refcounts[b] for b in full] == [3] * 4
+    tails = {s.block_ids[4] for s in seqs}
+    assert len(tails) == 3 and all(refcounts[b] == 1 for b in tails)  # the partial tail is copied, not shared
+    assert len({s.state_slot for s in seqs}) == 3
+    core.scheduler.check_invariants()
+    tokens = [list(s.output_token_ids) for s in seqs]
+    while core.has_unfinished():
+        for out in core.step():
+            for d in out.deltas:
+                tokens[d.index] += d.token_ids
+        core.scheduler.check_invariants()
+    assert_all_free(core)
+    separate = [run(make_core(), [prompt], [SamplingParams(temperature=1.0, top_p=0.95, seed=choice_seed(42, i),
+                                                            max_tokens=10, ignore_eos=True)])["r0"][0]
+                for i in range(3)]
+    assert tokens == separate and len({tuple(t) for t in tokens}) == 3
+
+
+def test_a_choice_that_stops_on_its_first_token_leaves_its_siblings_running(make_core):
+    """Issue 10: choice 0 ending on its first sampled token (eos pushed up by logit_bias) while a
+    sibling goes on used to free the slot the sibling was then forked from and kill the engine."""
+    prompts = [mixed_prompts()[i % 9] for i in range(24)]
+    params = [SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=8 + i, logit_bias={EOS: 6.0}) for i in range(24)]
+    core = make_core()
+    out = run(core, prompts, params)  # checks the invariants after every step, and that all is free
+    hits = [i for i in range(24) if out[f"r{i}"][0] == [EOS] and len(out[f"r{i}"][1]) > 1]
+    assert hits  # the case happened
+    for i in hits[:2]:  # and each choice is what a separate request with that choice's seed gives
+        for c in range(2):
+            alone = SamplingParams(max_tokens=4, temperature=1.0, seed=choice_seed(8 + i, c), logit_bias={EOS: 6.0})
+            assert run(core, [prompts[i]], [alone])["r0"][0] == out[f"r{i}"][c]
+
+
+def test_random_workloads_keep_the_engine_consistent(make_core):
+    """The real engine under a seeded random mix: n in 1..3, stop tokens made likely, aborts of
+    requests and of single choices mid-flight, a pool small enough to preempt; invariants after
+    every step, everything free at the end."""
+    rng = random.Random(5)
+    core = make_core(num_blocks=12, max_num_seqs=6, max_num_batched_tokens=24)
+    prompts = mixed_prompts(40, seed=9)
+    live = []
+    for i in range(120):
+        if i < 80 and rng.random() < 0.5:
+            params = SamplingParams(n=rng.randint(1, 3), max_tokens=rng.randint(1, 24), temperature=rng.choice([0, 1.0]),
+                                    seed=i, logit_bias={EOS: rng.choice([0.0, 4.0])})
+            core.add_request(f"q{i}", prompts[i % 40][:40], params)
+            live.append(f"q{i}")
+        if live and rng.random() < 0.08:
+            core.abort(live.pop(rng.randrange(len(live))), None if rng.random() < 0.5 else [rng.randrange(3)])
+        core.step()
+        core.scheduler.check_invariants()
+    while core.has_unfinished():
+        core.step()
+        core.scheduler.check_invariants()
+    assert_all_free(core)
+    assert core.scheduler.num_preemptions_total > 0
+
+
 def test_min_tokens_and_stop_token_ids(make_core):
     prompt = mixed_prompts()[3]
     free = run(make_core(), [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))["r0"][0]
@@ -175,7 +243,7 @@ def test_eos_stops_unless_ignore_eos(make_core, tiny_config):
 
 def test_aborts_and_finishes_free_every_block_and_slot(make_core):
     prompts = mixed_prompts(20, seed=3)
-    core = make_core(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=32)
+    core = make_core(num_blocks=28, max_num_seqs=8, max_num_batched_tokens=32)  # tight: preemptions
     params = [SamplingParams(temperature=0, max_tokens=random.Random(i).randint(1, 20), n=1 + i % 3, ignore_eos=True)
               for i in range(20)]
     aborts = {f"r{i}": i for i in range(0, 20, 3)}  # some waiting, some mid-prefill, some decoding
@@ -242,8 +310,8 @@ def test_memory_split_lets_every_slot_reach_max_model_len(tiny_config, tiny_mode
     config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=32,
                           cpu_cache_bytes=10 * per_seq + slot + block)
     runner = EngineCore(config, tiny_config, model=tiny_model).runner
-    assert runner.num_slots == 10
-    assert runner.num_blocks * 16 >= runner.num_slots * 256
+    assert runner.layout.num_slots == 10
+    assert runner.layout.num_blocks * 16 >= runner.layout.num_slots * 256
 
 
 def test_outputs_report_how_long_a_request_queued(make_core):

@@ -60,14 +60,22 @@ def test_graphs_under_preemption_and_memory_sizing(tiny_config):
     prompts = PROMPTS[:16]
     expected = with_core(tiny_config, lambda core: run(core, prompts), max_num_seqs=16, enforce_eager=True)
 
+    def sized(core):
+        assert core.layout.num_slots == 16 and core.layout.num_blocks > 1000  # 20 % of a GPU is plenty for the tiny model
+
+    with_core(tiny_config, sized, max_num_seqs=16)
+
     def tight_run(core):
-        r = core.runner
-        assert r.num_slots == 16 and r.num_blocks > 1000  # 20 % of a GPU is plenty for the tiny model
-        kv = core.scheduler.kv
-        kv.free_blocks = type(kv.free_blocks)(range(20))  # only 20 blocks in play: preemption
-        kv.num_blocks = 20
+        assert core.layout.num_blocks == 20  # only 20 blocks in play: preemption
         out = run(core, prompts)
         assert core.scheduler.num_preemptions_total > 0
         return out
 
-    assert with_core(tiny_config, tight_run, max_num_seqs=16) == expected
+    assert with_core(tiny_config, tight_run, max_num_seqs=16, num_kv_blocks=20) == expected
+
+
+def test_n_choices_fork_on_the_gpu(tiny_config):
+    """Forks (shared prompt blocks, copied tail block and slot) give the same tokens with graphs as eager."""
+    params = [SamplingParams(temperature=1.0, seed=i, n=1 + i % 3, max_tokens=6, logit_bias={2: 3.0}) for i in range(40)]
+    expected = with_core(tiny_config, lambda core: run(core, PROMPTS, params), max_num_seqs=40, enforce_eager=True)
+    assert with_core(tiny_config, lambda core: run(core, PROMPTS, params), max_num_seqs=40) == expected

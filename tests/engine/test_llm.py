@@ -38,7 +38,7 @@ def test_stop_strings_trim_and_abort(llm):
     assert choice.finish_reason == "stop" and choice.stop_reason == stop
     assert len(choice.token_ids) < 24
     sched = llm.engine.scheduler
-    assert not sched.groups and sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert not sched.groups and sched.cache.block_pool.num_free == sched.layout.num_blocks
     sched.check_invariants()
 
 

@@ -9,6 +9,7 @@ import torch
 
 from hybridserve.engine.request import Request
 from hybridserve.engine.sampler import Sampler, SamplingMetadata
+from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.ops.reference import sampling as ref
 from hybridserve.sampling_params import SamplingParams, SamplingParamsError
 
@@ -20,10 +21,12 @@ def row(prompt=(1,), output=(), stop=frozenset({2}), seed=0, **params) -> Reques
     return r
 
 
+def metadata(rows) -> SamplingMetadata:
+    return SamplingMetadata.build(SamplingInputs.of(rows, list(range(len(rows)))), torch.device("cpu"))
+
+
 def sample(logits, rows):
-    meta = SamplingMetadata.build(rows, torch.device("cpu"))
-    host = Sampler()(logits.clone(), meta).tolist()
-    return Sampler.unpack(host, meta)
+    return Sampler()(logits.clone(), metadata(rows)).to_host()
 
 
 def test_greedy_and_temperature_zero_pick_the_argmax():
@@ -49,7 +52,7 @@ def test_penalties_match_hand_computation():
     # prompt has token 0; output has token 2 twice and token 3 once
     r = row(prompt=[0], output=[2, 2, 3], temperature=0, presence_penalty=0.5, frequency_penalty=0.25,
             repetition_penalty=2.0)
-    meta = SamplingMetadata.build([r], torch.device("cpu"))
+    meta = metadata([r])
     out = logits.clone()
     Sampler._apply_penalties(out, meta.penalties)
     # token 0: prompt only -> 2/2 = 1; token 2: 1/2 - 0.25*2 - 0.5 = -0.5; token 3: 0.5/2 - 0.25 - 0.5 = -0.5
@@ -73,7 +76,7 @@ def test_penalties_of_many_rows_each_see_only_their_own_tokens():
             row(prompt=[1], output=[1, 2, 2, 2], frequency_penalty=1.0, repetition_penalty=1.2),
             row(prompt=[6], output=[0])]  # no penalty
     out = logits.clone()
-    Sampler._apply_penalties(out, SamplingMetadata.build(rows, torch.device("cpu")).penalties)
+    Sampler._apply_penalties(out, metadata(rows).penalties)
     expected = logits.clone()
     for i in (0, 2, 3):
         r, p = rows[i], rows[i].params

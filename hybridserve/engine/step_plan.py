@@ -1,0 +1,170 @@
+"""StepPlan: one model step as plain data, the only thing the scheduler hands the model runner.
+
+The scheduler is the only reader and writer of `Request`s; the runner sees numpy arrays and
+Python scalars, never a live request. A plan says, for B sequences feeding T tokens in total:
+which state slot each uses (the slot also names its block-table row and its token-buffer row),
+how many tokens it already has in the caches and how many it feeds, the fed token ids (or
+`FROM_DEVICE` where the token is the one the previous step sampled into the slot's token-buffer
+row, so a decode never needs the host to know its last token), the block-table entries that
+changed, the R rows to sample (which token's logits, which slot receives the token, the sampling
+scalars) and the state / KV block copies to do after the forward (n > 1 forks).
+
+Letters: B sequences, T tokens, R sample rows, K block-table updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybridserve.engine.request import Request
+
+FROM_DEVICE = -1  # input id placeholder: take the slot's token-buffer entry
+
+
+def _empty(cols: int) -> np.ndarray:
+    return np.zeros((0, cols), dtype=np.int64)
+
+
+@dataclass
+class SamplingInputs:
+    """Per-row sampling inputs of one step (R rows), host side. Optional parts are empty when unused."""
+
+    slots: np.ndarray  # [R] int64: token-buffer row that receives the sampled token
+    temperature: np.ndarray  # [R] float32, 0 for greedy rows
+    top_p: np.ndarray  # [R] float32
+    min_p: np.ndarray  # [R] float32
+    top_k: np.ndarray  # [R] int64, 0 = off
+    seeds: np.ndarray  # [R] int64
+    positions: np.ndarray  # [R] int64: output index of the token being sampled (the noise counter)
+    forced: np.ndarray  # [R] int64: token to force (thinking budget), -1 for none
+    bias: tuple[list[int], list[int], list[float]] = ((), (), ())  # rows, token ids, values (sparse)
+    suppress: tuple[list[int], list[int]] = ((), ())  # rows, token ids masked (min_tokens)
+    penalty_rows: list[int] = field(default_factory=list)
+    penalty_prompts: list[list[int]] = field(default_factory=list)  # per penalty row: prompt ids
+    penalty_outputs: list[list[int]] = field(default_factory=list)  # per penalty row: output ids
+    penalty_values: np.ndarray = field(default_factory=lambda: np.zeros((3, 0), dtype=np.float32))  # presence, frequency, repetition
+    num_logprobs: list[int | None] = field(default_factory=list)  # per row: None or top-k alternatives
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+    @property
+    def filter_needed(self) -> bool:
+        return bool(((self.top_k > 0) | (self.top_p < 1.0) | (self.min_p > 0.0)).any())
+
+    @property
+    def max_logprobs(self) -> int:
+        """-1 when no row asks for logprobs."""
+        return max((k for k in self.num_logprobs if k is not None), default=-1)
+
+    @classmethod
+    def of(cls, rows: list[Request], slots: list[int]) -> SamplingInputs:
+        """The sampling rules of each row's request, as of the token it samples next."""
+        ps = [r.params for r in rows]
+        forced = [r.forced_next_token() for r in rows]
+        bias: tuple[list, list, list] = ([], [], [])
+        suppress: tuple[list, list] = ([], [])
+        pen_rows = []
+        for i, (r, p) in enumerate(zip(rows, ps)):
+            for tid, v in p.logit_bias.items():
+                bias[0].append(i)
+                bias[1].append(tid)
+                bias[2].append(v)
+            if r.suppress_stop_tokens:
+                suppress[0].extend([i] * len(r.stop_token_ids))
+                suppress[1].extend(r.stop_token_ids)
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                pen_rows.append(i)
+        return cls(
+            slots=np.array(slots, dtype=np.int64),
+            temperature=np.array([0.0 if p.greedy else p.temperature for p in ps], dtype=np.float32),
+            top_p=np.array([p.top_p for p in ps], dtype=np.float32),
+            min_p=np.array([p.min_p for p in ps], dtype=np.float32),
+            top_k=np.array([p.top_k for p in ps], dtype=np.int64),
+            seeds=np.array([r.seed for r in rows], dtype=np.int64),
+            positions=np.array([r.num_output_tokens for r in rows], dtype=np.int64),
+            forced=np.array([-1 if f is None else f for f in forced], dtype=np.int64),
+            bias=bias,
+            suppress=suppress,
+            penalty_rows=pen_rows,
+            penalty_prompts=[rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen_rows],
+            penalty_outputs=[rows[i].output_token_ids for i in pen_rows],
+            penalty_values=np.array(
+                [[ps[i].presence_penalty for i in pen_rows], [ps[i].frequency_penalty for i in pen_rows],
+                 [ps[i].repetition_penalty for i in pen_rows]], dtype=np.float32,
+            ).reshape(3, -1),
+            num_logprobs=[p.logprobs for p in ps],
+        )
+
+
+@dataclass
+class StepPlan:
+    """One model step (see the module docstring). Rows are in batch order."""
+
+    slots: np.ndarray  # [B] int64: state slot of each sequence
+    num_cached: np.ndarray  # [B] int64: tokens already in the caches (the first fed token's position)
+    num_new_tokens: np.ndarray  # [B] int64: tokens fed this step (>= 1)
+    input_ids: np.ndarray  # [T] int64: fed token ids, FROM_DEVICE for the slot's last sampled token
+    sample_token_indices: np.ndarray  # [R] int64: index into the T tokens of the logits each sample reads
+    sampling: SamplingInputs  # [R] rows
+    table_updates: np.ndarray = field(default_factory=lambda: _empty(3))  # [K, 3] row, column, block
+    slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward
+    block_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst: after the forward
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_token_indices)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, each continuing carried state (a one-token prompt is not a decode)."""
+        return bool((self.num_new_tokens == 1).all() and (self.num_cached > 0).all())
+
+    @property
+    def samples_each_sequence_once(self) -> bool:
+        """Sample row b reads sequence b's (last) token, for every b: the decode-graph shape."""
+        return self.num_samples == self.num_seqs == self.num_tokens
+
+    def block_table_width(self, block_size: int) -> int:
+        """Block-table columns the step reads: enough for the longest sequence after the step."""
+        return max(1, int(-(-(self.num_cached + self.num_new_tokens).max() // block_size)))
+
+
+def synthetic_plan(
+    new_tokens: list[list[int]],
+    num_cached: list[int],
+    slots: list[int],
+    block_tables: list[list[int]],
+    sample_token_indices: list[int] = (),
+    sample_rows: list[Request] = (),
+) -> StepPlan:
+    """A plan over made-up sequences (warm-up, memory probes, tests): sequence b feeds
+    new_tokens[b] into slot slots[b] with the KV blocks block_tables[b] (its whole table is sent
+    as updates); sample row r reads token sample_token_indices[r] with sample_rows[r]'s rules."""
+    lens = np.array([len(t) for t in new_tokens], dtype=np.int64)
+    indices = np.array(sample_token_indices, dtype=np.int64)
+    owner = np.searchsorted(np.cumsum(lens), indices, side="right")  # the sequence of each sampled token
+    updates = [(s, c, b) for s, table in zip(slots, block_tables) for c, b in enumerate(table)]
+    return StepPlan(
+        slots=np.array(slots, dtype=np.int64),
+        num_cached=np.array(num_cached, dtype=np.int64),
+        num_new_tokens=lens,
+        input_ids=np.array([t for toks in new_tokens for t in toks], dtype=np.int64),
+        sample_token_indices=indices,
+        sampling=SamplingInputs.of(list(sample_rows), np.array(slots, dtype=np.int64)[owner].tolist()),
+        table_updates=np.array(updates, dtype=np.int64).reshape(-1, 3),
+    )
