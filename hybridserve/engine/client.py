@@ -121,11 +121,11 @@ class EngineClient:
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         Scheduler.check_request_fits(len(prompt_token_ids), max_tokens, self.max_model_len, self._num_blocks, self._block_size)
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self.output_processor.add_request(request_id, prompt_token_ids, params)
-        self._send(AddRequest(request_id, list(prompt_token_ids), params))
         finished = False
-        try:
+        try:  # from here on, every way out releases the request (a failed send included)
+            self._queues[request_id] = queue
+            self.output_processor.add_request(request_id, prompt_token_ids, params)
+            self._send(AddRequest(request_id, list(prompt_token_ids), params))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

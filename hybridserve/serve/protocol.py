@@ -8,6 +8,7 @@ than silently ignored. Responses are built as plain dicts in `responses.py` (che
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,6 +18,8 @@ from hybridserve.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 4096
+MAX_LOGIT_BIAS = 1024
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: int() would also read "٣" and fail on "²"
 UNSUPPORTED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                       "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs")
 
@@ -112,11 +115,11 @@ class _SamplingFields(_Request):
     def _logit_bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         if v is None:
             return v
-        if len(v) > 1024:
-            raise ValueError("at most 1024 logit_bias entries")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
         for key in v:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys must be token ids, got {key[:24]!r}")
         return v
 
 
