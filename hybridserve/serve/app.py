@@ -28,7 +28,14 @@ from hybridserve.serve.chat import normalize_messages, render_chat
 from hybridserve.serve.chat_completion import create_chat_completion
 from hybridserve.serve.completion import create_completion
 from hybridserve.serve.context import RequestTracker, ServerContext, ServeSettings
-from hybridserve.serve.errors import APIError, error_body, install_error_handlers, validation_error
+from hybridserve.serve.errors import (
+    APIError,
+    error_body,
+    error_response,
+    install_error_handlers,
+    validation_error,
+)
+from hybridserve.serve.logs import install_log_filter
 from hybridserve.serve.metrics import Metrics
 from hybridserve.serve.protocol import (
     ChatCompletionRequest,
@@ -90,8 +97,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def build_app(settings: ServeSettings, engine: Any | None = None,
               engine_factory: Callable[[], Awaitable[Any]] | None = None,
               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
-    tracker = RequestTracker(None if settings.max_queued_requests is None
-                             else settings.max_num_seqs + settings.max_queued_requests)
+    install_log_filter(logger)
+    tracker = RequestTracker(settings.admission_limit, settings.per_request_limit)
     startup: dict[str, BaseException | None] = {"error": None}
 
     def stats() -> Any:
@@ -141,7 +148,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
             return APIError(503, "The engine failed to start." if failed else "The engine is starting.",
                             headers={"Retry-After": "5"})
         if getattr(eng, "errored", False) or not getattr(eng, "is_ready", True):
-            return APIError(503, "The engine is not running.")
+            return APIError(503, "The engine is not running.", headers={"Retry-After": "5"})
         return None
 
     def require_engine() -> None:
@@ -151,9 +158,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
 
     async def health(_: Request) -> Response:
         err = ready_error()
-        if err is not None:
-            return JSONResponse(error_body(503, err.message), status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200) if err is None else error_response(err)
 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ping", health, methods=["GET", "POST"])

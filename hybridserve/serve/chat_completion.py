@@ -121,7 +121,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request, req: Chat
     ctx.check_model(req.model)
     reject_unsupported(req)
     policy = _ToolPolicy(req)
-    ticket = ctx.tracker.admit()
+    ticket = ctx.tracker.admit(req.n)
     try:
         rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools,
                                dict(req.chat_template_kwargs or {}), req.add_generation_prompt,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hybridserve.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
 
@@ -100,6 +100,13 @@ class _SamplingFields(_Request):
     user: str | None = None
     request_id: str | None = Field(default=None, max_length=256)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _bounded_stop(cls, v: str | list[str] | None) -> list[str]:
@@ -146,6 +153,11 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     response_format: dict[str, Any] | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, one engine request each."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
     @field_validator("prompt")
     @classmethod

@@ -142,3 +142,25 @@ def test_numbers_of_any_json_shape_never_500(real_server):
         r = httpx.post(real_server.url + "/v1/chat/completions", content=raw,
                        headers={"content-type": "application/json"}, timeout=30)
         assert_envelope(r, 400)
+
+
+def test_a_prompt_that_alone_fills_the_context_is_blamed_on_the_prompt(real_server):
+    for body, param in (({"prompt": [20] * 2048, "max_tokens": 5}, "prompt"),
+                        ({"prompt": [[20] * 5, [20] * 2100], "max_tokens": 5}, "prompt[1]")):
+        err = assert_envelope(post(real_server, "/v1/completions", json=body), 400, param)
+        assert "leaves no room for output" in err["message"] and "you requested" not in err["message"]
+    err = assert_envelope(post(real_server, "/v1/completions", json={"prompt": [20] * 2000, "max_tokens": 100}),
+                          400, "max_tokens")
+    assert "you requested 100 output tokens" in err["message"]
+    err = assert_envelope(post(real_server, "/v1/chat/completions",
+                               json={"messages": MSG, "max_completion_tokens": 5000}), 400, "max_completion_tokens")
+
+
+def test_stream_options_need_stream(real_server):
+    for path, base in (("/v1/chat/completions", {"messages": MSG}), ("/v1/completions", {"prompt": "hi"})):
+        err = assert_envelope(post(real_server, path, json={**base, "max_tokens": 2, "stream": False,
+                                                            "stream_options": {"include_usage": True}}),
+                              400, "stream_options")
+        assert "stream" in err["message"]
+        ok = post(real_server, path, json={**base, "max_tokens": 2, "stream_options": None})
+        assert ok.status_code == 200
