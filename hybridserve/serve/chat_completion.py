@@ -18,13 +18,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from hybridserve.sampling_params import SamplingParams
-from hybridserve.serve.chat import (
-    THINKING_GRACE_TOKENS,
-    RenderedChat,
-    normalize_messages,
-    render_chat,
-    thinking_tokens,
-)
+from hybridserve.serve.chat import THINKING_GRACE_TOKENS, RenderedChat, thinking_tokens
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
@@ -123,9 +117,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request, req: Chat
     policy = _ToolPolicy(req)
     ticket = ctx.tracker.admit(req.n)
     try:
-        rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools,
-                               dict(req.chat_template_kwargs or {}), req.add_generation_prompt,
-                               req.continue_final_message)
+        rendered = await ctx.render_chat(req, policy.template_tools)
         params = _sampling_params(ctx, req, rendered)
     except BaseException:
         ticket.release()

@@ -36,13 +36,13 @@ logger = logging.getLogger("hybridserve.serve")
 
 
 def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """(text or None, token ids) per prompt, validated."""
+    """(text or None, token ids) per prompt, validated. Blocking (tokenizes): run it with ctx.offload."""
     items = req.prompts()
     out = []
     for k, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{k}]"
         if isinstance(item, str):
-            ids = ctx.tokenizer.encode(item, add_special_tokens=False)
+            ids = ctx.encode(item, param)
             text: str | None = item
         else:
             ids, text = list(item), None
@@ -64,7 +64,7 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
     num_prompts = len(req.prompts())
     ticket = ctx.tracker.admit(num_prompts * req.n, "n" if req.n > 1 or num_prompts == 1 else "prompt")
     try:
-        prompts = _prompts(ctx, req)
+        prompts = await ctx.offload(_prompts, ctx, req)
         params = []
         for k, (_, ids) in enumerate(prompts):
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), ctx.max_model_len,

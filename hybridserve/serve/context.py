@@ -13,15 +13,24 @@ without finishing it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from hybridserve.engine.outputs import CompletionOutput, RequestOutput
 from hybridserve.sampling_params import SamplingParams, SamplingParamsError
+from hybridserve.serve.chat import (
+    RenderedChat,
+    check_prompt_chars,
+    normalize_messages,
+    render_chat,
+    request_template,
+)
 from hybridserve.serve.errors import APIError, bad_request
 from hybridserve.serve.logs import clip
 from hybridserve.serve.metrics import Metrics
@@ -30,6 +39,8 @@ logger = logging.getLogger("hybridserve.serve")
 
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MAX_QUEUED_REQUESTS = 2048
+PROMPT_CHARS_PER_TOKEN = 16  # default --max-prompt-chars = this × max_model_len (no real text averages more)
+PREPROCESS_THREADS = 4  # templating and tokenization (the HF fast tokenizer releases the GIL while it works)
 
 
 @dataclass
@@ -42,6 +53,14 @@ class ServeSettings:
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
     max_seqs_per_request: int | None = field(default=None, metadata={
         "help": "most sequences (prompts × n) one request may ask for; more is a 400 (default: --max-num-seqs)"})
+    max_request_body_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest request body accepted; a larger one is refused with 413 before it is read"})
+    max_prompt_chars: int | None = field(default=None, metadata={
+        "help": "longest prompt text accepted, checked before tokenizing "
+                f"(default: {PROMPT_CHARS_PER_TOKEN} x max_model_len characters)"})
+    trust_request_chat_template: bool = field(default=False, metadata={
+        "help": "render chat templates sent in requests (chat_template, chat_template_kwargs.chat_template), "
+                "in a sandboxed child process with time and memory limits; without it they are refused"})
     shutdown_timeout: float = 30.0
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +142,30 @@ class ServerContext:
     settings: ServeSettings
     tracker: RequestTracker
     metrics: Metrics
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        PREPROCESS_THREADS, thread_name_prefix="hybridserve-preprocess"))
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking work (templating, tokenizing, big decodes) in the preprocessing threads, so the
+        event loop keeps serving /health and every stream meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.settings.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.max_model_len
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
+        """A prompt's token ids; text too long for the context is refused before tokenizing. Blocking."""
+        check_prompt_chars(text, self.max_prompt_chars, param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def render_chat(self, req: Any, tools: list[dict[str, Any]] | None) -> RenderedChat:
+        """`req` (chat or tokenize request) through the chat template and the tokenizer, off the loop."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = request_template(req.chat_template, kwargs, self.settings.trust_request_chat_template)
+        messages = normalize_messages(req.messages)
+        return await self.offload(render_chat, self.tokenizer, messages, tools, kwargs, req.add_generation_prompt,
+                                  req.continue_final_message, template=template, max_chars=self.max_prompt_chars)
 
     @property
     def tokenizer(self) -> Any:

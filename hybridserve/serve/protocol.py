@@ -139,6 +139,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused unless the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)
     reasoning_budget: int | None = Field(default=None, ge=0)
@@ -178,7 +179,9 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     return_token_strs: bool = False
     tools: list[Tool] | None = None
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(_Request):
