@@ -1,8 +1,10 @@
 """SamplingParams: how one request is decoded.
 
 Built by the API edge (HTTP server, `LLM.generate`) and carried unchanged into the engine.
-Validation happens here, in `__post_init__`, so a bad value is a clear `ValueError` naming the
-parameter before the request ever reaches the engine.
+Validation happens here, in `__post_init__` (ranges that need no model) and `validate_vocab`
+(token ids and top_k against the vocabulary), so a bad value is a clear `ValueError` naming the
+parameter before the request ever reaches the engine. Every integer is bounded so that it fits
+the int64 tensors and the msgpack messages it travels in: no client value overflows downstream.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_INT64 = 2**63 - 1
+SEED_RANGE = (-(2**63), 2**64)  # any 64-bit seed, signed or unsigned; the engine keeps its low 63 bits
 
 
 @dataclass
@@ -53,53 +57,47 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
-        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or a positive integer")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_INT64, "top_k",
+               "must be -1, 0 (disabled) or a positive integer")
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        _check(self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]), "seed",
+               "must be an integer in [-2^63, 2^64)")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
         _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]")
-        _check(
-            all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
-            "logit_bias",
-            "values must be in [-100, 100]",
-        )
-        _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-            "max_tokens",
-            "must be a positive integer",
-        )
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
-        _check(
-            self.max_tokens is None or self.min_tokens <= self.max_tokens,
-            "min_tokens",
-            "must not exceed max_tokens",
-        )
+        _check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias",
+               "values must be in [-100, 100]")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_INT64),
+               "max_tokens", "must be a positive integer")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= MAX_INT64, "min_tokens", "must be >= 0")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               "must not exceed max_tokens")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
-        _check(
-            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            "logprobs",
-            f"must be in [0, {MAX_LOGPROBS}]",
-        )
-        _check(
-            self.thinking_budget is None or (isinstance(self.thinking_budget, int) and self.thinking_budget >= 0),
-            "thinking_token_budget",
-            "must be a non-negative integer",
-        )
-        _check(self.thinking_grace_tokens >= 0, "thinking_grace_tokens", "must be >= 0")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        _check(self.thinking_budget is None or (_is_int(self.thinking_budget) and 0 <= self.thinking_budget <= MAX_INT64),
+               "thinking_token_budget", "must be a non-negative integer")
+        _check(_is_int(self.thinking_grace_tokens) and 0 <= self.thinking_grace_tokens <= MAX_INT64,
+               "thinking_grace_tokens", "must be >= 0")
+        for name in ("stop_token_ids", "newline_token_ids", "thinking_implicit_end_token_ids"):
+            _check(all(_is_int(t) and abs(t) <= MAX_INT64 for t in getattr(self, name)), name, "must be token ids")
+        _check(self.thinking_end_token_id is None or _is_int(self.thinking_end_token_id), "thinking_end_token_id",
+               "must be a token id")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate_vocab(self, vocab_size: int) -> None:
-        """Token ids named by the request must exist in the vocabulary."""
+        """Token ids named by the request must exist in the vocabulary, and top_k may not exceed it."""
         for tid in list(self.logit_bias) + self.stop_token_ids:
             _check(0 <= tid < vocab_size, "logit_bias" if tid in self.logit_bias else "stop_token_ids",
-                   f"token id {tid} is outside the vocabulary [0, {vocab_size})")
+                   f"token id {_short(tid)} is outside the vocabulary [0, {vocab_size})")
+        _check(self.top_k <= vocab_size, "top_k", f"must be -1, 0 (disabled) or in [1, {vocab_size}] (the vocabulary)")
 
 
 class SamplingParamsError(ValueError):
@@ -108,6 +106,16 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param} {message}")
         self.param = param
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(x: int) -> str:
+    """An integer for an error message: huge client values are cut, not echoed in full."""
+    text = str(x)
+    return text if len(text) <= 24 else f"{text[:20]}...({len(text)} digits)"
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -121,11 +121,11 @@ class EngineClient:
         params.validate_vocab(self.model_config.vocab_size)
         self.layout.check_request(len(prompt_token_ids), params.max_tokens)
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self.output_processor.add_request(request_id, prompt_token_ids, params)
-        self._send(AddRequest(request_id, list(prompt_token_ids), params))
         finished = False
-        try:
+        try:  # from here on, every way out releases the request (a failed send included)
+            self._queues[request_id] = queue
+            self.output_processor.add_request(request_id, prompt_token_ids, params)
+            self._send(AddRequest(request_id, list(prompt_token_ids), params))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

@@ -24,11 +24,18 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from hybridserve import __version__
-from hybridserve.serve.chat import normalize_messages, render_chat
+from hybridserve.serve.chat import thinking_tokens
 from hybridserve.serve.chat_completion import create_chat_completion
 from hybridserve.serve.completion import create_completion
 from hybridserve.serve.context import RequestTracker, ServerContext, ServeSettings
-from hybridserve.serve.errors import APIError, error_body, install_error_handlers, validation_error
+from hybridserve.serve.errors import (
+    APIError,
+    error_body,
+    error_response,
+    install_error_handlers,
+    validation_error,
+)
+from hybridserve.serve.logs import clip, install_log_filter
 from hybridserve.serve.metrics import Metrics
 from hybridserve.serve.protocol import (
     ChatCompletionRequest,
@@ -63,20 +70,33 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read as it streams in: past `limit` bytes it is 413 at once (a declared length is
+    checked before anything is read), so an oversized upload costs neither time nor memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than {limit} bytes (--max-request-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes (--max-request-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model: type[M], limit: int) -> M:
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, f"Content-Type must be application/json (got {ctype or 'none'!r})")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        raise APIError(415, f"Content-Type must be application/json (got {clip(ctype, 64) or 'none'!r})")
+    body = await read_body(request, limit)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+        raise APIError(400, f"request body is not valid JSON: {clip(str(e), 200)}") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
-    if "\\ud" in body.decode("utf-8", "replace").lower():  # escaped surrogates: reject lone ones
+    if b"\\ud" in body.lower():  # escaped surrogates: reject lone ones
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -90,8 +110,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def build_app(settings: ServeSettings, engine: Any | None = None,
               engine_factory: Callable[[], Awaitable[Any]] | None = None,
               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
-    tracker = RequestTracker(None if settings.max_queued_requests is None
-                             else settings.max_num_seqs + settings.max_queued_requests)
+    install_log_filter(logger)
+    tracker = RequestTracker(settings.admission_limit, settings.per_request_limit)
     startup: dict[str, BaseException | None] = {"error": None}
 
     def stats() -> Any:
@@ -110,6 +130,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
             if on_engine_failure:
                 on_engine_failure(e)
             return
+        await ctx.offload(thinking_tokens, eng.tokenizer)  # a pass over the vocabulary: once, off the loop
         ctx.engine = eng
         logger.info("engine ready: serving %s (max_model_len %d)", settings.model_name, eng.max_model_len)
 
@@ -124,6 +145,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
                 await asyncio.gather(task, return_exceptions=True)
                 if ctx.engine is not None:
                     await ctx.engine.shutdown()
+            ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -141,7 +163,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
             return APIError(503, "The engine failed to start." if failed else "The engine is starting.",
                             headers={"Retry-After": "5"})
         if getattr(eng, "errored", False) or not getattr(eng, "is_ready", True):
-            return APIError(503, "The engine is not running.")
+            return APIError(503, "The engine is not running.", headers={"Retry-After": "5"})
         return None
 
     def require_engine() -> None:
@@ -151,9 +173,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
 
     async def health(_: Request) -> Response:
         err = ready_error()
-        if err is not None:
-            return JSONResponse(error_body(503, err.message), status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200) if err is None else error_response(err)
 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ping", health, methods=["GET", "POST"])
@@ -177,7 +197,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest, settings.max_request_body_bytes)
         require_engine()
         try:
             return await create_chat_completion(ctx, request, req)
@@ -186,7 +206,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest, settings.max_request_body_bytes)
         require_engine()
         try:
             return await create_completion(ctx, request, req)
@@ -194,31 +214,33 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
             return Response(status_code=499)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        req = await parse_body(request, TokenizeRequest)
+    async def tokenize(request: Request) -> Response:
+        req = await parse_body(request, TokenizeRequest, settings.max_request_body_bytes)
         require_engine()
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
             tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
-            rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), tools,
-                                   dict(req.chat_template_kwargs or {}), req.add_generation_prompt)
-            ids = rendered.prompt_token_ids
+            ids = (await ctx.render_chat(req, tools)).prompt_token_ids
         else:
-            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
-        if req.return_token_strs:
-            out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
-        return out
+            ids = await ctx.offload(ctx.encode, req.prompt, "prompt", req.add_special_tokens)
+
+        def respond() -> JSONResponse:  # a long token list is slow to serialise: off the loop too
+            out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+            if req.return_token_strs:
+                out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
+            return JSONResponse(out)
+
+        return await ctx.offload(respond)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        req = await parse_body(request, DetokenizeRequest)
+    async def detokenize(request: Request) -> Response:
+        req = await parse_body(request, DetokenizeRequest, settings.max_request_body_bytes)
         require_engine()
         ctx.check_model(req.model)
         ctx.check_token_ids(req.tokens, "tokens")
-        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+        return await ctx.offload(lambda: JSONResponse({"prompt": ctx.tokenizer.decode(req.tokens)}))
 
     return app
 

@@ -18,13 +18,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from hybridserve.sampling_params import SamplingParams
-from hybridserve.serve.chat import (
-    THINKING_GRACE_TOKENS,
-    RenderedChat,
-    normalize_messages,
-    render_chat,
-    thinking_tokens,
-)
+from hybridserve.serve.chat import THINKING_GRACE_TOKENS, RenderedChat, thinking_tokens
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
@@ -85,20 +79,22 @@ class _ToolPolicy:
 
 
 def _thinking_budget(ctx: ServerContext, req: ChatCompletionRequest, kwargs: dict[str, Any]) -> int | None:
-    budget = req.thinking_token_budget
-    if budget is None:
-        budget = req.reasoning_budget
-    if budget is None and "reasoning_budget" in kwargs:
-        budget = kwargs["reasoning_budget"]
-        if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
-            raise bad_request("must be a non-negative integer", "chat_template_kwargs.reasoning_budget")
-    return ctx.settings.default_thinking_budget if budget is None else budget
+    """The first budget the request gives, bounded by the context (a larger one could never be reached)."""
+    for param, budget in (("thinking_token_budget", req.thinking_token_budget),
+                          ("reasoning_budget", req.reasoning_budget),
+                          ("chat_template_kwargs.reasoning_budget", kwargs.get("reasoning_budget"))):
+        if budget is not None:
+            if not (isinstance(budget, int) and not isinstance(budget, bool) and 0 <= budget <= ctx.max_model_len):
+                raise bad_request(f"{param} must be an integer in [0, {ctx.max_model_len}] (max_model_len)", param)
+            return budget
+    return ctx.settings.default_thinking_budget
 
 
 def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: RenderedChat) -> SamplingParams:
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
+                        else (req.max_tokens, "max_tokens"))
     max_tokens = resolve_max_tokens(requested, len(rendered.prompt_token_ids), ctx.max_model_len,
-                                    ctx.settings.default_max_tokens)
+                                    ctx.settings.default_max_tokens, max_tokens_param=param)
     extra: dict[str, Any] = {}
     budget = _thinking_budget(ctx, req, req.chat_template_kwargs or {})
     if budget is not None and rendered.reasoning_open:
@@ -119,11 +115,9 @@ async def create_chat_completion(ctx: ServerContext, request: Request, req: Chat
     ctx.check_model(req.model)
     reject_unsupported(req)
     policy = _ToolPolicy(req)
-    ticket = ctx.tracker.admit()
+    ticket = ctx.tracker.admit(req.n)
     try:
-        rendered = render_chat(ctx.tokenizer, normalize_messages(req.messages), policy.template_tools,
-                               dict(req.chat_template_kwargs or {}), req.add_generation_prompt,
-                               req.continue_final_message)
+        rendered = await ctx.render_chat(req, policy.template_tools)
         params = _sampling_params(ctx, req, rendered)
     except BaseException:
         ticket.release()

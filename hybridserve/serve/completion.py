@@ -36,14 +36,13 @@ logger = logging.getLogger("hybridserve.serve")
 
 
 def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """(text or None, token ids) per prompt, validated."""
-    raw = req.prompt
-    items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    """(text or None, token ids) per prompt, validated. Blocking (tokenizes): run it with ctx.offload."""
+    items = req.prompts()
     out = []
     for k, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{k}]"
         if isinstance(item, str):
-            ids = ctx.tokenizer.encode(item, add_special_tokens=False)
+            ids = ctx.encode(item, param)
             text: str | None = item
         else:
             ids, text = list(item), None
@@ -62,13 +61,14 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of must equal n (beam-style best_of is not supported)", "best_of")
-    ticket = ctx.tracker.admit()
+    num_prompts = len(req.prompts())
+    ticket = ctx.tracker.admit(num_prompts * req.n, "n" if req.n > 1 or num_prompts == 1 else "prompt")
     try:
-        prompts = _prompts(ctx, req)
+        prompts = await ctx.offload(_prompts, ctx, req)
         params = []
-        for _, ids in prompts:
+        for k, (_, ids) in enumerate(prompts):
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), ctx.max_model_len,
-                                            ctx.settings.default_max_tokens, "prompt")
+                                            ctx.settings.default_max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{k}]")
             params.append(build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                                 defaults=ctx.settings.generation_defaults,
                                                 vocab_size=ctx.vocab_size))

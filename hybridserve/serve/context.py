@@ -1,31 +1,46 @@
 """What every route handler shares: settings, the engine client, admission control, metrics.
 
-`RequestTracker` is the bounded queue: an HTTP generation request holds one admission ticket from
-arrival until its response is fully sent; beyond `max_num_seqs + max_queued_requests` tickets new
-requests get 503 with Retry-After, before any template rendering or tokenization. It also knows
-the engine request ids in flight, so a drain can abort them. `engine_outputs` wraps
-`EngineClient.generate`: metrics, abort on early close, and a final "abort" output when the engine
-ends a stream without finishing it.
+`RequestTracker` is the bounded queue. It counts sequences (prompts × n), not requests: an HTTP
+generation request holds a ticket for its sequences from arrival until its response is fully sent;
+beyond `max_num_seqs + max_queued_requests` sequences new requests get 503 with Retry-After, and one
+request may not ask for more than `max_seqs_per_request` (400) — both before any template rendering
+or tokenization. It also knows the engine request ids in flight, so a drain can abort them.
+`engine_outputs` wraps `EngineClient.generate`: a fresh internal request id (whatever id the client
+sent), metrics, abort on early close, and a final "abort" output when the engine ends a stream
+without finishing it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from hybridserve.engine.outputs import CompletionOutput, RequestOutput
 from hybridserve.sampling_params import SamplingParams, SamplingParamsError
+from hybridserve.serve.chat import (
+    RenderedChat,
+    check_prompt_chars,
+    normalize_messages,
+    render_chat,
+    request_template,
+)
 from hybridserve.serve.errors import APIError, bad_request
+from hybridserve.serve.logs import clip
 from hybridserve.serve.metrics import Metrics
 
 logger = logging.getLogger("hybridserve.serve")
 
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MAX_QUEUED_REQUESTS = 2048
+PROMPT_CHARS_PER_TOKEN = 16  # default --max-prompt-chars = this × max_model_len (no real text averages more)
+PREPROCESS_THREADS = 4  # templating and tokenization (the HF fast tokenizer releases the GIL while it works)
 
 
 @dataclass
@@ -36,6 +51,16 @@ class ServeSettings:
     default_thinking_budget: int | None = None
     max_num_seqs: int = 256
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
+    max_seqs_per_request: int | None = field(default=None, metadata={
+        "help": "most sequences (prompts × n) one request may ask for; more is a 400 (default: --max-num-seqs)"})
+    max_request_body_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest request body accepted; a larger one is refused with 413 before it is read"})
+    max_prompt_chars: int | None = field(default=None, metadata={
+        "help": "longest prompt text accepted, checked before tokenizing "
+                f"(default: {PROMPT_CHARS_PER_TOKEN} x max_model_len characters)"})
+    trust_request_chat_template: bool = field(default=False, metadata={
+        "help": "render chat templates sent in requests (chat_template, chat_template_kwargs.chat_template), "
+                "in a sandboxed child process with time and memory limits; without it they are refused"})
     shutdown_timeout: float = 30.0
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -43,45 +68,63 @@ class ServeSettings:
     def model_name(self) -> str:
         return self.served_model_names[0]
 
+    @property
+    def admission_limit(self) -> int | None:
+        """Sequences admitted at once (running + queued); None: unbounded."""
+        return None if self.max_queued_requests is None else self.max_num_seqs + self.max_queued_requests
+
+    @property
+    def per_request_limit(self) -> int:
+        cap = self.max_seqs_per_request or self.max_num_seqs
+        return cap if self.admission_limit is None else min(cap, self.admission_limit)
+
 
 class Ticket:
-    """One admitted request; `release()` is idempotent."""
+    """One admitted request and its sequences; `release()` is idempotent."""
 
-    def __init__(self, tracker: RequestTracker):
+    def __init__(self, tracker: RequestTracker, sequences: int):
         self._tracker = tracker
+        self.sequences = sequences
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._tracker._release()
+            self._tracker._release(self.sequences)
 
 
 class RequestTracker:
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, per_request: int):
         self.limit = limit
-        self.in_flight = 0
+        self.per_request = per_request
+        self.in_flight = 0  # requests
+        self.sequences = 0  # their sequences: what the limits count
         self.rejected = 0
         self.draining = False
         self.engine_request_ids: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def admit(self) -> Ticket:
+    def admit(self, sequences: int = 1, param: str = "n") -> Ticket:
+        if sequences > self.per_request:
+            raise bad_request(f"this request asks for {sequences} sequences (prompts × n); at most "
+                              f"{self.per_request} are allowed in one request", param)
         if self.draining:
             self.rejected += 1
             raise APIError(503, "The server is shutting down and accepts no new requests.",
                            headers={"Retry-After": "5"})
-        if self.limit is not None and self.in_flight >= self.limit:
+        if self.limit is not None and self.sequences + sequences > self.limit:
             self.rejected += 1
-            raise APIError(503, f"The server is overloaded: {self.in_flight} requests are running or queued "
+            raise APIError(503, f"The server is overloaded: {self.sequences} sequences are running or queued "
                                 f"(limit {self.limit}). Retry later.", headers={"Retry-After": "1"})
         self.in_flight += 1
+        self.sequences += sequences
         self._idle.clear()
-        return Ticket(self)
+        return Ticket(self, sequences)
 
-    def _release(self) -> None:
+    def _release(self, sequences: int) -> None:
         self.in_flight -= 1
+        self.sequences -= sequences
         if self.in_flight == 0:
             self._idle.set()
 
@@ -99,6 +142,30 @@ class ServerContext:
     settings: ServeSettings
     tracker: RequestTracker
     metrics: Metrics
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        PREPROCESS_THREADS, thread_name_prefix="hybridserve-preprocess"))
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking work (templating, tokenizing, big decodes) in the preprocessing threads, so the
+        event loop keeps serving /health and every stream meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.settings.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.max_model_len
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
+        """A prompt's token ids; text too long for the context is refused before tokenizing. Blocking."""
+        check_prompt_chars(text, self.max_prompt_chars, param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def render_chat(self, req: Any, tools: list[dict[str, Any]] | None) -> RenderedChat:
+        """`req` (chat or tokenize request) through the chat template and the tokenizer, off the loop."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = request_template(req.chat_template, kwargs, self.settings.trust_request_chat_template)
+        messages = normalize_messages(req.messages)
+        return await self.offload(render_chat, self.tokenizer, messages, tools, kwargs, req.add_generation_prompt,
+                                  req.continue_final_message, template=template, max_chars=self.max_prompt_chars)
 
     @property
     def tokenizer(self) -> Any:
@@ -120,12 +187,17 @@ class ServerContext:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.settings.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist.", "model")
+            raise APIError(404, f"The model `{clip(name)}` does not exist.", "model")
 
 
-async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
+async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, public_id: str,
                          arrival: float) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request, with metrics; closing it early aborts the request."""
+    """The engine's outputs for one request, with metrics; closing it early aborts the request.
+
+    `public_id` is what the client sees (its own `request_id` if it sent one); the engine gets a fresh
+    id, so two clients' ids, or one prompt's derived id and another request's, can never collide."""
+    request_id = uuid.uuid4().hex
+    logger.debug("request %s runs as engine request %s", public_id, request_id)
     gen = ctx.engine.generate(prompt_ids, params, request_id)
     ctx.tracker.engine_request_ids.add(request_id)
     ctx.metrics.observe_request(prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens or 0)
@@ -142,7 +214,7 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
             raise bad_request(str(e)) from None
         except Exception:
             if getattr(ctx.engine, "errored", False):
-                raise APIError(503, "The engine is not running.") from None
+                raise APIError(503, "The engine is not running.", headers={"Retry-After": "5"}) from None
             raise
         if first is not None:
             now = time.monotonic()

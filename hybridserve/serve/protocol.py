@@ -8,15 +8,18 @@ than silently ignored. Responses are built as plain dicts in `responses.py` (che
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hybridserve.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 4096
+MAX_LOGIT_BIAS = 1024
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: int() would also read "٣" and fail on "²"
 UNSUPPORTED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                       "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs")
 
@@ -97,6 +100,13 @@ class _SamplingFields(_Request):
     user: str | None = None
     request_id: str | None = Field(default=None, max_length=256)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _bounded_stop(cls, v: str | list[str] | None) -> list[str]:
@@ -112,11 +122,11 @@ class _SamplingFields(_Request):
     def _logit_bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         if v is None:
             return v
-        if len(v) > 1024:
-            raise ValueError("at most 1024 logit_bias entries")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
         for key in v:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys must be token ids, got {key[:24]!r}")
         return v
 
 
@@ -129,6 +139,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused unless the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)
     reasoning_budget: int | None = Field(default=None, ge=0)
@@ -143,6 +154,11 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     response_format: dict[str, Any] | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, one engine request each."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
     @field_validator("prompt")
     @classmethod
@@ -163,7 +179,9 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     return_token_strs: bool = False
     tools: list[Tool] | None = None
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(_Request):

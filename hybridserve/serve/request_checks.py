@@ -22,5 +22,6 @@ def reject_unsupported(req: Any) -> None:
         raise bad_request(f"response_format type {fmt.get('type')!r} is not supported yet (only 'text'); "
                           "hybridserve has no constrained decoding", "response_format")
     unknown = [k for k in req.unknown_fields() if k not in UNSUPPORTED_FIELDS]
-    if unknown:
-        logger.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+    if unknown:  # names are client text: a few shown (the log filter escapes and caps each)
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        logger.warning("ignoring unknown request fields: %s%s", ", ".join(unknown[:10]), more)

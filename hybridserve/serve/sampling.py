@@ -30,21 +30,22 @@ def load_generation_defaults(model_path: str | None) -> dict[str, Any]:
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default_max_tokens: int,
-                       prompt_param: str = "messages") -> int:
+                       prompt_param: str = "messages", max_tokens_param: str = "max_tokens") -> int:
+    """The output cap; a prompt that alone fills the context is blamed on the prompt, not on max_tokens."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+            f"{prompt_len} input tokens, which leaves no room for output. Please reduce the length of the "
+            "input prompt.", prompt_param)
     if requested is None:
-        room = max_model_len - prompt_len
-        if room < 1:
-            raise bad_request(
-                f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
-                f"{prompt_len} input tokens, which leaves no room for output. Please reduce the length of the "
-                "input prompt.", prompt_param)
         return min(default_max_tokens, room)
-    if prompt_len + requested > max_model_len:
+    if requested > room:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested {requested} "
             f"output tokens and your prompt contains at least {prompt_len} input tokens, for a total of at least "
             f"{prompt_len + requested} tokens. Please reduce the length of the input prompt or the number of "
-            "requested output tokens.", "max_tokens")
+            f"requested output tokens.", max_tokens_param)
     return requested
 
 

@@ -23,7 +23,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def fake_server(tokenizer):
     engine = FakeEngineClient(tokenizer)
-    settings = ServeSettings(["tiny", "alias"], max_num_seqs=4, max_queued_requests=64)
+    settings = ServeSettings(["tiny", "alias"], max_num_seqs=4, max_queued_requests=64, max_seqs_per_request=64)
     app = build_app(settings, engine=engine)
     with ServerThread(app) as server:
         server.engine = engine

@@ -55,6 +55,7 @@ class ServerThread:
                 raise RuntimeError("test server did not start")
             time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.loop = self.server.servers[0].get_loop()  # the server's event loop (for run_coroutine_threadsafe)
         return self
 
     @property
