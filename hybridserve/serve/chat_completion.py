@@ -72,8 +72,8 @@ class _ToolPolicy:
         """The tools in play: shown to the model by the template and parsed from its output."""
         return None if self.choice == "none" else self.tools
 
-    def parser(self, reasoning_open: bool) -> ChatOutputParser:
-        return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel)
+    def parser(self, reasoning_open: bool, hindsight: bool) -> ChatOutputParser:
+        return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel, hindsight)
 
     def check(self, finish_reason: str | None, num_calls: int) -> None:
         if self.choice in ("required", "named") and finish_reason == "stop" and num_calls == 0:
@@ -142,21 +142,30 @@ class _ChatRun:
         self.ctx, self.req, self.policy = ctx, req, policy
         self.id, self.created, self.model = request_id, now(), ctx.settings.model_name
         self.prompt_tokens = prompt_tokens
-        self.parsers = [policy.parser(reasoning_open) for _ in range(req.n)]
+        # non-streaming may hold text until its side is known (see reasoning.py); a stream may not
+        self.parsers = [policy.parser(reasoning_open, hindsight=not req.stream) for _ in range(req.n)]
         self.reasoning_tokens = [0] * req.n
+        self.held_tokens = [0] * req.n  # generated while the parser held undecided text
         self.completion_tokens = [0] * req.n
         self.finished = [False] * req.n
         self.started = [False] * req.n  # streaming: role sent
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs else None
 
     def _step(self, o: Any) -> ChoiceDelta:
-        i = o.index
-        if self.parsers[i].in_reasoning:
-            self.reasoning_tokens[i] += len(o.token_ids_delta)
+        i, parser, new_tokens = o.index, self.parsers[o.index], len(o.token_ids_delta)
+        was_undecided = parser.undecided
+        if parser.in_reasoning and not was_undecided:
+            self.reasoning_tokens[i] += new_tokens
         self.completion_tokens[i] = len(o.token_ids)
         final = o.finish_reason is not None and not self.finished[i]
         self.finished[i] = self.finished[i] or final
-        return self.parsers[i].feed(o.text_delta, final=final)
+        delta = parser.feed(o.text_delta, final=final)
+        if was_undecided:
+            self.held_tokens[i] += new_tokens
+        if not parser.undecided and self.held_tokens[i]:
+            self.reasoning_tokens[i] += self.held_tokens[i] if parser.held_was_reasoning else 0
+            self.held_tokens[i] = 0
+        return delta
 
     def _finish_reason(self, i: int, reason: str | None) -> str | None:
         if reason == "stop" and self.parsers[i].num_tool_calls:

@@ -28,8 +28,9 @@ class ChoiceDelta:
 
 class ChatOutputParser:
     def __init__(self, reasoning_open: bool, tools: list[dict[str, Any]] | None = None,
-                 only_function: str | None = None, parallel_tool_calls: bool = True):
-        self._reasoning = ReasoningParser(reasoning_open, tool_call_ends_reasoning=tools is not None)
+                 only_function: str | None = None, parallel_tool_calls: bool = True, hindsight: bool = False):
+        self._reasoning = ReasoningParser(reasoning_open, tool_call_ends_reasoning=tools is not None,
+                                          hindsight=hindsight)
         self._tools = ToolCallParser(tools) if tools is not None else None
         self._only_function = only_function
         self._parallel = parallel_tool_calls
@@ -38,6 +39,15 @@ class ChatOutputParser:
     @property
     def in_reasoning(self) -> bool:
         return self._reasoning.in_reasoning
+
+    @property
+    def undecided(self) -> bool:
+        """Text is held whose side (reasoning or content) is not known yet."""
+        return self._reasoning.undecided
+
+    @property
+    def held_was_reasoning(self) -> bool:
+        return self._reasoning.held_was_reasoning
 
     @property
     def num_tool_calls(self) -> int:
