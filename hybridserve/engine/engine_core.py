@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 import traceback
 
@@ -168,6 +169,8 @@ def run_engine_core_process(
     """
     if parent_pid is not None:  # a process of its own: it owns its logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+        # Ctrl-C reaches the whole process group; the API process drains and then stops us with Shutdown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
     inputs.connect(input_address)

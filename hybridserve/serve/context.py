@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybridserve.config_flags import limit_or_unbounded
 from hybridserve.engine.outputs import CompletionOutput, RequestOutput
 from hybridserve.sampling_params import SamplingParams, SamplingParamsError
 from hybridserve.serve.errors import APIError, bad_request
@@ -30,13 +31,20 @@ DEFAULT_MAX_QUEUED_REQUESTS = 2048
 
 @dataclass
 class ServeSettings:
+    """The API side's settings; `serve` makes one flag per field (hybridserve/config_flags.py)."""
+
     served_model_names: list[str]
-    api_key: str | None = None
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
-    default_thinking_budget: int | None = None
+    api_key: str | None = field(default=None, metadata={"env": ("HYBRIDSERVE_API_KEY", "VLLM_API_KEY"), "help": (
+        "require `Authorization: Bearer KEY` on every endpoint except /health, /ping, /metrics "
+        "(default: $HYBRIDSERVE_API_KEY or $VLLM_API_KEY)")})
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # output cap when a request sets no max_tokens (also capped by the context left)
+    default_thinking_budget: int | None = None  # reasoning-token budget for requests that set none (default: unlimited)
     max_num_seqs: int = 256
-    max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
-    shutdown_timeout: float = 30.0
+    max_queued_requests: int | None = field(default=DEFAULT_MAX_QUEUED_REQUESTS, metadata={
+        "aliases": ("--max-num-queued-reqs",), "parse": limit_or_unbounded, "help": (
+            "requests allowed to wait beyond --max-num-seqs; more get 503 + Retry-After (-1: unbounded)")})
+    shutdown_timeout: float = 30.0  # on SIGTERM / Ctrl-C, seconds in-flight requests may finish before they are aborted
+    enable_log_requests: bool = False  # log one line per request: id, prompt tokens, sampling parameters
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,6 +134,8 @@ class ServerContext:
 async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str,
                          arrival: float) -> AsyncIterator[RequestOutput]:
     """The engine's outputs for one request, with metrics; closing it early aborts the request."""
+    if ctx.settings.enable_log_requests:  # repr escapes client text; both are capped
+        logger.info("request %.100r: %d prompt tokens, %.600r", request_id, len(prompt_ids), params)
     gen = ctx.engine.generate(prompt_ids, params, request_id)
     ctx.tracker.engine_request_ids.add(request_id)
     ctx.metrics.observe_request(prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens or 0)
