@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +70,7 @@ class RequestTracker:
     def __init__(self, limit: int | None):
         self.limit = limit
         self.in_flight = 0
-        self.rejected = 0
+        self.rejections: Counter[str] = Counter()  # 503s at admission, by reason (vllm:admission_rejections)
         self.draining = False
         self.engine_request_ids: set[str] = set()
         self._idle = asyncio.Event()
@@ -77,11 +78,11 @@ class RequestTracker:
 
     def admit(self) -> Ticket:
         if self.draining:
-            self.rejected += 1
+            self.rejections["draining"] += 1
             raise APIError(503, "The server is shutting down and accepts no new requests.",
                            headers={"Retry-After": "5"})
         if self.limit is not None and self.in_flight >= self.limit:
-            self.rejected += 1
+            self.rejections["max_num_queued_reqs"] += 1
             raise APIError(503, f"The server is overloaded: {self.in_flight} requests are running or queued "
                                 f"(limit {self.limit}). Retry later.", headers={"Retry-After": "1"})
         self.in_flight += 1
@@ -141,6 +142,8 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
     ctx.metrics.observe_request(prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens or 0)
     last: RequestOutput | None = None
     previous = arrival
+    first_token: float | None = None
+    queue_time: float | None = None
     try:
         try:
             first = await gen.__anext__()
@@ -155,7 +158,7 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
                 raise APIError(503, "The engine is not running.") from None
             raise
         if first is not None:
-            now = time.monotonic()
+            now = first_token = time.monotonic()
             ctx.metrics.ttft.observe(now - arrival)
             queue_time = getattr(first, "queue_time", None)
             if queue_time is not None:
@@ -178,9 +181,9 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
         await gen.aclose()
         if last is not None and last.finished:
             ctx.metrics.observe_finished(
-                e2e_seconds=time.monotonic() - arrival,
-                generation_tokens=sum(len(o.token_ids) for o in last.outputs),
-                finish_reasons=[o.finish_reason or "abort" for o in last.outputs])
+                e2e_seconds=previous - arrival, token_counts=[len(o.token_ids) for o in last.outputs],
+                finish_reasons=[o.finish_reason or "abort" for o in last.outputs],
+                first_token_seconds=None if first_token is None else first_token - arrival, queue_seconds=queue_time)
 
 
 def _aborted(request_id: str, prompt_ids: list[int], n: int, last: RequestOutput | None) -> RequestOutput:

@@ -74,3 +74,32 @@ def test_stop_reason_is_null_on_eos_and_the_id_of_a_requested_stop_token(real_se
     own = httpx.post(url, json={"prompt": "Once", "max_tokens": 5, "stop_token_ids": [40],
                                 "logit_bias": {"40": 100}}).json()
     assert own["choices"][0]["finish_reason"] == "stop" and own["choices"][0]["stop_reason"] == 40
+
+
+def _sample(text: str, name: str) -> float:
+    import re
+
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} not exported"
+    return float(m.group(1))
+
+
+def test_vllm_metrics_and_models_without_paths(real_server):
+    """Real engine: vLLM 0.33's request, cache, process and HTTP metrics are exported and observed;
+    /v1/models reports the served name as root, not the server's checkpoint path."""
+    httpx.post(real_server.url + "/v1/completions",
+               json={"prompt": "Once", "max_tokens": 6, "ignore_eos": True, "n": 2}).raise_for_status()
+    text = httpx.get(real_server.url + "/metrics").text
+    for name in ("vllm:request_time_per_output_token_seconds_count", "vllm:request_prefill_time_seconds_count",
+                 "vllm:request_decode_time_seconds_count", "vllm:request_inference_time_seconds_count",
+                 "vllm:request_max_num_generation_tokens_count", "vllm:request_params_n_count",
+                 "vllm:request_params_max_tokens_count", "vllm:request_queue_time_seconds_count"):
+        assert _sample(text, name) >= 1, name
+    assert _sample(text, "vllm:request_max_num_generation_tokens_sum") >= 6
+    assert 'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny",reason="capacity"}' in text
+    assert 'vllm:cache_config_info{block_size="16"' in text and 'enable_prefix_caching="False"' in text
+    assert _sample(text, "process_resident_memory_bytes") > 0
+    assert 'http_requests_total{handler="/v1/completions",method="POST",status="2xx"}' in text
+    assert 'handler="/metrics"' not in text  # vLLM's exclusions
+    models = httpx.get(real_server.url + "/v1/models").json()["data"]
+    assert [m["root"] for m in models] == ["tiny", "tiny"]
