@@ -115,6 +115,7 @@ def test_guide_serve_and_bench_commands_against_a_local_hub_cache(hub_env, tmp_p
         server.kill()
     log = server.log
     assert "RANDOM weights" not in log  # the cached checkpoint's own weights were served
+    assert "loading weights" in log  # with a progress bar
     assert "vLLM compatibility flag --trust-remote-code: no effect" in log
     assert "vLLM compatibility flag --async-scheduling: " in log
     assert "Traceback" not in log, log
