@@ -31,7 +31,7 @@ from hybridserve.engine.model_runner import ModelRunner
 from hybridserve.engine.outputs import EngineOutput
 from hybridserve.engine.request import Request
 from hybridserve.engine.scheduler import Scheduler
-from hybridserve.engine.stats import EngineStats
+from hybridserve.engine.stats import EngineStats, IterationTokens
 from hybridserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class EngineCore:
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
+        self.iteration_tokens = IterationTokens()
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Raise ValueError (SamplingParamsError) if the request is invalid or can never fit; else
@@ -100,8 +101,11 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        s = self.scheduler
+        before = s.prompt_tokens_total + s.generation_tokens_total
         token_ids, logprobs = self.runner.execute(batch)
         outputs = self.scheduler.update(batch, token_ids, logprobs)
+        self.iteration_tokens.observe(s.prompt_tokens_total + s.generation_tokens_total - before)
         forks = self.scheduler.take_forks()
         if forks:
             self.runner.apply_forks(forks)
@@ -124,6 +128,8 @@ class EngineCore:
             num_free_slots=s.states.num_free_slots,
             num_blocks=s.kv.num_blocks,
             num_slots=s.states.num_slots,
+            iteration_tokens_counts=list(self.iteration_tokens.counts),
+            iteration_tokens_sum=self.iteration_tokens.sum,
         )
 
 

@@ -11,6 +11,7 @@ prometheus-fastapi-instrumentator, as vLLM exports them) share the registry.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from hybridserve.engine.stats import ITERATION_TOKEN_BUCKETS
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -91,6 +94,14 @@ class _EngineCollector:
         yield self._counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield self._counter("vllm:num_preemptions", "Preemptions (a request recomputed later).",
                             s.num_preemptions_total)
+        counts = getattr(s, "iteration_tokens_counts", None)
+        if counts:
+            h = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens per engine step (prompt + generated).",
+                                      labels=list(self._labels))
+            bounds = [str(float(b)) for b in ITERATION_TOKEN_BUCKETS] + ["+Inf"]
+            h.add_metric(list(self._labels.values()), list(zip(bounds, itertools.accumulate(counts))),
+                         float(s.iteration_tokens_sum))
+            yield h
 
 
 class Metrics:
