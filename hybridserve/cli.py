@@ -1,4 +1,5 @@
-"""`hybridserve` command line: serve | generate | bench. Each part registers its own subcommand."""
+"""`hybridserve` command line: serve | generate | bench. Each part registers its own subcommand; vLLM's
+underscore flag spellings (`--max_model_len`) are read as dashes everywhere."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from hybridserve import __version__
+from hybridserve.config_flags import FlexibleArgumentParser
 
 SUBCOMMAND_MODULES = ("hybridserve.serve.cli", "hybridserve.engine.cli", "hybridserve.bench.cli")
 
@@ -13,7 +15,7 @@ SUBCOMMAND_MODULES = ("hybridserve.serve.cli", "hybridserve.engine.cli", "hybrid
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = FlexibleArgumentParser(
         prog="hybridserve", description="Inference server for NVIDIA Nemotron-3-Nano and the NemotronH family."
     )
     parser.add_argument("--version", action="version", version=f"hybridserve {__version__}")

@@ -13,6 +13,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hybridserve.config_flags import token_count
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 # auto: the checkpoint's weights (random for presets); dummy: random weights with realistic spread
@@ -236,37 +238,49 @@ def _layer_pattern(d: dict[str, Any]) -> str:
     return pattern
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+MAMBA_SSM_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How to serve: sizes, dtypes, devices. Built by the CLI or `LLM(...)`."""
+    """How to serve: sizes, dtypes, devices. Built by the CLI (one flag per field, see
+    `config_flags.py`: a field's trailing comment or `help` metadata is its flag's help) or `LLM(...)`."""
 
-    model: str = "tiny"  # checkpoint directory or preset name
-    tokenizer: str | None = None  # defaults to the model's
-    served_model_name: str | None = None
-    load_format: str = "auto"  # one of LOAD_FORMATS
-    dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
-    device: str = "auto"  # auto (cuda if available) | cuda | cpu
-    seed: int = 0
-    max_model_len: int | None = None  # default: min(model max, 8192)... see resolved_max_model_len
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.90
+    model: str = field(default="tiny", metadata={"flag": False})  # checkpoint directory or preset name
+    tokenizer: str | None = None  # tokenizer directory, hub id or preset (default: the model's)
+    served_model_name: str | None = field(default=None, metadata={"flag": False})
+    load_format: str = field(default="auto", metadata={"choices": LOAD_FORMATS, "help": (
+        "auto: the checkpoint's weights; dummy: random weights that route over many experts; "
+        "dummy-uniform: vLLM's uniform dummy init (every token to the same experts)")})
+    dtype: str = field(default="auto", metadata={"choices": DTYPES, "help": "weights and activations (auto: the checkpoint's)"})
+    device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto: cuda if available"})
+    seed: int = 0  # seed of random (dummy) weights
+    max_model_len: int | None = field(default=None, metadata={"parse": token_count, "help": (
+        "context limit in tokens, e.g. 8192 or 32k (default: the model's limit, at most 8192)")})
+    max_num_seqs: int = 256  # max concurrent running sequences
+    max_num_batched_tokens: int = 8192  # token budget per engine step (long prompts are prefilled in chunks)
+    block_size: int = 16  # tokens per KV-cache block
+    gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights, activations and caches
     cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
     num_kv_blocks: int | None = None  # fix the KV block count instead of sizing it from memory
-    kv_cache_dtype: str = "auto"  # auto | fp8
-    mamba_ssm_cache_dtype: str = "auto"  # auto (config's) | float32 | bfloat16 | float16
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": KV_CACHE_DTYPES, "help": (
+        "auto: the model dtype. fp8 / fp8_e4m3 are accepted but not applied yet: KV stays in the model "
+        "dtype and the engine logs a warning")})
+    mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
+        "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
+    enforce_eager: bool = False  # no CUDA graphs
+    tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
 
     def __post_init__(self) -> None:
         _need(self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, not {self.load_format!r}")
-        _need(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}")
-        _need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
-        _need(
-            self.mamba_ssm_cache_dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}",
-        )
+        _need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}")
+        _need(self.device in DEVICES, f"unknown device {self.device!r}")
+        _need(self.kv_cache_dtype in KV_CACHE_DTYPES, f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+        _need(self.mamba_ssm_cache_dtype in MAMBA_SSM_CACHE_DTYPES,
+              f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}")
         _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")

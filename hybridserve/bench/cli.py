@@ -13,6 +13,10 @@ import shlex
 import sys
 import uuid
 
+from hybridserve.config_flags import FlexibleArgumentParser
+
+BACKENDS = ("vllm", "openai", "openai-chat")  # vllm = openai, as in `vllm bench serve`
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `bench serve` flag (the sweep takes them too and varies one)."""
@@ -22,10 +26,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--endpoint", default=None,
                         help="API route (default /v1/completions, or /v1/chat/completions for openai-chat)")
-    server.add_argument("--backend", choices=["openai", "openai-chat"], default="openai")
-    server.add_argument("--model", default=None, help="model name to request (default: first of /v1/models)")
+    server.add_argument("--backend", choices=BACKENDS, default="openai",
+                        help="vllm and openai: streaming /v1/completions; openai-chat: streaming /v1/chat/completions")
+    server.add_argument("--header", nargs="*", metavar="KEY=VALUE", default=None,
+                        help="HTTP headers sent with every request (they override OPENAI_API_KEY's Authorization; "
+                             "x-request-id is always the request's own)")
+    server.add_argument("--model", default=None,
+                        help="model id: the tokenizer default, and the name requested unless --served-model-name "
+                             "(default: first of /v1/models)")
+    server.add_argument("--served-model-name", default=None, help="the name sent in requests (default: --model)")
     server.add_argument("--tokenizer", default=None,
-                        help="tokenizer path or hybridserve preset name (default: the model name)")
+                        help="tokenizer directory, Hugging Face hub id or hybridserve preset (default: the model id)")
+    server.add_argument("--tokenizer-mode", default="auto",
+                        help="auto / hf: the fast tokenizer; slow: the Python one (hub tokenizers); others refused")
+    server.add_argument("--trust-remote-code", action="store_true",
+                        help="let a hub tokenizer run its own code (transformers' trust_remote_code)")
+    server.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="load no tokenizer: token counts come from the server's usage only (datasets that "
+                             "must count tokens on the client are refused)")
+    server.add_argument("--ready-check-timeout-sec", type=int, default=0,
+                        help="wait up to this long for the server to answer a test request (0: no check)")
 
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset-name", choices=["random", "sharegpt", "custom"], default="random")
@@ -53,6 +73,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--top-p", type=float, default=None)
     load.add_argument("--top-k", type=int, default=None)
     load.add_argument("--min-p", type=float, default=None)
+    load.add_argument("--frequency-penalty", type=float, default=None)
+    load.add_argument("--presence-penalty", type=float, default=None)
+    load.add_argument("--repetition-penalty", type=float, default=None)
+    load.add_argument("--logprobs", type=int, default=None, help="logprobs per token (completions backends)")
     load.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request")
 
     out = parser.add_argument_group("results")
@@ -60,6 +84,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--metric-percentiles", default="99", help='e.g. "50,90,99"')
     out.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
     out.add_argument("--save-result", action="store_true")
+    out.add_argument("--append-result", action="store_true",
+                     help="append the result as one more JSON line to the result file (implies saving)")
     out.add_argument("--save-detailed", action="store_true", help="also save per-request arrays")
     out.add_argument("--result-dir", default=None)
     out.add_argument("--result-filename", default=None)
@@ -111,7 +137,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: `python -m hybridserve.bench.cli {serve,sweep} ...`."""
-    parser = argparse.ArgumentParser(prog="hybridserve")
+    parser = FlexibleArgumentParser(prog="hybridserve")
     register(parser.add_subparsers(dest="command", required=True))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(["bench", *argv])

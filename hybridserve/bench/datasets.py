@@ -32,23 +32,30 @@ class DatasetError(ValueError):
     """Bad dataset options or a dataset file that cannot be used."""
 
 
-def load_tokenizer(name_or_path: str):
-    """A hybridserve preset name or a checkpoint path -> a Hugging Face tokenizer.
+TOKENIZER_MODES = ("auto", "hf", "slow")
 
-    Uses `hybridserve.tokenizer.load_tokenizer` (it knows the presets), and
-    `transformers.AutoTokenizer` for anything it does not know (a hub id).
+
+def load_tokenizer(name_or_path: str, mode: str = "auto", trust_remote_code: bool = False):
+    """A tokenizer directory, hybridserve preset or Hugging Face hub id -> a tokenizer.
+
+    Hub ids are resolved like the server resolves them (the local cache, `HF_HUB_OFFLINE`); a
+    directory with `tokenizer.json` and the presets use `hybridserve.tokenizer.load_tokenizer`,
+    anything else (and `mode="slow"`) `transformers.AutoTokenizer`.
     """
     from transformers import AutoTokenizer
 
+    from hybridserve.hub import resolve
     from hybridserve.tokenizer import load_tokenizer as load_hybridserve_tokenizer
 
-    try:
-        return load_hybridserve_tokenizer(name_or_path)
-    except FileNotFoundError as not_local:
-        try:  # neither a directory nor a preset: maybe a Hugging Face hub id
-            return AutoTokenizer.from_pretrained(name_or_path)
-        except Exception:
-            raise not_local from None
+    if mode not in TOKENIZER_MODES:
+        raise DatasetError(f"--tokenizer-mode {mode}: not supported (choose from {', '.join(TOKENIZER_MODES)})")
+    path = resolve(name_or_path, weights=False)
+    if mode != "slow":
+        try:
+            return load_hybridserve_tokenizer(path)
+        except FileNotFoundError:
+            pass  # a directory without tokenizer.json: transformers knows more formats
+    return AutoTokenizer.from_pretrained(path, use_fast=mode != "slow", trust_remote_code=trust_remote_code)
 
 
 def allowed_token_ids(tokenizer) -> np.ndarray:
@@ -161,9 +168,9 @@ def sample_sharegpt(
             break
         prompt = entry["conversations"][0]["value"]
         reply = entry["conversations"][1]["value"]
-        prompt_len = len(tokenizer.encode(prompt))
+        prompt_len = _count(tokenizer, prompt)
         budget = output_len if output_len is not None else len(tokenizer.encode(reply))
-        if _is_valid_sharegpt_pair(prompt_len, budget, output_len is not None):
+        if tokenizer is None or _is_valid_sharegpt_pair(prompt_len, budget, output_len is not None):
             requests.append(SampleRequest(prompt, prompt_len, budget))
     if not requests:
         raise DatasetError(f"no usable conversations in {path}")
@@ -194,7 +201,7 @@ def sample_custom(
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
-        requests.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len))
+        requests.append(SampleRequest(prompt, _count(tokenizer, prompt), output_len))
     return _cycle_to(requests, num_prompts)
 
 
@@ -203,10 +210,27 @@ def _cycle_to(requests: list[SampleRequest], num_prompts: int) -> list[SampleReq
     return [requests[i % len(requests)] for i in range(num_prompts)]
 
 
+def _check_without_tokenizer(args) -> None:
+    """--skip-tokenizer-init: only datasets that need no client-side token counts."""
+    why = {"random": "builds prompts of exact token lengths",
+           "sharegpt": "counts the replies' tokens for the budgets (give --sharegpt-output-len)",
+           "custom": "applies the chat template (give --custom-skip-chat-template)"}[args.dataset_name]
+    if (args.dataset_name == "random" or (args.dataset_name == "sharegpt" and args.sharegpt_output_len is None)
+            or (args.dataset_name == "custom" and not args.custom_skip_chat_template)):
+        raise DatasetError(f"--skip-tokenizer-init: the {args.dataset_name} dataset {why} with a tokenizer")
+
+
+def _count(tokenizer, text: str) -> int:
+    """Prompt tokens by the client's tokenizer; 0 without one (the server's usage replaces it)."""
+    return len(tokenizer.encode(text)) if tokenizer is not None else 0
+
+
 def sample_requests(args, tokenizer) -> list[SampleRequest]:
     """Build the dataset the command line asks for; ids are `<prefix><index>`."""
     if args.num_prompts < 1:
         raise DatasetError("--num-prompts must be at least 1")
+    if tokenizer is None:
+        _check_without_tokenizer(args)
     if args.dataset_name == "random":
         if args.dataset_path:
             raise DatasetError("--dataset-path cannot be used with --dataset-name random")

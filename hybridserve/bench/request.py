@@ -76,10 +76,12 @@ def build_payload(backend: str, model: str, request: SampleRequest, ignore_eos: 
     return payload | extra_body
 
 
-def request_headers(request_id: str) -> dict[str, str]:
+def request_headers(request_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Content type and OPENAI_API_KEY's bearer token, then `extra` (--header), then the request id."""
     headers = {"Content-Type": "application/json"}
     if api_key := os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {api_key}"
+    headers |= extra or {}
     if request_id:
         headers["x-request-id"] = request_id
     return headers
@@ -114,6 +116,7 @@ async def send_request(
     request: SampleRequest,
     ignore_eos: bool = False,
     extra_body: dict | None = None,
+    headers: dict[str, str] | None = None,
 ) -> RequestOutput:
     """POST one streaming request and time it; never raises, failures land in `output.error`."""
     payload = build_payload(backend, model, request, ignore_eos, extra_body or {})
@@ -123,7 +126,7 @@ async def send_request(
     output.start_time = start
     got_choices = False
     try:
-        async with session.post(url, json=payload, headers=request_headers(request.request_id)) as resp:
+        async with session.post(url, json=payload, headers=request_headers(request.request_id, headers)) as resp:
             if resp.status != 200:
                 output.error = f"HTTP {resp.status}: {error_text(await resp.text())}"
                 return output

@@ -154,13 +154,50 @@ async def align_to_server_tokenizer(
 
 def sampling_fields(args) -> dict:
     """Sampling options given on the command line plus --extra-body (None = server default)."""
-    fields = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-    }
+    names = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+    fields = {name: getattr(args, name) for name in names}
+    if args.backend != "openai-chat":
+        fields["logprobs"] = args.logprobs  # completions only, as vLLM's client sends it
     return {k: v for k, v in fields.items() if v is not None} | (args.extra_body or {})
+
+
+def parse_headers(items: list[str] | None) -> dict[str, str]:
+    """--header KEY=VALUE ... -> {KEY: VALUE}."""
+    headers = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BenchError(f"--header expects KEY=VALUE, got {item!r}")
+        headers[key.strip()] = value.strip()
+    return headers
+
+
+async def wait_for_server(session: aiohttp.ClientSession, base_url: str, deadline: float) -> list[dict] | None:
+    """`/v1/models` once the server answers (--ready-check-timeout-sec: it may still be starting)."""
+    while True:
+        try:
+            return await fetch_models(session, base_url)
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def ready_check(args, api_url: str, model: str, request: SampleRequest, ignore_eos: bool, deadline: float,
+                      extra_body: dict, headers: dict[str, str]) -> None:
+    """One test request (the first prompt), retried until it succeeds or the deadline passes."""
+    print(f"Waiting for a test request to succeed (up to {args.ready_check_timeout_sec} s)...")
+    async with aiohttp.ClientSession(timeout=SESSION_TIMEOUT) as session:
+        while True:
+            test = replace(request, request_id=f"{request.request_id}-ready")
+            output = await send_request(session, api_url, args.backend, model, test, ignore_eos, extra_body, headers)
+            if output.success:
+                print("The server answered the test request.")
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"the test request did not succeed within --ready-check-timeout-sec "
+                                 f"{args.ready_check_timeout_sec}: {output.error}")
+            await asyncio.sleep(1.0)
 
 
 async def run_requests(args, api_url: str, model: str, requests: list[SampleRequest], ignore_eos: bool):
@@ -168,13 +205,14 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
     limit = args.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)
     semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
-    extra_body = sampling_fields(args)
+    extra_body, headers = sampling_fields(args), parse_headers(args.header)
 
     async with aiohttp.ClientSession(connector=connector, timeout=SESSION_TIMEOUT, trust_env=True) as session:
 
         async def limited(request: SampleRequest, arrival: float, progress: tqdm | None):
             async with semaphore:
-                output = await send_request(session, api_url, args.backend, model, request, ignore_eos, extra_body)
+                output = await send_request(session, api_url, args.backend, model, request, ignore_eos, extra_body,
+                                            headers)
             output.client_queue_time = output.start_time - arrival
             if progress is not None:
                 progress.update(1)
@@ -221,6 +259,8 @@ def validate(args) -> None:
         raise BenchError("--burstiness must be > 0")
     if args.num_warmups < 0:
         raise BenchError("--num-warmups must be >= 0")
+    if args.ready_check_timeout_sec < 0:
+        raise BenchError("--ready-check-timeout-sec must be >= 0 (0 skips the check)")
 
 
 async def run_benchmark(args) -> dict:
@@ -230,14 +270,19 @@ async def run_benchmark(args) -> dict:
     percentiles = parse_percentiles(args.metric_percentiles)
     selected_metrics = parse_percentile_metrics(args.percentile_metrics)
     base_url, api_url = server_urls(args)
+    headers = parse_headers(args.header)
+    deadline = time.monotonic() + args.ready_check_timeout_sec
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        model, server_model = choose_model(args.model, await fetch_models(session, base_url), base_url)
-        tokenizer_id = args.tokenizer or model
-        try:
-            tokenizer = load_tokenizer(tokenizer_id)
-        except Exception as e:  # any loader failure: say which tokenizer and why
-            raise BenchError(f"cannot load tokenizer {tokenizer_id!r}: {type(e).__name__}: {e}") from None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=headers) as session:
+        model_id, server_model = choose_model(args.model, await wait_for_server(session, base_url, deadline), base_url)
+        model = args.served_model_name or model_id
+        tokenizer_id = args.tokenizer or model_id
+        tokenizer = None
+        if not args.skip_tokenizer_init:
+            try:
+                tokenizer = load_tokenizer(tokenizer_id, args.tokenizer_mode, args.trust_remote_code)
+            except Exception as e:  # any loader failure: say which tokenizer and why
+                raise BenchError(f"cannot load tokenizer {tokenizer_id!r}: {type(e).__name__}: {e}") from None
         try:
             requests = sample_requests(args, tokenizer)
         except DatasetError as e:
@@ -252,13 +297,15 @@ async def run_benchmark(args) -> dict:
     if args.temperature is None:
         print("Note: no --temperature given; the server's default sampling applies (as in vLLM).")
 
+    if args.ready_check_timeout_sec > 0:
+        await ready_check(args, api_url, model, requests[0], ignore_eos, deadline, sampling_fields(args), headers)
     outputs, duration = await run_requests(args, api_url, model, requests, ignore_eos)
     metrics = calculate_metrics(
         outputs,
         duration,
         percentiles,
         goodput_slos,
-        count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+        count_tokens=(lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else None,
         max_concurrency=args.max_concurrency,
         request_rate=args.request_rate,
     )
@@ -275,7 +322,7 @@ async def run_benchmark(args) -> dict:
         "endpoint_type": args.backend,
         "backend": args.backend,
         "label": args.label,
-        "model_id": model,
+        "model_id": model_id,
         "tokenizer_id": tokenizer_id,
         "num_prompts": args.num_prompts,
         **dict(item.split("=", 1) for item in args.metadata or [] if "=" in item),
@@ -292,14 +339,17 @@ async def run_benchmark(args) -> dict:
     result = setup | result_fields(outputs, metrics, duration, selected_metrics, bool(goodput_slos)) | provenance
     if not args.save_detailed:
         result = {k: v for k, v in result.items() if k not in DETAIL_FIELDS}
-    if args.save_result:
+    if args.save_result or args.append_result:
         name = args.result_filename or result_filename(
-            args.label or args.backend, args.request_rate, args.max_concurrency, model, date
+            args.label or args.backend, args.request_rate, args.max_concurrency, model_id, date
         )
         path = Path(args.result_dir or ".") / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
-        print(f"Result saved to {path}")
+        with path.open("a" if args.append_result else "w") as f:
+            if args.append_result and f.tell():
+                f.write("\n")  # one JSON document per line, as vLLM appends
+            f.write(json.dumps(result))
+        print(f"Result {'appended' if args.append_result else 'saved'} to {path}")
     return result
 
 

@@ -3,7 +3,8 @@
     hybridserve generate tiny --prompt "Hello" --max-tokens 32 --device cpu
     hybridserve generate /ckpt --prompts-file prompts.txt --temperature 0.6 --output out.jsonl
 
-Engine flags are made from EngineConfig's fields (`--max-num-seqs`, `--device`, ...). Prints
+Engine flags are made from EngineConfig's fields (`--max-num-seqs`, `--device`, ...) as for `serve`,
+and MODEL may be a hub id (`--revision`, `--download-dir`). Prints
 each completion (or writes JSON lines with --output). Registered by `hybridserve/cli.py`.
 """
 
@@ -14,31 +15,16 @@ import dataclasses
 import json
 import sys
 
+from hybridserve.compat_flags import add_compat_flags, compat_effects
 from hybridserve.config import EngineConfig
-
-
-def add_engine_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
-    """One `--flag` per EngineConfig field, typed from its default; unset flags keep the default."""
-    for f in dataclasses.fields(EngineConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default}")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
-    return EngineConfig(**values)
+from hybridserve.config_flags import add_config_flags, config_from_args
+from hybridserve.hub import HubOptions, resolve
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="offline batch generation", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory or preset name")
+    p.add_argument("model", help="checkpoint directory, Hugging Face hub id, or preset name")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -50,7 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--output", help="write JSON lines here instead of printing")
-    add_engine_config_arguments(p)
+    add_config_flags(p.add_argument_group("model source"), HubOptions)
+    add_config_flags(p.add_argument_group("engine"), EngineConfig)
+    add_compat_flags(p, serve=False)
     p.set_defaults(func=run_generate)
 
 
@@ -66,12 +54,17 @@ def run_generate(args: argparse.Namespace) -> int:
         print("hybridserve generate: give --prompt or --prompts-file", file=sys.stderr)
         return 2
     try:
+        for effect in compat_effects(args):
+            print(f"hybridserve generate: vLLM compatibility flag {effect}", file=sys.stderr)
+        hub = config_from_args(HubOptions, args)
+        model = resolve(args.model, hub, weights=args.load_format == "auto")
+        tokenizer = resolve(args.tokenizer, hub, weights=False) if args.tokenizer else None
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             n=args.n, seed=args.sampling_seed, ignore_eos=args.ignore_eos, stop=args.stop,
         )
-        config = engine_config_from_args(args)
-        llm = LLM(args.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"})
+        config = config_from_args(EngineConfig, args, model=model, tokenizer=tokenizer)
+        llm = LLM(model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"})
         outputs = llm.generate(prompts, params, use_tqdm=True)
     except ValueError as e:
         print(f"hybridserve generate: {e}", file=sys.stderr)

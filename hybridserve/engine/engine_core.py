@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 import traceback
 
@@ -30,7 +31,7 @@ from hybridserve.engine.model_runner import ModelRunner
 from hybridserve.engine.outputs import EngineOutput
 from hybridserve.engine.request import Request
 from hybridserve.engine.scheduler import Scheduler
-from hybridserve.engine.stats import EngineStats
+from hybridserve.engine.stats import EngineStats, IterationTokens
 from hybridserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class EngineCore:
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
+        self.iteration_tokens = IterationTokens()
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Raise ValueError (SamplingParamsError) if the request is invalid or can never fit; else
@@ -96,6 +98,7 @@ class EngineCore:
         if not step:
             return []
         logits = self.runner.forward(step.plan)
+        self.iteration_tokens.observe(len(step.plan.input_ids))  # tokens fed this step, prompt and decode
         if not step.plan.num_samples:
             return []
         token_ids, logprobs = self.runner.sample(step.plan, logits).to_host()
@@ -118,6 +121,8 @@ class EngineCore:
             num_free_slots=s.cache.slot_pool.num_free,
             num_blocks=self.layout.num_blocks,
             num_slots=self.layout.num_slots,
+            iteration_tokens_counts=list(self.iteration_tokens.counts),
+            iteration_tokens_sum=self.iteration_tokens.sum,
         )
 
 
@@ -163,6 +168,8 @@ def run_engine_core_process(
     """
     if parent_pid is not None:  # a process of its own: it owns its logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+        # Ctrl-C reaches the whole process group; the API process drains and then stops us with Shutdown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
     inputs.connect(input_address)

@@ -132,7 +132,8 @@ class OutputProcessor:
                 choice.text += choice.detokenizer.add(ids)
             if delta.finish_reason is not None:
                 choice.text += choice.detokenizer.flush()
-            stop_string, cut = _find_stop(choice.text, params.stop, start, params.include_stop_str_in_output)
+            if len(choice.token_ids) >= params.min_tokens:  # before min_tokens, stop strings do not stop (vLLM)
+                stop_string, cut = _find_stop(choice.text, params.stop, start, params.include_stop_str_in_output)
             if stop_string is not None:
                 choice.text = choice.text[:cut]
         if stop_string is not None:

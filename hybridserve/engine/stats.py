@@ -6,7 +6,23 @@ as last-known values, so reading them never waits on the engine.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import msgspec
+
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's
+
+
+class IterationTokens:
+    """Tokens per engine step (prompt + generated) as histogram counts, kept by the engine core."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)  # per bucket, the last one +Inf
+        self.sum = 0
+
+    def observe(self, tokens: int) -> None:
+        self.counts[bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
+        self.sum += tokens
 
 
 class EngineStats(msgspec.Struct, array_like=True):
@@ -21,3 +37,5 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_free_slots: int = 0
     num_blocks: int = 0
     num_slots: int = 0
+    iteration_tokens_counts: list[int] = msgspec.field(default_factory=list)  # per ITERATION_TOKEN_BUCKETS, +Inf
+    iteration_tokens_sum: int = 0

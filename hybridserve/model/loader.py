@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from hybridserve.config import LOAD_FORMATS, ModelConfig
 from hybridserve.model.nemotron_h import NemotronHForCausalLM
@@ -60,6 +61,7 @@ def load_model(
     dtype = dtype or getattr(torch, config.torch_dtype)
     if load_format == "auto" and not config.has_weights and config.preset is None:
         raise CheckpointError(f"{config.path}: no *.safetensors files (use load_format='dummy' for random weights)")
+    check_weights_fit(config, dtype, device)
     model = NemotronHForCausalLM(config, dtype, device)
     if load_format == "dummy-uniform":
         model.init_uniform(seed)
@@ -71,6 +73,20 @@ def load_model(
     return model.eval()
 
 
+def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Refuse, before anything is allocated, weights larger than the GPU's free memory (the
+    full-size model needs ~59 GiB in bf16): a clear error instead of an out-of-memory mid-load."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    shapes = NemotronHForCausalLM(config, dtype, "meta")  # the real module tree, no memory
+    need = sum(t.numel() * t.element_size() for t in [*shapes.parameters(), *shapes.buffers()])
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise MemoryError(f"the model's weights need {need / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB "
+                          f"free of {total / 2**30:.1f} GiB: free the GPU, or use a card with more memory")
+
+
 @torch.no_grad()
 def load_checkpoint(model: NemotronHForCausalLM, directory: str | Path) -> None:
     """Fill every parameter of `model` from the safetensors files in `directory`, or raise."""
@@ -79,7 +95,7 @@ def load_checkpoint(model: NemotronHForCausalLM, directory: str | Path) -> None:
     params = dict(model.named_parameters())
     loaded: dict[str, set[int] | None] = {}  # param -> expert rows loaded (None: the whole tensor)
     with _Files(_tensor_files(directory)) as files:
-        for name in files.names:
+        for name in tqdm(files.names, desc="loading weights", unit="tensor", mininterval=1.0):
             if _MTP.match(name) or name.endswith(KV_SCALE_SUFFIXES):
                 continue
             if name.endswith(".weight_scale_2"):

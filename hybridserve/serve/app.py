@@ -36,7 +36,7 @@ from hybridserve.serve.errors import (
     validation_error,
 )
 from hybridserve.serve.logs import clip, install_log_filter
-from hybridserve.serve.metrics import Metrics
+from hybridserve.serve.metrics import Metrics, cache_config_info
 from hybridserve.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -118,7 +118,8 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         return ctx.engine.stats() if ctx.engine is not None else None
 
     metrics = Metrics(settings.model_name, stats,
-                      lambda: {"in_flight": tracker.in_flight, "rejected": tracker.rejected})
+                      lambda: {"in_flight": tracker.in_flight, "rejections": tracker.rejections},
+                      lambda: cache_config_info(ctx.engine))
     ctx = ServerContext(engine, settings, tracker, metrics)
 
     async def start_engine() -> None:
@@ -150,6 +151,7 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
     app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.ctx = ctx
+    metrics.instrument(app)
     install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
@@ -189,10 +191,9 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         max_len = ctx.engine.max_model_len if ctx.engine is not None else None
-        root = getattr(getattr(ctx.engine, "model_config", None), "path", None)
-        return {"object": "list", "data": [
+        return {"object": "list", "data": [  # root is the served name: the server's paths stay private
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "hybridserve",
-             "root": root or settings.model_name, "parent": None, "max_model_len": max_len}
+             "root": settings.model_name, "parent": None, "max_model_len": max_len}
             for name in settings.served_model_names]}
 
     @app.post("/v1/chat/completions")

@@ -30,6 +30,7 @@ from hybridserve.serve.responses import (
     chat_logprobs,
     new_id,
     now,
+    reported_stop_reason,
     respond,
     sse,
     sse_error,
@@ -66,8 +67,8 @@ class _ToolPolicy:
         """The tools in play: shown to the model by the template and parsed from its output."""
         return None if self.choice == "none" else self.tools
 
-    def parser(self, reasoning_open: bool) -> ChatOutputParser:
-        return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel)
+    def parser(self, reasoning_open: bool, hindsight: bool) -> ChatOutputParser:
+        return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel, hindsight)
 
     def check(self, finish_reason: str | None, num_calls: int) -> None:
         if self.choice in ("required", "named") and finish_reason == "stop" and num_calls == 0:
@@ -124,7 +125,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request, req: Chat
         raise
     request_id = req.request_id or new_id("chatcmpl")
     outputs = engine_outputs(ctx, rendered.prompt_token_ids, params, request_id, arrival)
-    run = _ChatRun(ctx, req, policy, rendered.reasoning_open, request_id, len(rendered.prompt_token_ids))
+    run = _ChatRun(ctx, req, policy, rendered.reasoning_open, request_id, len(rendered.prompt_token_ids), params)
     return await respond(request, ticket.release, outputs, req.stream, run.collect, run.sse)
 
 
@@ -132,25 +133,34 @@ class _ChatRun:
     """The per-request state shared by the streaming and non-streaming paths."""
 
     def __init__(self, ctx: ServerContext, req: ChatCompletionRequest, policy: _ToolPolicy, reasoning_open: bool,
-                 request_id: str, prompt_tokens: int):
-        self.ctx, self.req, self.policy = ctx, req, policy
+                 request_id: str, prompt_tokens: int, params: SamplingParams):
+        self.ctx, self.req, self.policy, self.params = ctx, req, policy, params
         self.id, self.created, self.model = request_id, now(), ctx.settings.model_name
         self.prompt_tokens = prompt_tokens
-        self.parsers = [policy.parser(reasoning_open) for _ in range(req.n)]
+        # non-streaming may hold text until its side is known (see reasoning.py); a stream may not
+        self.parsers = [policy.parser(reasoning_open, hindsight=not req.stream) for _ in range(req.n)]
         self.reasoning_tokens = [0] * req.n
+        self.held_tokens = [0] * req.n  # generated while the parser held undecided text
         self.completion_tokens = [0] * req.n
         self.finished = [False] * req.n
         self.started = [False] * req.n  # streaming: role sent
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs else None
 
     def _step(self, o: Any) -> ChoiceDelta:
-        i = o.index
-        if self.parsers[i].in_reasoning:
-            self.reasoning_tokens[i] += len(o.token_ids_delta)
+        i, parser, new_tokens = o.index, self.parsers[o.index], len(o.token_ids_delta)
+        was_undecided = parser.undecided
+        if parser.in_reasoning and not was_undecided:
+            self.reasoning_tokens[i] += new_tokens
         self.completion_tokens[i] = len(o.token_ids)
         final = o.finish_reason is not None and not self.finished[i]
         self.finished[i] = self.finished[i] or final
-        return self.parsers[i].feed(o.text_delta, final=final)
+        delta = parser.feed(o.text_delta, final=final)
+        if was_undecided:
+            self.held_tokens[i] += new_tokens
+        if not parser.undecided and self.held_tokens[i]:
+            self.reasoning_tokens[i] += self.held_tokens[i] if parser.held_was_reasoning else 0
+            self.held_tokens[i] = 0
+        return delta
 
     def _finish_reason(self, i: int, reason: str | None) -> str | None:
         if reason == "stop" and self.parsers[i].num_tool_calls:
@@ -171,7 +181,8 @@ class _ChatRun:
                     continue
                 accs[o.index].add(self._step(o))
                 logprobs[o.index].extend(o.logprobs_delta or [])
-                reasons[o.index], stop_reasons[o.index] = o.finish_reason, o.stop_reason
+                reasons[o.index] = o.finish_reason
+                stop_reasons[o.index] = reported_stop_reason(o.stop_reason, self.params)
         choices = []
         for i, acc in enumerate(accs):
             self.policy.check(reasons[i], self.parsers[i].num_tool_calls)
@@ -210,18 +221,19 @@ class _ChatRun:
         if delta.tool_calls:
             d["tool_calls"] = delta.tool_calls
         reason = self._finish_reason(i, o.finish_reason) if self.finished[i] else None
-        return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
+        stop_reason = reported_stop_reason(o.stop_reason, self.params) if self.finished[i] else None
+        return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason}
 
     async def sse(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
         opts = self.req.stream_options
-        continuous = bool(opts and opts.continuous_usage_stats)
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         try:
             out = first
             while out is not None:
                 live = [o for o in out.outputs if not self.finished[o.index]]
-                choices = [c for c in map(self._chunk_choice, live) if c is not None]
-                if choices:
-                    yield self._chunk(choices, continuous)
+                for choice in map(self._chunk_choice, live):  # one chunk per choice, as OpenAI and vLLM send n > 1
+                    if choice is not None:
+                        yield self._chunk([choice], continuous)
                 for o in live:  # after the chunk went out: a missing required tool call is an error frame
                     if o.finish_reason is not None:
                         self.policy.check(o.finish_reason, self.parsers[o.index].num_tool_calls)

@@ -28,8 +28,9 @@ class ChoiceDelta:
 
 class ChatOutputParser:
     def __init__(self, reasoning_open: bool, tools: list[dict[str, Any]] | None = None,
-                 only_function: str | None = None, parallel_tool_calls: bool = True):
-        self._reasoning = ReasoningParser(reasoning_open, tool_call_ends_reasoning=tools is not None)
+                 only_function: str | None = None, parallel_tool_calls: bool = True, hindsight: bool = False):
+        self._reasoning = ReasoningParser(reasoning_open, tool_call_ends_reasoning=tools is not None,
+                                          hindsight=hindsight)
         self._tools = ToolCallParser(tools) if tools is not None else None
         self._only_function = only_function
         self._parallel = parallel_tool_calls
@@ -38,6 +39,15 @@ class ChatOutputParser:
     @property
     def in_reasoning(self) -> bool:
         return self._reasoning.in_reasoning
+
+    @property
+    def undecided(self) -> bool:
+        """Text is held whose side (reasoning or content) is not known yet."""
+        return self._reasoning.undecided
+
+    @property
+    def held_was_reasoning(self) -> bool:
+        return self._reasoning.held_was_reasoning
 
     @property
     def num_tool_calls(self) -> int:
@@ -60,20 +70,22 @@ class ChatOutputParser:
         events = self._tools.feed(content) if content else []
         if final:
             events += self._tools.finish()
-        entries: dict[int, dict[str, Any]] = {}
+        # A call's first entry carries its id and name with empty arguments; its argument text goes in
+        # a second entry, also when both come in one step (a held call released at once).
+        starts: list[dict[str, Any]] = []
+        arguments: dict[int, dict[str, Any]] = {}
         for ev in events:
             if isinstance(ev, ContentText):
                 out.content += ev.text
             elif isinstance(ev, ToolCallStart):
                 if self._keep(ev):  # a dropped call's arguments are skipped below: not in _kept
                     k = self._kept[ev.index] = len(self._kept)
-                    entries[k] = {"index": k, "id": ev.id, "type": "function",
-                                  "function": {"name": ev.name, "arguments": ""}}
+                    starts.append({"index": k, "id": ev.id, "type": "function",
+                                   "function": {"name": ev.name, "arguments": ""}})
             elif isinstance(ev, ToolCallArguments) and ev.index in self._kept:
                 k = self._kept[ev.index]
-                entry = entries.setdefault(k, {"index": k, "function": {"arguments": ""}})
-                entry["function"]["arguments"] += ev.fragment
-        out.tool_calls = [entries[k] for k in sorted(entries)]
+                arguments.setdefault(k, {"index": k, "function": {"arguments": ""}})["function"]["arguments"] += ev.fragment
+        out.tool_calls = sorted(starts + list(arguments.values()), key=lambda e: (e["index"], "id" not in e))
         return out
 
     def _keep(self, start: ToolCallStart) -> bool:

@@ -1,8 +1,11 @@
-"""`hybridserve serve MODEL_OR_PRESET [flags]`: the OpenAI-compatible server.
+"""`hybridserve serve MODEL [flags]`: the OpenAI-compatible server.
 
-Accepts the flags of `vllm serve` that NVIDIA's Nemotron recipe uses, with the same meaning, so the
-recipe's command works with the program name changed. Parser flags are accepted for compatibility;
-the right reasoning and tool parsers are built in. Unknown flags are an error.
+Accepts `vllm serve` command lines: the settings flags are made from the config dataclasses
+(`EngineConfig`, `ServeSettings`, `HubOptions`, `ServerOptions` below), vLLM's underscore spellings
+work, and the flags that only exist for vLLM compatibility are in one table
+(`hybridserve/compat_flags.py`) that says what each does. Before anything starts, every
+configuration error (a refused flag, a model that cannot be found, a context longer than the
+model's, a missing file, a port in use) is printed once and the exit status is 2.
 Standalone: `python -m hybridserve.serve.cli MODEL [flags]`.
 """
 
@@ -10,75 +13,51 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from hybridserve.config import LOAD_FORMATS
+from hybridserve.compat_flags import add_compat_flags, compat_effects, log_compat_effects
+from hybridserve.config import ConfigError, EngineConfig, ModelConfig
+from hybridserve.config_flags import FlexibleArgumentParser, add_config_flags, config_from_args
+from hybridserve.hub import HubOptions, ModelNotFoundError, resolve
+from hybridserve.serve.context import ServeSettings
 
 logger = logging.getLogger("hybridserve.serve")
 
-REASONING_PARSERS = ("nano_v3", "nemotron_v3", "nemotron_3")
-TOOL_CALL_PARSERS = ("qwen3_coder",)
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The serve command's own settings (the listener, files, where sampling defaults come from)."""
+
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = 8000  # port to listen on (0: a free port, printed at start-up)
+    uvicorn_log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "warning"  # uvicorn's own log level
+    chat_template: str | None = None  # a Jinja chat template file to use instead of the model's
+    generation_config: str = field(default="auto", metadata={"help": (
+        "defaults for unset temperature / top_p / top_k: auto (the checkpoint's generation_config.json), "
+        "vllm (none: 1.0 / 1.0 / off), or a directory with a generation_config.json")})
 
 
-def _token_count(text: str) -> int:
-    """An integer, optionally with a k / m suffix (1024-based, as vLLM reads `--max-model-len 32k`)."""
-    t = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1]) * scale) if scale > 1 else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
+class StartupError(ValueError):
+    """A configuration the server cannot start with; printed once, exit status 2."""
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_tag", nargs="?", metavar="MODEL_OR_PRESET",
-                   help="checkpoint directory or preset name (default: the tiny preset, random weights)")
-    p.add_argument("--model", help="same as the positional MODEL_OR_PRESET")
-    p.add_argument("--tokenizer", help="tokenizer directory or preset (default: the model's)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", nargs="+", help="name(s) clients use in `model` (first is reported)")
-    p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on every endpoint except /health, /ping, /metrics")
-    g = p.add_argument_group("engine")
-    g.add_argument("--max-model-len", type=_token_count, help="context limit in tokens (e.g. 8192, 32k)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="max concurrent running sequences")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per engine step")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    g.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto")
-    g.add_argument("--mamba-ssm-cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
-    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g = p.add_argument_group("requests")
-    g.add_argument("--max-queued-requests", "--max-num-queued-reqs", type=int, default=2048,
-                   help="requests allowed to wait beyond --max-num-seqs; more get 503 + Retry-After "
-                        "(-1: unbounded)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may finish before they are aborted")
-    g.add_argument("--default-max-tokens", type=int, default=8192,
-                   help="output cap when a request sets no max_tokens (also capped by the context left)")
-    g.add_argument("--default-thinking-budget", type=int, default=None,
-                   help="reasoning-token budget for requests that set none (default: unlimited)")
-    g.add_argument("--chat-template", help="a Jinja chat template file to use instead of the model's")
-    g = p.add_argument_group("vLLM compatibility (parsers are built in)")
-    g.add_argument("--enable-auto-tool-choice", action="store_true", help="accepted; auto tool choice is always on")
-    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default="qwen3_coder")
-    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default="nano_v3")
-    g.add_argument("--reasoning-parser-plugin", metavar="FILE", help="accepted and ignored (built in)")
-    g.add_argument("--tool-parser-plugin", metavar="FILE", help="accepted and ignored (built in)")
-    g.add_argument("--trust-remote-code", action="store_true", help="accepted; no remote code is run")
-    g.add_argument("--async-scheduling", action="store_true", help="accepted; scheduling is always overlapped")
-    g.add_argument("--uvicorn-log-level", default="warning",
-                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="checkpoint directory, Hugging Face hub id, or preset name (default: the tiny preset, "
+                        "random weights)")
+    p.add_argument("--model", help="same as the positional MODEL")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="name(s) clients use in `model`; the first is reported (default: MODEL)")
+    add_config_flags(p.add_argument_group("server"), ServerOptions)
+    add_config_flags(p.add_argument_group("model source"), HubOptions)
+    add_config_flags(p.add_argument_group("engine"), EngineConfig)
+    add_config_flags(p.add_argument_group("requests"), ServeSettings,
+                     skip=("served_model_names", "max_num_seqs", "generation_defaults"))
+    add_compat_flags(p, serve=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,82 +67,121 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def engine_config(args: argparse.Namespace):
-    from hybridserve.config import EngineConfig
+@dataclass
+class ServePlan:
+    """Everything checked and resolved before the server starts."""
 
-    return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer,
-        served_model_name=(args.served_model_name or [None])[0], load_format=args.load_format,
-        dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size)
+    config: EngineConfig
+    model_config: ModelConfig
+    settings: ServeSettings
+    server: ServerOptions
+    sock: socket.socket
+    effects: list[str]
+    random_weights: bool
 
 
-def _log_startup(args: argparse.Namespace, model_given: bool) -> None:
-    if not model_given:
-        logger.info("no model given: serving the embedded 'tiny' preset with RANDOM weights (output is noise)")
-    elif not Path(args.model).is_dir() or args.load_format != "auto":
-        logger.info("%s: no checkpoint weights are loaded (preset or --load-format dummy): RANDOM weights",
-                    args.model)
-    logger.info("reasoning parser %s and tool-call parser %s are built in; --reasoning-parser-plugin / "
-                "--tool-parser-plugin are not needed and are ignored", args.reasoning_parser, args.tool_call_parser)
+def plan(args: argparse.Namespace) -> ServePlan:
+    """Check the whole configuration and claim the port; StartupError says what is wrong."""
+    from hybridserve.engine.model_runner import resolve_max_model_len
+    from hybridserve.serve.sampling import load_generation_defaults
+
+    if args.model and args.model_tag and args.model != args.model_tag:
+        raise StartupError(f"the model is given twice ({args.model_tag} and --model {args.model})")
+    name = args.model or args.model_tag or "tiny"
+    try:
+        effects = compat_effects(args)
+        hub = config_from_args(HubOptions, args)
+        server = config_from_args(ServerOptions, args)
+        loads_weights = args.load_format == "auto"
+        model_dir = resolve(name, hub, weights=loads_weights)
+        tokenizer = resolve(args.tokenizer, hub, weights=False) if args.tokenizer else None
+        names = args.served_model_name or [name]
+        config = config_from_args(EngineConfig, args, model=model_dir, tokenizer=tokenizer,
+                                  served_model_name=names[0])
+        model_config = ModelConfig.from_hf(model_dir)
+        resolve_max_model_len(config, model_config)
+    except (ModelNotFoundError, ConfigError, ValueError) as e:
+        raise StartupError(str(e)) from None
+    if loads_weights and model_config.preset is None and not model_config.has_weights:
+        raise StartupError(f"{name}: no *.safetensors weights in {model_dir} (--load-format dummy serves random "
+                           "weights of this shape)")
+    tokenizer_dir = Path(tokenizer or model_dir)
+    if tokenizer_dir.is_dir() and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise StartupError(f"{tokenizer_dir}: no tokenizer.json (give --tokenizer a tokenizer directory or preset)")
+    if server.chat_template and not Path(server.chat_template).is_file():
+        raise StartupError(f"--chat-template {server.chat_template}: no such file")
+    defaults_dir = {"auto": model_dir if Path(model_dir).is_dir() else None, "vllm": None}.get(
+        server.generation_config, server.generation_config)
+    if defaults_dir is not None and server.generation_config not in ("auto", "vllm") and not (
+            Path(defaults_dir) / "generation_config.json").is_file():
+        raise StartupError(f"--generation-config {defaults_dir}: no generation_config.json there")
+    settings = config_from_args(ServeSettings, args, served_model_names=names,
+                                max_num_seqs=config.max_num_seqs,
+                                generation_defaults=load_generation_defaults(defaults_dir))
+    return ServePlan(config, model_config, settings, server, listen_socket(server.host, server.port), effects,
+                     random_weights=not loads_weights or model_config.preset is not None)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port in use is a start-up error, and port 0 gets its real number."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _log_startup(p: ServePlan, model_given: bool) -> None:
+    if p.random_weights:
+        what = "no model given: the embedded 'tiny' preset" if not model_given else p.config.model
+        logger.info("%s: serving RANDOM weights (a preset or --load-format %s): output is noise", what,
+                    p.config.load_format)
+    log_compat_effects(p.effects)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hybridserve.serve.app import build_app
-    from hybridserve.serve.context import ServeSettings
-    from hybridserve.serve.sampling import load_generation_defaults
     from hybridserve.serve.server import DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.model and args.model_tag and args.model != args.model_tag:
-        logger.error("the model is given twice (%s and --model %s)", args.model_tag, args.model)
-        return 2
-    model_given = bool(args.model or args.model_tag)
-    args.model = args.model or args.model_tag or "tiny"
-    if args.chat_template and not Path(args.chat_template).is_file():
-        logger.error("--chat-template %s: no such file", args.chat_template)
-        return 2
     try:
-        config = engine_config(args)
-    except ValueError as e:
-        logger.error("invalid configuration: %s", e)
+        p = plan(args)
+    except StartupError as e:
+        logger.error("%s", e)
         return 2
-    _log_startup(args, model_given)
-    names = args.served_model_name or [args.model]
-    settings = ServeSettings(
-        served_model_names=names, api_key=args.api_key, default_max_tokens=args.default_max_tokens,
-        default_thinking_budget=args.default_thinking_budget, max_num_seqs=args.max_num_seqs,
-        max_queued_requests=None if args.max_queued_requests < 0 else args.max_queued_requests,
-        shutdown_timeout=args.shutdown_timeout,
-        generation_defaults=load_generation_defaults(args.model if Path(args.model).is_dir() else None))
+    _log_startup(p, model_given=bool(args.model or args.model_tag))
+    config, template = p.config, p.server.chat_template
 
     async def create_engine():
         from hybridserve.engine.client import EngineClient
 
         engine = await EngineClient.create(config)
-        if args.chat_template:
-            engine.tokenizer.chat_template = Path(args.chat_template).read_text()
+        if template:
+            engine.tokenizer.chat_template = Path(template).read_text()
         return engine
 
     holder: dict[str, DrainingServer] = {}
-    app = build_app(settings, engine_factory=create_engine,
+    app = build_app(p.settings, engine_factory=create_engine,
                     on_engine_failure=lambda e: holder["server"].engine_failed(e))
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                               timeout_graceful_shutdown=5, timeout_keep_alive=5)
-    server = holder["server"] = DrainingServer(uv_config, app.state.ctx, args.shutdown_timeout)
-    logger.info("listening on http://%s:%d (model name%s: %s)", args.host, args.port,
-                "s" if len(names) > 1 else "", ", ".join(names))
-    server.run()
+    uv_config = uvicorn.Config(app, log_level=p.server.uvicorn_log_level, timeout_graceful_shutdown=5,
+                               timeout_keep_alive=5)
+    server = holder["server"] = DrainingServer(uv_config, app.state.ctx, p.settings.shutdown_timeout)
+    host, port = p.sock.getsockname()[:2]
+    names = p.settings.served_model_names
+    logger.info("listening on http://%s:%d (model name%s: %s)", host, port, "s" if len(names) > 1 else "",
+                ", ".join(names))
+    server.run(sockets=[p.sock])
     return server.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hybridserve serve", description=__doc__.split("\n\n")[0])
+    parser = FlexibleArgumentParser(prog="hybridserve serve", description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)
     return run(parser.parse_args(argv))
 

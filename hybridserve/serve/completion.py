@@ -15,6 +15,7 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.requests import Request
 
+from hybridserve.sampling_params import SamplingParams
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
 from hybridserve.serve.protocol import CompletionRequest
@@ -25,6 +26,7 @@ from hybridserve.serve.responses import (
     completion_logprobs,
     new_id,
     now,
+    reported_stop_reason,
     respond,
     sse,
     sse_error,
@@ -78,7 +80,7 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
     base_id = req.request_id or new_id("cmpl")
     ids_of = [base_id] if len(prompts) == 1 else [f"{base_id}-{k}" for k in range(len(prompts))]
     streams = [engine_outputs(ctx, ids, p, rid, arrival) for (_, ids), p, rid in zip(prompts, params, ids_of)]
-    run = _CompletionRun(ctx, req, base_id, prompts)
+    run = _CompletionRun(ctx, req, base_id, prompts, params)
     return await respond(request, ticket.release, _merge(streams), req.stream, run.collect, run.sse)
 
 
@@ -124,10 +126,10 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, 
 
 class _CompletionRun:
     def __init__(self, ctx: ServerContext, req: CompletionRequest, request_id: str,
-                 prompts: list[tuple[str | None, list[int]]]):
+                 prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams]):
         self.ctx, self.req, self.id = ctx, req, request_id
         self.created, self.model = now(), ctx.settings.model_name
-        self.prompts = prompts
+        self.prompts, self.params = prompts, params
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
         self.completion_tokens: dict[int, int] = {}
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs is not None else None
@@ -151,43 +153,44 @@ class _CompletionRun:
                 self.completion_tokens[index] = len(o.token_ids)
                 lp = None
                 if self.text_of is not None:
-                    lp = completion_logprobs(o.logprobs or [], self.text_of, self.req.logprobs or 0, len(prefix))
+                    lp, _ = completion_logprobs(o.logprobs or [], self.text_of, self.req.logprobs or 0, len(prefix))
                 choices.append({"index": index, "text": prefix + o.text, "logprobs": lp,
-                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                                "finish_reason": o.finish_reason,
+                                "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])})
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
 
     async def sse(self, first: tuple[int, Any], merged: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[bytes]:
+        """One chunk per choice per step (as OpenAI and vLLM send n > 1 and several prompts)."""
         opts = self.req.stream_options
-        continuous = bool(opts and opts.continuous_usage_stats)
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         started: set[int] = set()
-        offsets: dict[int, int] = {}
+        offsets: dict[int, int] = {}  # next logprobs text_offset per choice, counted per token
         finished: set[int] = set()
         try:
             item: tuple[int, Any] | None = first
             while item is not None:
                 k, out = item
-                choices = []
                 for o in out.outputs:
                     index = k * self.req.n + o.index
                     if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
                         continue
                     self.completion_tokens[index] = len(o.token_ids)
                     prefix = self._echo(k) if self.req.echo and index not in started else ""
-                    started.add(index)
-                    text = prefix + o.text_delta
+                    if index not in started:
+                        started.add(index)
+                        offsets[index] = len(prefix)  # offsets count the echoed prompt too
                     lp = None
-                    if self.text_of is not None and o.logprobs_delta:  # offsets count the echoed prompt too
-                        lp = completion_logprobs(o.logprobs_delta, self.text_of, self.req.logprobs or 0,
-                                                 offsets.get(index, 0) + len(prefix))
-                    offsets[index] = offsets.get(index, 0) + len(text)
+                    if self.text_of is not None and o.logprobs_delta:
+                        lp, offsets[index] = completion_logprobs(o.logprobs_delta, self.text_of,
+                                                                 self.req.logprobs or 0, offsets[index])
                     if o.finish_reason:
                         finished.add(index)
-                    choices.append({"index": index, "text": text, "logprobs": lp,
-                                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-                if choices:
+                    choice = {"index": index, "text": prefix + o.text_delta, "logprobs": lp,
+                              "finish_reason": o.finish_reason,
+                              "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])}
                     payload: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
-                                               "model": self.model, "choices": choices}
+                                               "model": self.model, "choices": [choice]}
                     if continuous:
                         payload["usage"] = self._usage()
                     yield sse(payload)

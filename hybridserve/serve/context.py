@@ -17,11 +17,13 @@ import functools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybridserve.config_flags import limit_or_unbounded
 from hybridserve.engine.outputs import CompletionOutput, RequestOutput
 from hybridserve.sampling_params import SamplingParams, SamplingParamsError
 from hybridserve.serve.chat import (
@@ -45,12 +47,19 @@ PREPROCESS_THREADS = 4  # templating and tokenization (the HF fast tokenizer rel
 
 @dataclass
 class ServeSettings:
+    """The API side's settings; `serve` makes one flag per field (hybridserve/config_flags.py)."""
+
     served_model_names: list[str]
-    api_key: str | None = None
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
-    default_thinking_budget: int | None = None
+    api_key: str | None = field(default=None, metadata={"env": ("HYBRIDSERVE_API_KEY", "VLLM_API_KEY"), "help": (
+        "require `Authorization: Bearer KEY` on every endpoint except /health, /ping, /metrics "
+        "(default: $HYBRIDSERVE_API_KEY or $VLLM_API_KEY)")})
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # output cap when a request sets no max_tokens (also capped by the context left)
+    default_thinking_budget: int | None = None  # reasoning-token budget for requests that set none (default: unlimited)
     max_num_seqs: int = 256
-    max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
+    max_queued_requests: int | None = field(default=DEFAULT_MAX_QUEUED_REQUESTS, metadata={
+        "aliases": ("--max-num-queued-reqs",), "parse": limit_or_unbounded, "help": (
+            "sequences (prompts x n) allowed to wait beyond --max-num-seqs; more get 503 + Retry-After "
+            "(-1: unbounded)")})
     max_seqs_per_request: int | None = field(default=None, metadata={
         "help": "most sequences (prompts × n) one request may ask for; more is a 400 (default: --max-num-seqs)"})
     max_request_body_bytes: int = field(default=64 << 20, metadata={
@@ -61,7 +70,8 @@ class ServeSettings:
     trust_request_chat_template: bool = field(default=False, metadata={
         "help": "render chat templates sent in requests (chat_template, chat_template_kwargs.chat_template), "
                 "in a sandboxed child process with time and memory limits; without it they are refused"})
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 30.0  # on SIGTERM / Ctrl-C, seconds in-flight requests may finish before they are aborted
+    enable_log_requests: bool = False  # log one line per request: id, prompt tokens, sampling parameters
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,7 +109,7 @@ class RequestTracker:
         self.per_request = per_request
         self.in_flight = 0  # requests
         self.sequences = 0  # their sequences: what the limits count
-        self.rejected = 0
+        self.rejections: Counter[str] = Counter()  # 503s at admission, by reason (vllm:admission_rejections)
         self.draining = False
         self.engine_request_ids: set[str] = set()
         self._idle = asyncio.Event()
@@ -110,11 +120,11 @@ class RequestTracker:
             raise bad_request(f"this request asks for {sequences} sequences (prompts × n); at most "
                               f"{self.per_request} are allowed in one request", param)
         if self.draining:
-            self.rejected += 1
+            self.rejections["draining"] += 1
             raise APIError(503, "The server is shutting down and accepts no new requests.",
                            headers={"Retry-After": "5"})
         if self.limit is not None and self.sequences + sequences > self.limit:
-            self.rejected += 1
+            self.rejections["max_num_queued_reqs"] += 1
             raise APIError(503, f"The server is overloaded: {self.sequences} sequences are running or queued "
                                 f"(limit {self.limit}). Retry later.", headers={"Retry-After": "1"})
         self.in_flight += 1
@@ -198,11 +208,15 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
     id, so two clients' ids, or one prompt's derived id and another request's, can never collide."""
     request_id = uuid.uuid4().hex
     logger.debug("request %s runs as engine request %s", public_id, request_id)
+    if ctx.settings.enable_log_requests:  # repr escapes client text; both are capped
+        logger.info("request %.100r: %d prompt tokens, %.600r", public_id, len(prompt_ids), params)
     gen = ctx.engine.generate(prompt_ids, params, request_id)
     ctx.tracker.engine_request_ids.add(request_id)
     ctx.metrics.observe_request(prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens or 0)
     last: RequestOutput | None = None
     previous = arrival
+    first_token: float | None = None
+    queue_time: float | None = None
     try:
         try:
             first = await gen.__anext__()
@@ -217,7 +231,7 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
                 raise APIError(503, "The engine is not running.", headers={"Retry-After": "5"}) from None
             raise
         if first is not None:
-            now = time.monotonic()
+            now = first_token = time.monotonic()
             ctx.metrics.ttft.observe(now - arrival)
             queue_time = getattr(first, "queue_time", None)
             if queue_time is not None:
@@ -240,9 +254,9 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
         await gen.aclose()
         if last is not None and last.finished:
             ctx.metrics.observe_finished(
-                e2e_seconds=time.monotonic() - arrival,
-                generation_tokens=sum(len(o.token_ids) for o in last.outputs),
-                finish_reasons=[o.finish_reason or "abort" for o in last.outputs])
+                e2e_seconds=previous - arrival, token_counts=[len(o.token_ids) for o in last.outputs],
+                finish_reasons=[o.finish_reason or "abort" for o in last.outputs],
+                first_token_seconds=None if first_token is None else first_token - arrival, queue_seconds=queue_time)
 
 
 def _aborted(request_id: str, prompt_ids: list[int], n: int, last: RequestOutput | None) -> RequestOutput:

@@ -3,11 +3,17 @@
 The chat template opens `<think>` in the prompt, so output normally starts inside reasoning and
 only a `</think>` ends it (the `nano_v3` / `nemotron_v3` behaviour). On top of that parser:
 
-* `<tool_call>` also ends reasoning (the model sometimes skips `</think>` before a call); the
-  `<tool_call>` text goes to content, where the tool parser finds it (only when tool calls are
-  parsed for the request: otherwise it is just reasoning text);
-* with thinking off (the prompt ends in `<think></think>`), everything is content and stray think
-  markers are dropped;
+* `<tool_call>` also ends reasoning (the model sometimes skips `</think>` before a call) once the
+  call is real: text from `<tool_call>` on is held back until a `</function>` or `</tool_call>`
+  shows a call (the reasoning ended at `<tool_call>`; the call goes to content, where the tool
+  parser finds it) or a `</think>` comes first (an unfinished call inside reasoning is reasoning,
+  as nano_v3 reads it). Only when tool calls are parsed for the request: otherwise `<tool_call>`
+  is just reasoning text;
+* with thinking off (the prompt ends in `<think></think>`), output is content, but a model that
+  thinks anyway is split: `<think>X</think>Y` gives reasoning X and content Y; and `X</think>Y`
+  too when the parser may hold text until it knows (`hindsight`, non-streaming responses: a
+  stream cannot take back text it already sent as content, so there the stray `</think>` is
+  dropped);
 * a response cut short inside reasoning keeps its reasoning (content stays empty);
 * leading whitespace of content is dropped (the model writes `</think>\\n`).
 
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 THINK_START = "<think>"
 THINK_END = "</think>"
 TOOL_CALL_START = "<tool_call>"
+CALL_CLOSERS = ("</function>", "</tool_call>")  # seen before `</think>`: the held call is real
 
 
 @dataclass
@@ -46,32 +53,51 @@ def held_back_suffix(text: str, markers: tuple[str, ...]) -> int:
 
 
 class ReasoningParser:
-    """A streaming state machine: reasoning until `</think>` or `<tool_call>`, then content."""
+    """A streaming state machine: reasoning until `</think>` (or a real `<tool_call>`), then content.
 
-    def __init__(self, reasoning_open: bool, tool_call_ends_reasoning: bool = True):
-        self.thinking = reasoning_open
+    `undecided` is true while text is held whose side is not known yet; when it is settled,
+    `held_was_reasoning` says which way it went (callers count reasoning tokens with it)."""
+
+    def __init__(self, reasoning_open: bool, tool_call_ends_reasoning: bool = True, hindsight: bool = False):
         self.in_reasoning = reasoning_open
+        self.held_was_reasoning = False
+        self._calls = tool_call_ends_reasoning
         self._markers = (THINK_END, TOOL_CALL_START, THINK_START) if tool_call_ends_reasoning else (THINK_END, THINK_START)
+        self._ended = False  # an explicit end of reasoning passed: content is verbatim from here
+        self._held: str | None = None if reasoning_open or not hindsight else ""
+        self._held_in_reasoning = False  # the held text began inside reasoning (at a `<tool_call>`)
         self._pending = ""  # text held back because it may be the start of a marker
         self._content_started = False
+
+    @property
+    def undecided(self) -> bool:
+        return self._held is not None
 
     def feed(self, text: str) -> ReasoningDelta:
         out = ReasoningDelta()
         buf = self._pending + text
         self._pending = ""
         while buf:
-            if self.in_reasoning:
+            if self._held is not None:
+                buf = self._held_step(buf, out)
+            elif self.in_reasoning:
                 buf = self._reasoning_step(buf, out)
-            elif self.thinking:
-                self._emit_content(buf, out)  # after an explicit end, content is verbatim
+            elif self._ended:
+                self._emit_content(buf, out)
                 buf = ""
             else:
                 buf = self._thinking_off_step(buf, out)
         return out
 
     def finish(self) -> ReasoningDelta:
-        """Flush what was held back: a cut-off response keeps its partial text."""
+        """Flush what was held back: a cut-off response keeps its partial text; held text that
+        no `</think>` claimed is content (a call, or a thinking-off answer)."""
         out = ReasoningDelta()
+        if self._held is not None:
+            held, self._held = self._held + self._pending, None
+            self._pending = ""
+            self.in_reasoning, self._ended = False, self._held_in_reasoning
+            out = self.feed(held)
         text, self._pending = self._pending, ""
         if self.in_reasoning:
             out.reasoning += text
@@ -81,20 +107,38 @@ class ReasoningParser:
 
     # ---- states ---------------------------------------------------------------------------
     def _reasoning_step(self, buf: str, out: ReasoningDelta) -> str:
-        markers = self._markers
-        pos, marker = earliest_marker(buf, markers)
+        pos, marker = earliest_marker(buf, self._markers)
         if marker is None:
-            keep = held_back_suffix(buf, markers)
+            keep = held_back_suffix(buf, self._markers)
             out.reasoning += buf[: len(buf) - keep]
             self._pending = buf[len(buf) - keep :]
             return ""
         out.reasoning += buf[:pos]
         if marker == THINK_START:  # a repeated opening tag carries no text
             return buf[pos + len(marker) :]
-        self.in_reasoning = False
-        if marker == TOOL_CALL_START:
-            return buf[pos:]  # implicit end of reasoning: the call itself is content
+        if marker == TOOL_CALL_START:  # maybe the implicit end of reasoning: hold until it is clear
+            self._held, self._held_in_reasoning, self.held_was_reasoning = "", True, False
+            return buf[pos:]
+        self.in_reasoning, self._ended = False, True
         return buf[pos + len(marker) :]
+
+    def _held_step(self, buf: str, out: ReasoningDelta) -> str:
+        self._held += buf
+        markers = (THINK_END, *CALL_CLOSERS) if self._calls else (THINK_END,)
+        pos, marker = earliest_marker(self._held, markers)
+        if marker is None:
+            return ""
+        held, self._held = self._held, None
+        self.in_reasoning = False
+        if marker == THINK_END:
+            self.held_was_reasoning, self._ended = True, True
+            reasoning = held[:pos]
+            if not self._held_in_reasoning and reasoning.lstrip().startswith(THINK_START):
+                reasoning = reasoning.lstrip()  # as a stream reads it: the model opened with <think>
+            out.reasoning += reasoning.replace(THINK_START, "")
+            return held[pos + len(marker) :]
+        self._ended = self._held_in_reasoning  # a real call: reasoning ended where the hold began
+        return held
 
     def _thinking_off_step(self, buf: str, out: ReasoningDelta) -> str:
         markers = (THINK_START, THINK_END)
@@ -104,7 +148,10 @@ class ReasoningParser:
             self._emit_content(buf[: len(buf) - keep], out)
             self._pending = buf[len(buf) - keep :]
             return ""
-        self._emit_content(buf[:pos], out)
+        if marker == THINK_START and not self._content_started and not buf[:pos].strip():
+            self.in_reasoning = True  # thinking is off, but the model opens with <think>: reasoning
+            return buf[pos + len(marker) :]
+        self._emit_content(buf[:pos], out)  # a stray marker is dropped
         return buf[pos + len(marker) :]
 
     def _emit_content(self, text: str, out: ReasoningDelta) -> None:

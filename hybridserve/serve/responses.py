@@ -79,17 +79,29 @@ def chat_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText, top: 
 
 
 def completion_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText, top: int,
-                        offset: int) -> dict[str, Any]:
-    """Legacy completions format: parallel lists of tokens, logprobs, top dicts and text offsets."""
+                        offset: int) -> tuple[dict[str, Any], int]:
+    """Legacy completions format: parallel lists of tokens, logprobs, top dicts and text offsets.
+
+    Each token's top dict holds the sampled token and the `top` most likely ones (so `logprobs: 0`
+    still gives the sampled token's entry, as vLLM does); offsets count the tokens' own text from
+    `offset`. Returns the lists and the offset after the last token (where a stream goes on)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entries in per_token:
         t = text_of(entries[0].token_id)
         tokens.append(t)
         token_logprobs.append(_finite(entries[0].logprob))
-        tops.append({text_of(lp.token_id): _finite(lp.logprob) for lp in entries[: top + 1]} if top else None)
+        tops.append({text_of(lp.token_id): _finite(lp.logprob) for lp in entries[: top + 1]})
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def reported_stop_reason(stop_reason: int | str | None, params: Any) -> int | str | None:
+    """`stop_reason` as vLLM reports it: the stop string or a requested stop token id; None for
+    a natural end (EOS or the end-of-turn token), which the engine also records as an id."""
+    if isinstance(stop_reason, int) and stop_reason not in params.stop_token_ids:
+        return None
+    return stop_reason
 
 
 def _finite(x: float) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridserve.serve.reasoning import earliest_marker, held_back_suffix
-from hybridserve.serve.tool_schema import convert_parameter, is_streamable_string
+from hybridserve.serve.tool_schema import convert_parameter, inline_refs, is_streamable_string
 
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"
@@ -69,7 +69,8 @@ def tool_parameter_schemas(tools: Iterable[dict[str, Any]] | None) -> dict[str, 
             continue
         params = fn.get("parameters") or {}
         props = params.get("properties") if isinstance(params, dict) else None
-        out[fn["name"]] = props if isinstance(props, dict) else {}
+        props = props if isinstance(props, dict) else {}
+        out[fn["name"]] = {k: inline_refs(v, params) for k, v in props.items()}
     return out
 
 

@@ -3,8 +3,9 @@
 The model writes every parameter as plain text (`<parameter=n>\\n5\\n</parameter>`); the schema says
 whether that text is a string (kept verbatim, never JSON-parsed), a number, a boolean or a JSON
 object/array. Rules follow the `qwen3_coder` conversion table (model-spec.md §4.5), with the newer
-refinements: a string keeps a literal "null" unless the schema allows null, and `anyOf` / a list
-of types picks the first non-null type. A value that does not fit its type stays a string, so a
+refinements: a string keeps a literal "null" unless the schema allows null; `anyOf` / `oneOf` /
+`allOf` (nested too) / a list of types picks the first non-null type, after local `$ref`s are
+inlined; a `number` written as an integer stays an exact integer. A value that does not fit its type stays a string, so a
 conversion never fails and never produces invalid JSON (no NaN / Infinity).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from typing import Any
 
 STRING_TYPES = {"string", "str", "text", "varchar", "char", "enum"}
@@ -22,26 +24,62 @@ CONTAINER_TYPES = {"object", "array", "arr"}
 MAX_LITERAL_LEN = 20_000  # Python-literal fallback is skipped for huge values (cost bound)
 
 
-def parameter_type(schema: Any) -> tuple[str, bool]:
-    """(lower-case type name, nullable) of one property schema; missing type means string."""
-    if not isinstance(schema, dict):
-        return "string", False
+MAX_SCHEMA_DEPTH = 16  # $ref / anyOf nesting followed (a bound for cyclic or hostile schemas)
+
+
+def inline_refs(schema: Any, root: Any, depth: int = 0) -> Any:
+    """`schema` with local `$ref`s ("#/$defs/X", "#/definitions/X", any JSON pointer into `root`)
+    replaced by their targets, at the top and inside `anyOf` / `oneOf` / `allOf` (what decides a
+    value's type); a reference that does not resolve, or a cycle, is left as it is."""
+    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
+        return schema
+    out = dict(schema)
+    ref = out.pop("$ref", None)
+    target = _pointer(root, ref) if isinstance(ref, str) else None
+    if isinstance(target, dict):
+        out = {**inline_refs(target, root, depth + 1), **out}
+    elif ref is not None:
+        out["$ref"] = ref
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [inline_refs(option, root, depth + 1) for option in out[key]]
+    return out
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    if not ref.startswith("#"):
+        return None  # remote references are never fetched
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _types(schema: Any, depth: int = 0) -> tuple[list[str], bool]:
+    """Candidate type names in schema order (through nested anyOf / oneOf / allOf), and nullable."""
+    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
+        return [], False
     nullable = bool(schema.get("nullable"))
     t = schema.get("type")
-    if t is None:
-        for key in ("anyOf", "oneOf"):
-            options = schema.get(key)
-            if isinstance(options, list):
-                types = [o.get("type") for o in options if isinstance(o, dict)]
-                nullable = nullable or "null" in types
-                t = next((x for x in types if x and x != "null"), None)
-                break
-        if t is None:
-            return "string", nullable
-    if isinstance(t, list):
-        nullable = nullable or "null" in t
-        t = next((x for x in t if x != "null"), "string")
-    return str(t).strip().lower(), nullable
+    names = [t] if isinstance(t, str) else [x for x in t if isinstance(x, str)] if isinstance(t, list) else []
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        for option in options if isinstance(options, list) else []:
+            sub, sub_nullable = _types(option, depth + 1)
+            names += sub
+            nullable = nullable or sub_nullable
+    nullable = nullable or "null" in names
+    return [n for n in names if n != "null"], nullable
+
+
+def parameter_type(schema: Any) -> tuple[str, bool]:
+    """(lower-case type name, nullable) of one property schema (its `$ref`s inlined); the first
+    non-null type of a union wins; no type means string."""
+    names, nullable = _types(schema)
+    return (str(names[0]).strip().lower() if names else "string"), nullable
 
 
 def is_streamable_string(schema: Any) -> bool:
@@ -66,6 +104,8 @@ def convert_parameter(value: str, schema: Any) -> Any:
         except ValueError:
             return _as_number(text, value)
     if t.startswith(("num", "float", "double")):
+        if _INTEGER.fullmatch(text):
+            return int(text)  # exact: float() would round 9007199254740993
         return _as_number(text, value)
     if t in BOOL_TYPES:
         return text.lower() == "true"
@@ -77,6 +117,7 @@ def convert_parameter(value: str, schema: Any) -> Any:
 
 
 _FAILED = object()
+_INTEGER = re.compile(r"[-+]?\d+")
 
 
 def _as_number(text: str, fallback: str) -> Any:

@@ -40,6 +40,8 @@ class FakeRecord:
 
     payloads: list[dict] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)  # the x-request-id headers
+    headers: list[dict[str, str]] = field(default_factory=list)  # every generation request's headers
+    routes: list[str] = field(default_factory=list)  # the path of every generation request
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)  # successful streams only
     inflight: int = 0
@@ -83,6 +85,8 @@ def build_app(tokenizer: Tokenizer, options: FakeOptions, record: FakeRecord) ->
         index = len(record.payloads)
         record.payloads.append(body)
         record.request_ids.append(request.headers.get("x-request-id", ""))
+        record.headers.append(dict(request.headers))
+        record.routes.append(request.path)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         budget = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         n_tokens = budget if body.get("ignore_eos") else min(budget, options.eos_after)

@@ -106,3 +106,18 @@ def test_engine_error_ends_the_request(tokenizer):
     proc.add_request("a", [57], SamplingParams())
     out, _ = proc.process(EngineOutput("a", [], finished=True, error="boom"))
     assert out.finished and out.error == "boom" and out.outputs[0].finish_reason == "error"
+
+
+def test_min_tokens_holds_back_stop_strings(tokenizer):
+    """A stop string inside the first min_tokens tokens does not stop the choice (vLLM); one after does."""
+    ids = tokenizer.encode("ab ab cd ab", add_special_tokens=False)
+    min_tokens = len(tokenizer.encode("ab ab c", add_special_tokens=False))  # both early "ab"s are inside
+    proc = OutputProcessor(tokenizer)
+    proc.add_request("m", [57], SamplingParams(stop=["ab"], min_tokens=min_tokens))
+    outs, aborts = feed(proc, "m", ids, finish_at_end="length")
+    final = outs[-1].outputs[0]
+    assert aborts == [0] and final.finish_reason == "stop" and final.stop_reason == "ab"
+    assert final.text == "ab ab cd "
+    proc.add_request("n", [57], SamplingParams(stop=["ab"]))  # without min_tokens: stops at once
+    outs, aborts = feed(proc, "n", ids, finish_at_end="length")
+    assert aborts == [0] and outs[-1].outputs[0].text == ""

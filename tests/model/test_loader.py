@@ -328,3 +328,11 @@ def test_missing_shard_and_missing_files_are_reported(hf, tmp_path):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(tiny_config(PATTERN)))
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_model(ModelConfig.from_hf(tmp_path / "empty"))
+
+
+def test_the_full_size_preset_checks_free_memory_before_allocating(monkeypatch):
+    """On a GPU with too little free memory, loading fails at once with the sizes, before any tensor
+    is allocated (CPU-only here: the device query is faked, and a real allocation on cuda would fail)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
+    with pytest.raises(MemoryError, match=r"need 58\.8 GiB but cuda has 20\.0 GiB free of 80\.0 GiB"):
+        load_model(ModelConfig.from_hf("nemotron-3-nano-30b-a3b"), "dummy", device="cuda")

@@ -103,7 +103,8 @@ def test_burst_beyond_queue_gets_503(tight_server):
     assert rejected[0].json()["error"]["code"] == 503
     assert tight_server.ctx.tracker.in_flight == 0
     assert httpx.post(url, json={"messages": MSG}, timeout=30).status_code == 200
-    assert "hybridserve:admission_rejections_total" in httpx.get(tight_server.url + "/metrics").text
+    assert 'vllm:admission_rejections_total{model_name="tiny",reason="max_num_queued_reqs"} 8.0' in httpx.get(
+        tight_server.url + "/metrics").text
 
 
 def test_health_is_503_until_the_engine_is_ready(tokenizer):

@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hybridserve.serve.tool_calls import ContentText, ToolCallArguments, ToolCallParser, ToolCallStart
+from hybridserve.serve.tool_calls import (
+    ContentText,
+    ToolCallArguments,
+    ToolCallParser,
+    ToolCallStart,
+    tool_parameter_schemas,
+)
 from hybridserve.serve.tool_schema import convert_parameter, parameter_type
 
 
@@ -180,6 +186,25 @@ def test_parameter_type_resolution():
     assert parameter_type({"type": ["null", "boolean"]}) == ("boolean", True)
     assert parameter_type({}) == ("string", False)
     assert parameter_type(None) == ("string", False)
+    nested = {"oneOf": [{"anyOf": [{"type": "null"}, {"type": "integer"}]}, {"type": "string"}]}
+    assert parameter_type(nested) == ("integer", True)
+
+
+def test_refs_are_inlined_before_conversion():
+    """A tool whose parameters use `$defs` + `$ref` (pydantic / MCP style), nested in anyOf."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "$defs": {"Count": {"type": "integer"}, "Opt": {"anyOf": [{"$ref": "#/$defs/Count"}, {"type": "null"}]},
+                  "Loop": {"$ref": "#/$defs/Loop"}},
+        "properties": {"n": {"$ref": "#/$defs/Opt"}, "m": {"$ref": "#/$defs/Loop"}, "r": {"$ref": "http://x/y"}},
+    }}}]
+    schemas = tool_parameter_schemas(tools)["f"]
+    assert convert_parameter("12", schemas["n"]) == 12 and convert_parameter("null", schemas["n"]) is None
+    assert convert_parameter("12", schemas["m"]) == "12"  # a cycle resolves to nothing: a string
+    assert convert_parameter("12", schemas["r"]) == "12"  # remote refs are never fetched
+    parser = ToolCallParser(tools)
+    events = parser.feed("<tool_call>\n<function=f>\n<parameter=n>\n7\n</parameter>\n</function>") + parser.finish()
+    args = "".join(e.fragment for e in events if isinstance(e, ToolCallArguments))
+    assert json.loads(args) == {"n": 7}
 
 
 @pytest.mark.parametrize("value,schema,expected", [
@@ -196,6 +221,9 @@ def test_parameter_type_resolution():
     ("hello", None, "hello"),
     ("01", {"type": "string"}, "01"),
     ("Infinity", {"type": "number"}, "Infinity"),
+    ("9007199254740993", {"type": "number"}, 9007199254740993),  # beyond float precision: exact
+    ("-12345678901234567890123", {"type": "number"}, -12345678901234567890123),
+    ("1e3", {"type": "number"}, 1000),
 ])
 def test_convert_parameter(value, schema, expected):
     assert convert_parameter(value, schema) == expected
