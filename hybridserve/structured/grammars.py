@@ -92,10 +92,11 @@ def json_schema(schema: Any, *, lenient: bool = False, whitespace_pattern: str |
 
 
 def regex(pattern: Any) -> dict[str, Any]:
-    """Text that matches `pattern` entirely (Rust regex syntax: no look-around, no backreferences)."""
+    """Text that matches `pattern` entirely (Rust regex syntax: no look-around, no backreferences;
+    `\\d` is an ASCII digit)."""
     if not isinstance(pattern, str):
         raise ValueError("the regex must be a string")
-    return {"lark_grammar": "start: /" + llguidance.regex_to_lark(pattern) + "/"}
+    return {"lark_grammar": "start: /" + llguidance.regex_to_lark(pattern, "d") + "/"}
 
 
 def choice(options: Any) -> dict[str, Any]:
@@ -174,6 +175,7 @@ def check(grammar_text: str) -> None:
 
 
 def clean_error(message: str) -> str:
-    """llguidance's first error line, without the grammar dump that follows it."""
-    first = message.strip().split("\n")[0]
-    return first if len(first) <= MAX_ERROR_CHARS else first[:MAX_ERROR_CHARS] + "..."
+    """llguidance's error line and its `error:` detail, without the grammar dump around them."""
+    lines = message.strip().split("\n")
+    text = " ".join([lines[0], *(ln.strip() for ln in lines[1:] if ln.strip().startswith("error:"))])
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
