@@ -91,8 +91,8 @@ class Request:
     # ---- decoding rules ------------------------------------------------------------------------
     @property
     def suppress_stop_tokens(self) -> bool:
-        """min_tokens: stop tokens may not be sampled yet."""
-        return self.num_output_tokens < self.params.min_tokens
+        """min_tokens: stop tokens may not be sampled yet (never with a grammar: it decides where the output ends)."""
+        return self.grammar is None and self.num_output_tokens < self.params.min_tokens
 
     def forced_next_token(self) -> int | None:
         """Thinking budget: the token to force as the next output, or None (see SamplingParams)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import llguidance
+import numpy as np
 import torch
 
 from hybridserve.structured.matcher import SequenceMatcher
@@ -26,11 +27,12 @@ class StepBitmasks:
         k = self.rows.index(row)
         return bool((int(self.masks[k, token_id // 32]) >> (token_id % 32)) & 1)
 
-    def defer_forbidden(self, forced: list[int | None]) -> list[int | None]:
-        """Forced tokens (thinking budget) a row's grammar does not allow yet wait for a later step:
-        `</think>` after half a UTF-8 character would break the grammar."""
-        return [None if f is not None and i in self.rows and not self.allows(i, f) else f
-                for i, f in enumerate(forced)]
+    def defer_forbidden(self, forced: np.ndarray) -> None:
+        """Forced tokens (thinking budget; [R] int64, -1 for none) that a row's grammar does not allow
+        yet wait for a later step, in place: `</think>` after half a UTF-8 character would break it."""
+        for row in self.rows:
+            if forced[row] >= 0 and not self.allows(row, int(forced[row])):
+                forced[row] = -1
 
     def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [G] int64, masks [G, W] int32) on the device; the copies do not block."""

@@ -10,10 +10,13 @@ import jsonschema
 import pytest
 import torch
 
+from hybridserve.engine.request import Request
 from hybridserve.engine.sampler import Sampler, SamplingMetadata
+from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.sampling_params import SamplingParams
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator
 from hybridserve.structured import grammars as G
+from hybridserve.structured.bitmask import fill_bitmasks
 from hybridserve.structured.compiler import GrammarCompiler
 from hybridserve.structured.spec import StructuredSpec
 from hybridserve.structured.tool_grammar import tool_call_grammar
@@ -154,23 +157,26 @@ def test_stop_strings_cut_structured_output(tiny_model):
 
 def test_sampler_applies_the_masks_and_defers_forbidden_forced_tokens():
     compiler = GrammarCompiler(TOKENIZER, 512, [2])
-    matcher = compiler.submit(G.build_spec(G.choice(["ab", "ba"]), "choice")).result().matcher()
+    grammar = compiler.submit(G.build_spec(G.choice(["ab", "ba"]), "choice")).result()
 
-    class Row:  # the fields SamplingMetadata reads from a Request
-        def __init__(self, grammar, forced=None):
-            self.params, self.grammar, self.seed, self._forced = SamplingParams(temperature=0), grammar, 0, forced
-            self.num_output_tokens, self.token_ids, self.num_prompt_tokens = 0, [], 0
-            self.suppress_stop_tokens, self.stop_token_ids = False, frozenset()
-
-        def forced_next_token(self):
-            return self._forced
+    def row(with_grammar: bool, forced: int | None = None) -> Request:
+        params = SamplingParams(temperature=0, min_tokens=5, thinking_budget=None if forced is None else 0,
+                                thinking_end_token_id=forced)
+        r = Request("r", [1], params, max_tokens=10, stop_token_ids=frozenset({2}))
+        r.grammar = grammar.matcher() if with_grammar else None
+        return r
 
     a, b = (TOKENIZER.encode(c, add_special_tokens=False)[0] for c in "ab")
     logits = torch.zeros(3, 512)
     logits[:, 300] = 10.0  # the model's favourite, forbidden by the grammar
-    meta = SamplingMetadata.build([Row(matcher), Row(None), Row(matcher, forced=300)], torch.device("cpu"))
-    picked = Sampler("cpu")(logits, meta).tolist()
-    assert picked[0] in (a, b) and picked[1] == 300 and picked[2] in (a, b)  # row 2's forced 300 waits
+    rows = [row(True), row(False), row(True, forced=300)]
+    inputs = SamplingInputs.of(rows, [0, 1, 2])
+    assert inputs.forced.tolist() == [-1, -1, 300] and inputs.suppress[0] == [1]  # min_tokens only without grammar
+    bitmasks = fill_bitmasks([r.grammar for r in rows], torch.device("cpu"))
+    bitmasks.defer_forbidden(inputs.forced)
+    assert inputs.forced.tolist() == [-1, -1, -1]  # row 2's forced 300 waits: its grammar forbids it
+    picked = Sampler("cpu")(logits, SamplingMetadata.build(inputs, torch.device("cpu"), bitmasks)).token_ids.tolist()
+    assert picked[0] in (a, b) and picked[1] == 300 and picked[2] in (a, b)
     compiler.shutdown()
 
 
