@@ -83,4 +83,7 @@ class GrammarCompiler:
 
             tok = load_tokenizer(tok)
         logger.info("building the grammar tokenizer (%d tokens)", self._vocab_size)
-        return llguidance.hf.from_tokenizer(tok, n_vocab=self._vocab_size, eos_token=self._stop_token_ids)
+        try:
+            return llguidance.hf.from_tokenizer(tok, n_vocab=self._vocab_size, eos_token=self._stop_token_ids)
+        except ValueError as e:  # neither byte-level nor metaspace, e.g. the full-size preset's word-level one
+            raise ValueError(f"this tokenizer cannot be used for structured outputs ({e})") from None

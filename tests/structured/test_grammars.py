@@ -10,6 +10,8 @@ import jsonschema
 import pytest
 
 from hybridserve.structured import grammars as G
+from hybridserve.structured.compiler import GrammarCompiler
+from hybridserve.tokenizer import build_synthetic_tokenizer
 from tests.structured.conftest import SCHEMAS, text_of
 
 WALKS = 12
@@ -143,3 +145,12 @@ def test_lenient_schema_ignores_what_it_cannot_enforce(walk, tokenizer):
     spec = G.build_spec(G.json_schema(schema, lenient=True), "json")
     tokens, complete = walk(spec, 0)
     assert complete and all(0 <= v <= 3 for v in json.loads(text_of(tokenizer, tokens)))
+
+
+def test_a_tokenizer_llguidance_cannot_read_fails_the_request_clearly():
+    """llguidance reads byte-level and metaspace tokenizers; the full-size preset's synthetic
+    word-level one (no decoder) cannot spell JSON anyway, so its structured requests fail."""
+    compiler = GrammarCompiler(build_synthetic_tokenizer(600), 600, [11])
+    with pytest.raises(ValueError, match="this tokenizer cannot be used for structured outputs"):
+        compiler.submit(G.build_spec(G.regex("w1[0-9]{2}"), "regex")).result()
+    compiler.shutdown()
