@@ -196,3 +196,21 @@ def test_reference_bitmask_matches_a_loop(vocab):
                 want[r, t] = float("-inf")
     apply_token_bitmask(logits, rows, masks)
     torch.testing.assert_close(logits, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_on_the_gpu_outputs_validate_with_and_without_decode_graphs(tiny_config, enforce_eager):
+    """The Triton bitmask kernel and pinned mask copies, under CUDA-graph decode steps or eager ones."""
+    from hybridserve.config import EngineConfig
+    from hybridserve.engine.engine_core import EngineCore
+
+    config = EngineConfig(model="tiny", device="cuda", max_model_len=MAX_LEN, gpu_memory_utilization=0.2,
+                          max_num_batched_tokens=1024, enforce_eager=enforce_eager)
+    core = EngineCore(config, tiny_config)
+    cases = [(name, json_params(SCHEMAS[name], temperature=t, seed=s, n=2))
+             for name in sorted(SCHEMAS) for t, s in ((0, None), (1.0, 9))]
+    out = run(core, mixed_prompts(len(cases), seed=4), [params for _, params in cases])
+    for i, (name, _) in enumerate(cases):
+        for choice in out[f"r{i}"]:
+            jsonschema.validate(json.loads(text(choice)), SCHEMAS[name])
