@@ -130,6 +130,8 @@ CASES += [
     ("sample", sampling._sample_kernel, dict(logits_ptr="*fp32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
                                              thresh_ptr="*fp32", best_ptr="*fp32", idx_ptr="*i64"),
      dict(HAS_THRESH=True, PRECISE=True, BLOCK=1024, CHUNK=8192), 4, 2),
+    ("token bitmask", sampling._bitmask_kernel, dict(logits_ptr="*fp32", rows_ptr="*i64", mask_ptr="*i32"),
+     dict(BLOCK=4096), 4, 3),
     ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),
      dict(SPLITS=8, BLOCK_D=128), 1, 1),
 ]

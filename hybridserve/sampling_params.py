@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybridserve.structured.spec import StructuredSpec
+
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -48,6 +50,9 @@ class SamplingParams:
     thinking_implicit_end_token_ids: list[int] = field(default_factory=list)
     thinking_grace_tokens: int = 0
     newline_token_ids: list[int] = field(default_factory=list)
+    # Structured outputs: the grammar the output must follow (built and checked by
+    # `hybridserve.structured.grammars`); the sequence ends when the grammar is complete.
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

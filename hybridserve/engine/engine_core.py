@@ -28,11 +28,14 @@ from hybridserve.engine.messages import (
     Shutdown,
 )
 from hybridserve.engine.model_runner import ModelRunner
-from hybridserve.engine.outputs import EngineOutput
+from hybridserve.engine.outputs import EngineOutput, SequenceDelta
 from hybridserve.engine.request import Request
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.stats import EngineStats, IterationTokens
 from hybridserve.sampling_params import SamplingParams
+from hybridserve.structured.bitmask import fill_bitmasks
+from hybridserve.structured.compiler import GrammarCompiler
+from hybridserve.structured.pending import PendingGrammars
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ class EngineCore:
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
+        # structured requests wait here for their grammar (compiled on a worker thread), then queue
+        self.grammars = PendingGrammars(GrammarCompiler(
+            config.tokenizer or config.model, self.model_config.vocab_size, self.eos_token_ids))
         self.iteration_tokens = IterationTokens()
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -86,32 +92,55 @@ class EngineCore:
             )
             for i in range(params.n)
         ]
-        self.scheduler.add(sequences)
+        if params.structured is None:
+            self.scheduler.add(sequences)
+        elif request_id in self.grammars or request_id in self.scheduler.groups:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        else:
+            self.grammars.add(sequences)
 
     def abort(self, request_id: str, indices: list[int] | None = None) -> EngineOutput | None:
         """Finish a request (or some of its choices) now; the output says so, or None if unknown."""
-        return self.scheduler.abort(request_id, indices)
+        dropped = self.grammars.abort(request_id, indices)
+        if dropped is None:
+            return self.scheduler.abort(request_id, indices)
+        deltas = [SequenceDelta(index=s.index, token_ids=[], finish_reason="abort") for s in dropped]
+        return EngineOutput(request_id, deltas, finished=request_id not in self.grammars)
 
     def step(self) -> list[EngineOutput]:
-        """Schedule, run the forward, sample, apply the tokens (synchronously)."""
+        """Schedule, run the forward, sample, apply the tokens (synchronously). Grammar masks are
+        filled on the CPU after the forward is launched, so on a GPU they overlap it."""
+        outputs = self._queue_compiled()
         step = self.scheduler.schedule()
         if not step:
-            return []
+            if self.grammars:  # only grammars compiling: wait for one rather than spin
+                self.grammars.wait(0.01)
+            return outputs
         logits = self.runner.forward(step.plan)
         self.iteration_tokens.observe(len(step.plan.input_ids))  # tokens fed this step, prompt and decode
         if not step.plan.num_samples:
-            return []
-        token_ids, logprobs = self.runner.sample(step.plan, logits).to_host()
-        return self.scheduler.update(step, token_ids, logprobs)
+            return outputs
+        bitmasks = fill_bitmasks([r.grammar for r in step.sample_requests], self.runner.device)
+        if bitmasks is not None:
+            bitmasks.defer_forbidden(step.plan.sampling.forced)
+        token_ids, logprobs = self.runner.sample(step.plan, logits, bitmasks).to_host()
+        return outputs + self.scheduler.update(step, token_ids, logprobs)
+
+    def _queue_compiled(self) -> list[EngineOutput]:
+        """Queue the structured requests whose grammar is ready; fail those whose grammar failed."""
+        ready, failed = self.grammars.take_ready()
+        for sequences in ready:
+            self.scheduler.add(sequences)
+        return [EngineOutput(request_id, [], finished=True, error=error) for request_id, error in failed]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.grammars)
 
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=s.num_waiting,
+            num_waiting=s.num_waiting + self.grammars.num_sequences,
             kv_cache_usage=s.cache.block_usage,
             state_slot_usage=s.cache.slot_usage,
             num_preemptions_total=s.num_preemptions_total,

@@ -28,6 +28,7 @@ from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
 from hybridserve.engine.step_plan import StepPlan, synthetic_plan
 from hybridserve.model.cache import HybridCache
 from hybridserve.sampling_params import SamplingParams
+from hybridserve.structured.bitmask import StepBitmasks
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def sample(self, plan: StepPlan, logits: torch.Tensor) -> SamplerOutput:
-        """Sample the plan's rows from `forward`'s logits; the tokens also go into the token buffer,
-        where the next step's decode rows read them."""
-        meta = SamplingMetadata.build(plan.sampling, self.device)
+    def sample(self, plan: StepPlan, logits: torch.Tensor, bitmasks: StepBitmasks | None = None) -> SamplerOutput:
+        """Sample the plan's rows from `forward`'s logits (bitmasks: the grammar rows' token masks);
+        the tokens also go into the token buffer, where the next step's decode rows read them."""
+        meta = SamplingMetadata.build(plan.sampling, self.device, bitmasks)
         out = self.sampler(logits, meta)
         self.packer.store_sampled(meta.slots, out.token_ids)
         return out

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from hybridserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hybridserve.structured.matcher import SequenceMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +64,7 @@ class Request:
         # the last token was sampled into this sequence's token-buffer row (its slot) on the device
         self.last_token_on_device = False
         self.thinking_open = params.thinking_budget is not None and params.thinking_end_token_id is not None
+        self.grammar: SequenceMatcher | None = None  # structured outputs: set when its grammar is compiled
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -86,8 +91,8 @@ class Request:
     # ---- decoding rules ------------------------------------------------------------------------
     @property
     def suppress_stop_tokens(self) -> bool:
-        """min_tokens: stop tokens may not be sampled yet."""
-        return self.num_output_tokens < self.params.min_tokens
+        """min_tokens: stop tokens may not be sampled yet (never with a grammar: it decides where the output ends)."""
+        return self.grammar is None and self.num_output_tokens < self.params.min_tokens
 
     def forced_next_token(self) -> int | None:
         """Thinking budget: the token to force as the next output, or None (see SamplingParams)."""
@@ -110,6 +115,8 @@ class Request:
             self.thinking_open = False
         if token_id in self.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id
+        elif self.grammar is not None and self.grammar.accept(token_id):  # complete (or broken)
+            self.finish_reason = "abort" if self.grammar.failed else "stop"
         elif self.num_output_tokens >= self.max_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None

@@ -3,7 +3,8 @@
 Per row, in this order: raw logprobs (log_softmax of the model's logits, what `logprobs` returns);
 logit_bias; stop tokens masked while `min_tokens` is not reached; repetition, frequency and
 presence penalties; then greedy (temperature 0) or seeded sampling with top_k / top_p / min_p
-(`ops.reference.sampling`); finally a forced token (thinking budget) replaces the pick.
+(`ops.reference.sampling`); finally a forced token (thinking budget) replaces the pick. Rows whose
+sequence has a grammar (structured outputs) get their token bitmask applied after the penalties.
 
 `SamplingMetadata.build` puts a step plan's `SamplingInputs` (host arrays, built by the scheduler)
 on the device once per step; rare features (penalties, bias, min_tokens, logprobs) cost nothing
@@ -22,6 +23,7 @@ from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.ops import get_ops
 from hybridserve.ops.reference import sampling as ref_sampling
+from hybridserve.structured.bitmask import StepBitmasks
 
 
 @dataclass
@@ -43,10 +45,13 @@ class SamplingMetadata:
     penalties: tuple[torch.Tensor, ...] | None  # rows, prompt tokens, output tokens, presence, frequency, repetition
     num_logprobs: list[int | None]  # per row: None, or how many top alternatives to return
     max_logprobs: int  # -1 when no row asks for logprobs
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # rows [G], token bitmasks [G, ceil(V/32)]
 
     @classmethod
-    def build(cls, inputs: SamplingInputs, device: torch.device) -> SamplingMetadata:
-        """The host inputs on the device: two copies for the per-row scalars, more only for rare features."""
+    def build(cls, inputs: SamplingInputs, device: torch.device,
+              bitmasks: StepBitmasks | None = None) -> SamplingMetadata:
+        """The host inputs on the device: two copies for the per-row scalars, more only for rare
+        features. bitmasks: the grammar rows' token masks of this step (structured outputs)."""
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -79,6 +84,7 @@ class SamplingMetadata:
             penalties=penalties,
             num_logprobs=inputs.num_logprobs,
             max_logprobs=inputs.max_logprobs,
+            grammar=None if bitmasks is None else bitmasks.to(device),
         )
 
 
@@ -115,8 +121,10 @@ class Sampler:
     """Applies the per-row rules and picks tokens; returns a single tensor to copy to the host."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        # the Triton twin of sample_tokens when the device's op set has one
-        self.sample_tokens = getattr(get_ops(device), "sample_tokens", ref_sampling.sample_tokens)
+        # the Triton twins of sample_tokens and apply_token_bitmask when the device's op set has them
+        ops = get_ops(device)
+        self.sample_tokens = getattr(ops, "sample_tokens", ref_sampling.sample_tokens)
+        self.apply_token_bitmask = getattr(ops, "apply_token_bitmask", ref_sampling.apply_token_bitmask)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [R, V] float32 (may be modified)."""
@@ -128,6 +136,8 @@ class Sampler:
             logits[meta.suppress] = float("-inf")
         if meta.penalties is not None:
             self._apply_penalties(logits, meta.penalties)
+        if meta.grammar is not None:
+            self.apply_token_bitmask(logits, *meta.grammar)
         if meta.all_greedy:
             token_ids = torch.argmax(logits, dim=-1)
         else:

@@ -3,8 +3,8 @@
 Streaming sends one chunk per engine step (one token per step) from the first visible text on, no
 empty first chunk (a step with nothing visible, such as `</think>`, then sends an empty delta), `finish_reason` on the last chunk of each choice, an optional usage chunk, then
 `[DONE]`. Non-streaming folds exactly the same deltas. `tool_choice` "required" or a named function
-cannot be enforced (no constrained decoding yet): when the model stops without the call, the
-request fails with a clear error instead of pretending it succeeded.
+is enforced by a grammar (`structured_outputs.py`), as are `response_format` and the other
+structured-output fields.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, C
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
 from hybridserve.serve.protocol import ChatCompletionRequest
-from hybridserve.serve.request_checks import reject_unsupported
+from hybridserve.serve.request_checks import warn_unknown_fields
 from hybridserve.serve.responses import (
     SSE_DONE,
     TokenText,
@@ -37,6 +37,7 @@ from hybridserve.serve.responses import (
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
+from hybridserve.serve.structured_outputs import structured_spec
 
 logger = logging.getLogger("hybridserve.serve")
 
@@ -70,13 +71,10 @@ class _ToolPolicy:
     def parser(self, reasoning_open: bool, hindsight: bool) -> ChatOutputParser:
         return ChatOutputParser(reasoning_open, self.template_tools, self.function, self.parallel, hindsight)
 
-    def check(self, finish_reason: str | None, num_calls: int) -> None:
-        if self.choice in ("required", "named") and finish_reason == "stop" and num_calls == 0:
-            what = f"a call to {self.function!r}" if self.function else "a tool call"
-            raise APIError(500, f"tool_choice asked for {what}, but the model answered without one. hybridserve has "
-                                "no constrained decoding yet, so tool_choice 'required' / named is a request to the "
-                                "model, not a guarantee; retry, or use tool_choice 'auto'.", "tool_choice",
-                           type="ToolCallNotGenerated")
+    @property
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The tools a call must be made from (required / named), None when the model may answer."""
+        return self.tools if self.choice in ("required", "named") else None
 
 
 def _thinking_budget(ctx: ServerContext, req: ChatCompletionRequest, kwargs: dict[str, Any]) -> int | None:
@@ -91,7 +89,8 @@ def _thinking_budget(ctx: ServerContext, req: ChatCompletionRequest, kwargs: dic
     return ctx.settings.default_thinking_budget
 
 
-def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: RenderedChat) -> SamplingParams:
+def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: RenderedChat,
+                     policy: _ToolPolicy) -> SamplingParams:
     requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
                         else (req.max_tokens, "max_tokens"))
     max_tokens = resolve_max_tokens(requested, len(rendered.prompt_token_ids), ctx.max_model_len,
@@ -106,6 +105,9 @@ def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: R
         extra = {"thinking_budget": budget, "thinking_end_token_id": ids.end_token_id,
                  "thinking_grace_tokens": THINKING_GRACE_TOKENS, "newline_token_ids": list(ids.newline_token_ids),
                  "thinking_implicit_end_token_ids": list(ids.implicit_end_token_ids)}
+    extra["structured"] = structured_spec(req, ctx.tokenizer, reasoning_open=rendered.reasoning_open,
+                                          tools=policy.forced_tools, tool_function=policy.function,
+                                          parallel_tool_calls=policy.parallel)
     top = (req.top_logprobs or 0) if req.logprobs else None
     return build_sampling_params(req, max_tokens=max_tokens, logprobs=top, defaults=ctx.settings.generation_defaults,
                                  vocab_size=ctx.vocab_size, **extra)
@@ -114,12 +116,12 @@ def _sampling_params(ctx: ServerContext, req: ChatCompletionRequest, rendered: R
 async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest) -> Response:
     arrival = time.monotonic()
     ctx.check_model(req.model)
-    reject_unsupported(req)
+    warn_unknown_fields(req)
     policy = _ToolPolicy(req)
     ticket = ctx.tracker.admit(req.n)
     try:
         rendered = await ctx.render_chat(req, policy.template_tools)
-        params = _sampling_params(ctx, req, rendered)
+        params = await ctx.offload(_sampling_params, ctx, req, rendered, policy)  # the grammar is checked here
     except BaseException:
         ticket.release()
         raise
@@ -134,7 +136,7 @@ class _ChatRun:
 
     def __init__(self, ctx: ServerContext, req: ChatCompletionRequest, policy: _ToolPolicy, reasoning_open: bool,
                  request_id: str, prompt_tokens: int, params: SamplingParams):
-        self.ctx, self.req, self.policy, self.params = ctx, req, policy, params
+        self.ctx, self.req, self.params = ctx, req, params
         self.id, self.created, self.model = request_id, now(), ctx.settings.model_name
         self.prompt_tokens = prompt_tokens
         # non-streaming may hold text until its side is known (see reasoning.py); a stream may not
@@ -185,7 +187,6 @@ class _ChatRun:
                 stop_reasons[o.index] = reported_stop_reason(o.stop_reason, self.params)
         choices = []
         for i, acc in enumerate(accs):
-            self.policy.check(reasons[i], self.parsers[i].num_tool_calls)
             message = {"role": "assistant", "content": acc.content or None, "reasoning": acc.reasoning or None,
                        "reasoning_content": acc.reasoning or None, "tool_calls": acc.tool_calls}
             lp = chat_logprobs(logprobs[i], self.text_of, self.req.top_logprobs or 0) if self.text_of else None
@@ -234,9 +235,6 @@ class _ChatRun:
                 for choice in map(self._chunk_choice, live):  # one chunk per choice, as OpenAI and vLLM send n > 1
                     if choice is not None:
                         yield self._chunk([choice], continuous)
-                for o in live:  # after the chunk went out: a missing required tool call is an error frame
-                    if o.finish_reason is not None:
-                        self.policy.check(o.finish_reason, self.parsers[o.index].num_tool_calls)
                 out = await anext(stream, None)
             if opts and opts.include_usage:
                 yield self._chunk([], True)

@@ -19,7 +19,7 @@ from hybridserve.sampling_params import SamplingParams
 from hybridserve.serve.context import ServerContext, engine_outputs
 from hybridserve.serve.errors import APIError, bad_request
 from hybridserve.serve.protocol import CompletionRequest
-from hybridserve.serve.request_checks import reject_unsupported
+from hybridserve.serve.request_checks import warn_unknown_fields
 from hybridserve.serve.responses import (
     SSE_DONE,
     TokenText,
@@ -33,6 +33,7 @@ from hybridserve.serve.responses import (
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
+from hybridserve.serve.structured_outputs import structured_spec
 
 logger = logging.getLogger("hybridserve.serve")
 
@@ -58,7 +59,7 @@ def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | Non
 async def create_completion(ctx: ServerContext, request: Request, req: CompletionRequest) -> Response:
     arrival = time.monotonic()
     ctx.check_model(req.model)
-    reject_unsupported(req)
+    warn_unknown_fields(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -67,13 +68,14 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
     ticket = ctx.tracker.admit(num_prompts * req.n, "n" if req.n > 1 or num_prompts == 1 else "prompt")
     try:
         prompts = await ctx.offload(_prompts, ctx, req)
+        structured = await ctx.offload(structured_spec, req, ctx.tokenizer)
         params = []
         for k, (_, ids) in enumerate(prompts):
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), ctx.max_model_len,
                                             ctx.settings.default_max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{k}]")
             params.append(build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                                 defaults=ctx.settings.generation_defaults,
-                                                vocab_size=ctx.vocab_size))
+                                                vocab_size=ctx.vocab_size, structured=structured))
     except BaseException:
         ticket.release()
         raise

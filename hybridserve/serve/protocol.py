@@ -1,9 +1,9 @@
 """Pydantic models of the OpenAI request subset we accept, and their shared checks.
 
 Requests are validated here (types, ranges, list bounds) so a bad value is a 400 naming the
-parameter. Unknown fields are accepted but logged as a warning (`unknown_fields`); fields we know
-but do not implement (legacy `guided_*`, structured `response_format`) are rejected with 400 rather
-than silently ignored. Responses are built as plain dicts in `responses.py` (cheaper per chunk).
+parameter. Unknown fields are accepted but logged as a warning (`unknown_fields`). The structured-
+output fields (`response_format`, `structured_outputs`, legacy `guided_*`) are read by
+`structured_outputs.py`. Responses are built as plain dicts in `responses.py` (cheaper per chunk).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 4096
 MAX_LOGIT_BIAS = 1024
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: int() would also read "٣" and fail on "²"
-UNSUPPORTED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                      "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs")
 
 
 class _Request(BaseModel):
@@ -99,6 +97,15 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     user: str | None = None
     request_id: str | None = Field(default=None, max_length=256)
+    response_format: dict[str, Any] | None = None
+    # structured outputs, vLLM's spellings (read by structured_outputs.py)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: there is one backend
 
     @field_validator("stream_options")
     @classmethod
@@ -138,7 +145,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(default=None, max_length=512)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
     chat_template: str | None = None  # refused unless the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)
@@ -153,7 +159,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-    response_format: dict[str, Any] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of this request, one engine request each."""

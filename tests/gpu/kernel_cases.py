@@ -442,3 +442,22 @@ def test_same_names_signatures_and_docstrings():
         fast = getattr(K, name)
         assert inspect.signature(fast) == inspect.signature(ref), name
         assert inspect.getdoc(fast) == inspect.getdoc(ref), name
+
+
+@pytest.mark.parametrize("vocab", [37, 5000])
+def test_apply_token_bitmask(device, big, vocab):
+    """Structured outputs: the grammar rows (not in order, not all rows) get exactly the reference's -inf."""
+    from hybridserve.ops.reference import sampling as S
+
+    rows, vocab = (64, 131072) if big and vocab > 37 else (7, vocab)
+    words = (vocab + 31) // 32
+    logits = torch.randn(rows, vocab, device=device)
+    grammar_rows = torch.tensor([r for r in range(rows) if r % 3 != 1][::-1], device=device)
+    masks = torch.randint(-(2**31), 2**31, (len(grammar_rows), words), dtype=torch.int64).to(torch.int32).to(device)
+    masks[0] = 0  # a row that allows nothing
+    want = logits.clone()
+    S.apply_token_bitmask(want, grammar_rows, masks)
+    got = logits.clone()
+    K.apply_token_bitmask(got, grammar_rows, masks)
+    assert torch.equal(got, want)
+    assert torch.isinf(got[grammar_rows[0]]).all() and torch.equal(got[1], logits[1])

@@ -153,16 +153,37 @@ def test_tool_choice_policies(client, fake):
     assert "<tools>" not in fake.tokenizer.decode(fake.last_prompt_ids)
 
 
-def test_required_tool_choice_without_a_call_is_reported(client, fake, fake_server):
-    with pytest.raises(openai.InternalServerError) as e:
-        client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required")
-    assert e.value.body["type"] == "ToolCallNotGenerated" and "constrained decoding" in e.value.body["message"]
-    body = {"model": "tiny", "messages": MSG, "tools": TOOLS, "stream": True,
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
-    with httpx.stream("POST", fake_server.url + "/v1/chat/completions", json=body) as r:
-        lines = [ln for ln in r.iter_lines() if ln]
-    assert lines[-1] == "data: [DONE]"
-    assert json.loads(lines[-2][6:])["error"]["param"] == "tool_choice"
+def test_required_and_named_tool_choice_send_the_tool_call_grammar(client, fake):
+    fake.reply = lambda p, s: "x</think>" + CALL + "<|im_end|>"
+    r = client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required")
+    assert r.choices[0].finish_reason == "tool_calls"
+    spec = fake.last_params.structured
+    assert spec.kind == "tool_call" and "<function=get_weather>" in spec.grammar and "<function=get_time>" in spec.grammar
+    client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS,
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    spec = fake.last_params.structured
+    assert "<function=get_time>" in spec.grammar and "<function=get_weather>" not in spec.grammar
+    client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS)  # auto: the model may answer
+    assert fake.last_params.structured is None
+
+
+def test_structured_output_fields_reach_the_engine_and_bad_ones_never_do(client, fake):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    client.chat.completions.create(model="tiny", messages=MSG, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    assert fake.last_params.structured.kind == "json"
+    client.completions.create(model="tiny", prompt="Hi", extra_body={"guided_choice": ["yes", "no"]})
+    assert fake.last_params.structured.kind == "choice"
+    client.completions.create(model="tiny", prompt="Hi", extra_body={"structured_outputs": {"regex": "[0-9]+"}})
+    assert fake.last_params.structured.kind == "regex"
+    fake.last_params = None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hi", extra_body={"guided_regex": "(unclosed"})
+    assert e.value.body["param"] == "guided_regex" and "unclosed group" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"})
+    assert fake.last_params is None
 
 
 @pytest.mark.parametrize("extra,param", [

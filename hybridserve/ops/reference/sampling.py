@@ -128,3 +128,17 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2^32 without int64 overflow: multiply by the 16-bit halves of c."""
     c_lo, c_hi = c & 0xFFFF, c >> 16
     return (x * c_lo + (((x * c_hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmasks: torch.Tensor) -> None:
+    """Constrained decoding: set to -inf, in place, the logits of tokens a row's grammar forbids.
+
+    logits: [R, V] float32; rows: [G] int64, distinct rows that have a grammar; bitmasks:
+    [G, W] int32 with 32 * W >= V, bit t % 32 of word t // 32 set where token t is allowed.
+    """
+    g, words = bitmasks.shape
+    vocab = logits.shape[1]
+    assert words * 32 >= vocab, "the bitmask must cover the vocabulary"
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmasks[:, :, None] >> shifts) & 1).view(g, words * 32)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -143,3 +143,31 @@ def sample_tokens(
         num_warps=4,
     )
     return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
+
+
+@triton.jit
+def _bitmask_kernel(logits_ptr, rows_ptr, mask_ptr, vocab, logits_stride, mask_stride, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < vocab
+    row = tl.load(rows_ptr + g)
+    words = tl.load(mask_ptr + g * mask_stride + offs // 32, mask=inside, other=0)
+    forbidden = ((words >> (offs % 32)) & 1) == 0
+    tl.store(logits_ptr + row * logits_stride + offs, float("-inf"), mask=inside & forbidden)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmasks: torch.Tensor) -> None:
+    """Constrained decoding: set to -inf, in place, the logits of tokens a row's grammar forbids.
+
+    logits: [R, V] float32; rows: [G] int64, distinct rows that have a grammar; bitmasks:
+    [G, W] int32 with 32 * W >= V, bit t % 32 of word t // 32 set where token t is allowed.
+    """
+    g, words = bitmasks.shape
+    vocab = logits.shape[1]
+    assert words * 32 >= vocab, "the bitmask must cover the vocabulary"
+    assert logits.stride(1) == 1 and bitmasks.stride(1) == 1
+    if g == 0:
+        return
+    block = 4096
+    _bitmask_kernel[(g, triton.cdiv(vocab, block))](logits, rows, bitmasks, vocab, logits.stride(0),
+                                                   bitmasks.stride(0), BLOCK=block)
