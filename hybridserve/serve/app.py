@@ -246,17 +246,32 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
     return app
 
 
+STOP_TIMEOUT_S = 5.0  # after a second signal: how long in-flight requests get to send their error
+
+
 async def drain(ctx: ServerContext, timeout: float) -> None:
     """Stop admitting, let in-flight requests finish for `timeout` seconds, then abort the rest."""
     ctx.tracker.draining = True
     logger.info("draining: %d requests in flight, waiting up to %.0fs", ctx.tracker.in_flight, timeout)
     if await ctx.tracker.wait_idle(timeout):
         return
-    ids = list(ctx.tracker.engine_request_ids)
-    logger.warning("shutdown timeout reached: aborting %d requests", len(ids))
-    for rid in ids:
+    logger.warning("shutdown timeout reached: aborting %d requests", len(ctx.tracker.engine_request_ids))
+    await _abort_all(ctx)
+    await ctx.tracker.wait_idle(STOP_TIMEOUT_S)
+
+
+async def stop_now(ctx: ServerContext) -> bool:
+    """A second signal: every in-flight request ends now with a 503 error (an error envelope, or an SSE
+    error frame on a stream that has begun) and releases its admission; True if all did in time."""
+    ctx.tracker.draining = ctx.tracker.stopping = True
+    logger.warning("stopping now: %d requests in flight get a 503", ctx.tracker.in_flight)
+    await _abort_all(ctx)
+    return await ctx.tracker.wait_idle(STOP_TIMEOUT_S)
+
+
+async def _abort_all(ctx: ServerContext) -> None:
+    for rid in list(ctx.tracker.engine_request_ids):
         try:
             await ctx.engine.abort(rid)
         except Exception:
             logger.exception("abort of %s failed", rid)
-    await ctx.tracker.wait_idle(5.0)
