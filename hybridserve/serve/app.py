@@ -50,7 +50,6 @@ from hybridserve.serve.responses import ClientDisconnected
 
 logger = logging.getLogger("hybridserve.serve")
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 # readable without the API key (orchestrators, scrapers, API browsers)
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/openapi.json", "/docs")
 REQUEST_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,

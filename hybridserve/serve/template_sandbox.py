@@ -5,8 +5,9 @@ sandbox keeps a template away from Python internals but, as Jinja's documentatio
 using unbounded time or memory (`{{ 'x' * 10**9 }}`, doubling a string in a loop). So a request
 template renders in a short-lived child process, forked from a forkserver that already has the
 renderer imported (a few milliseconds a render): the child may grow its address space by at most
-`MEMORY_BYTES`, is killed `TIMEOUT_S` (both adjustable per call) after it starts rendering (starting the forkserver, once, is
-not the template's time), and its output must be at most `max_chars` characters.
+`MEMORY_BYTES`, is killed `TIMEOUT_S` after it starts rendering (starting the forkserver, once, is
+not the template's time; both limits can be set per call), and its output must be at most
+`max_chars` characters.
 The rendering itself is transformers' `render_jinja_template` — what `apply_chat_template` runs, in
 Jinja's ImmutableSandboxedEnvironment — so a template behaves exactly as it would as the model's.
 This module imports nothing heavy: the forkserver preloads only the renderer.
