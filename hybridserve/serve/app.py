@@ -9,6 +9,7 @@ and validation failures are 400 naming the parameter (never 422, never a stack t
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -17,7 +18,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import msgspec
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -47,8 +50,10 @@ from hybridserve.serve.responses import ClientDisconnected
 
 logger = logging.getLogger("hybridserve.serve")
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
-OPEN_PATHS = ("/health", "/ping", "/metrics")  # readable without the API key (orchestrators, scrapers)
+# readable without the API key (orchestrators, scrapers, API browsers)
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/openapi.json", "/docs")
+REQUEST_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -107,6 +112,22 @@ async def parse_body(request: Request, model: type[M], limit: int) -> M:
         raise validation_error(e) from None
 
 
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the request bodies: the handlers parse bodies themselves (to stream the
+    size limit and answer 400, not 422), so FastAPI cannot see the models in their signatures."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_MODELS.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def build_app(settings: ServeSettings, engine: Any | None = None,
               engine_factory: Callable[[], Awaitable[Any]] | None = None,
               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
@@ -148,8 +169,8 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
                     await ctx.engine.shutdown()
             ctx.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="hybridserve", version=__version__, lifespan=lifespan, redoc_url=None)
+    app.openapi = functools.partial(openapi_schema, app)  # type: ignore[method-assign]
     app.state.ctx = ctx
     metrics.instrument(app)
     install_error_handlers(app)
@@ -178,7 +199,8 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         return Response(status_code=200) if err is None else error_response(err)
 
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    for method in ("GET", "POST"):  # one route per method: each gets its own OpenAPI operation id
+        app.add_api_route("/ping", health, methods=[method])
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -227,11 +249,13 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
         else:
             ids = await ctx.offload(ctx.encode, req.prompt, "prompt", req.add_special_tokens)
 
-        def respond() -> JSONResponse:  # a long token list is slow to serialise: off the loop too
+        def respond() -> Response:
+            """Off the loop, and with msgspec: the json module holds the GIL for the whole of a long token
+            list (2 s for 2.6 M ids), which would stall the loop from any thread."""
             out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
             if req.return_token_strs:
                 out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
-            return JSONResponse(out)
+            return Response(msgspec.json.encode(out), media_type="application/json")
 
         return await ctx.offload(respond)
 
@@ -246,17 +270,32 @@ def build_app(settings: ServeSettings, engine: Any | None = None,
     return app
 
 
+STOP_TIMEOUT_S = 5.0  # after a second signal: how long in-flight requests get to send their error
+
+
 async def drain(ctx: ServerContext, timeout: float) -> None:
     """Stop admitting, let in-flight requests finish for `timeout` seconds, then abort the rest."""
     ctx.tracker.draining = True
     logger.info("draining: %d requests in flight, waiting up to %.0fs", ctx.tracker.in_flight, timeout)
     if await ctx.tracker.wait_idle(timeout):
         return
-    ids = list(ctx.tracker.engine_request_ids)
-    logger.warning("shutdown timeout reached: aborting %d requests", len(ids))
-    for rid in ids:
+    logger.warning("shutdown timeout reached: aborting %d requests", len(ctx.tracker.engine_request_ids))
+    await _abort_all(ctx)
+    await ctx.tracker.wait_idle(STOP_TIMEOUT_S)
+
+
+async def stop_now(ctx: ServerContext) -> bool:
+    """A second signal: every in-flight request ends now with a 503 error (an error envelope, or an SSE
+    error frame on a stream that has begun) and releases its admission; True if all did in time."""
+    ctx.tracker.draining = ctx.tracker.stopping = True
+    logger.warning("stopping now: %d requests in flight get a 503", ctx.tracker.in_flight)
+    await _abort_all(ctx)
+    return await ctx.tracker.wait_idle(STOP_TIMEOUT_S)
+
+
+async def _abort_all(ctx: ServerContext) -> None:
+    for rid in list(ctx.tracker.engine_request_ids):
         try:
             await ctx.engine.abort(rid)
         except Exception:
             logger.exception("abort of %s failed", rid)
-    await ctx.tracker.wait_idle(5.0)

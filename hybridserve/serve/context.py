@@ -111,6 +111,7 @@ class RequestTracker:
         self.sequences = 0  # their sequences: what the limits count
         self.rejections: Counter[str] = Counter()  # 503s at admission, by reason (vllm:admission_rejections)
         self.draining = False
+        self.stopping = False  # a second signal: in-flight requests end with a 503 error now
         self.engine_request_ids: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -210,6 +211,7 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
     logger.debug("request %s runs as engine request %s", public_id, request_id)
     if ctx.settings.enable_log_requests:  # repr escapes client text; both are capped
         logger.info("request %.100r: %d prompt tokens, %.600r", public_id, len(prompt_ids), params)
+    _check_not_stopping(ctx)
     gen = ctx.engine.generate(prompt_ids, params, request_id)
     ctx.tracker.engine_request_ids.add(request_id)
     ctx.metrics.observe_request(prompt_tokens=len(prompt_ids), n=params.n, max_tokens=params.max_tokens or 0)
@@ -237,15 +239,18 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
             if queue_time is not None:
                 ctx.metrics.queue_time.observe(queue_time)
             previous, last = now, first
+            _check_not_stopping(ctx)
             yield first
             if not first.finished:
                 async for out in gen:
                     now = time.monotonic()
                     ctx.metrics.itl.observe(now - previous)
                     previous, last = now, out
+                    _check_not_stopping(ctx)
                     yield out
                     if out.finished:
                         break
+        _check_not_stopping(ctx)
         if last is None or not last.finished:
             last = _aborted(request_id, prompt_ids, params.n, last)
             yield last
@@ -257,6 +262,12 @@ async def engine_outputs(ctx: ServerContext, prompt_ids: list[int], params: Samp
                 e2e_seconds=previous - arrival, token_counts=[len(o.token_ids) for o in last.outputs],
                 finish_reasons=[o.finish_reason or "abort" for o in last.outputs],
                 first_token_seconds=None if first_token is None else first_token - arrival, queue_seconds=queue_time)
+
+
+def _check_not_stopping(ctx: ServerContext) -> None:
+    if ctx.tracker.stopping:
+        raise APIError(503, "The server is shutting down now; this request was stopped before it finished.",
+                       headers={"Retry-After": "5"})
 
 
 def _aborted(request_id: str, prompt_ids: list[int], n: int, last: RequestOutput | None) -> RequestOutput:

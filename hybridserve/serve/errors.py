@@ -2,8 +2,8 @@
 
 `code` is the integer HTTP status and `type` the vLLM-style class name (`BadRequestError`, ...), so
 clients written against vLLM read our errors unchanged. Handlers installed here turn validation
-failures into 400 (never 422), unknown routes into 404 and anything unexpected into a 500 without
-a stack trace in the body (the trace goes to the log).
+failures into 400 (never 422), unknown routes into 404, a client gone mid-body into a quiet 499, and
+anything unexpected into a 500 without a stack trace in the body (the trace goes to the log).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger("hybridserve.serve")
 
@@ -89,6 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> Response:  # hung up while sending its body
+        logger.debug("client left during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

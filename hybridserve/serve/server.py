@@ -3,8 +3,12 @@
 SIGTERM (or Ctrl-C) starts a drain instead of closing the listener: `/health` and new requests
 answer 503 while in-flight requests finish, for up to `shutdown_timeout` seconds; the rest are
 then aborted (their responses end with finish_reason "abort"), uvicorn stops, the lifespan shuts
-the engine core down, and the process exits 0. A second signal exits at once. If the engine dies
-the server exits with status 1 so an orchestrator restarts it.
+the engine core down, and the process exits 0. A second signal stops at once: every in-flight
+request ends with a 503 error (the error envelope, or an SSE error frame on a begun stream), its
+admission is released, and the process exits 128 + the signal's number (130 for Ctrl-C, 143 for
+SIGTERM), as a shell reports a process a signal stopped. A third signal exits without waiting for
+those errors to be sent. If the engine dies the server exits with status 1 so an orchestrator
+restarts it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from hybridserve.serve.app import drain
+from hybridserve.serve.app import drain, stop_now
 from hybridserve.serve.context import ServerContext
 
 logger = logging.getLogger("hybridserve.serve")
@@ -30,7 +35,8 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task[None] | None = None
+        self._signals = 0
+        self._tasks: list[asyncio.Task[None]] = []  # the drain, then the stop
         self._watch_task: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: Any = None) -> None:
@@ -43,17 +49,29 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not super().handle_exit: uvicorn would re-raise the signal after shutdown (exit status != 0).
-        if self._drain_task is not None or self._loop is None or not self.started:
-            logger.warning("signal %s: exiting now", signal.Signals(sig).name)
+        name = signal.Signals(sig).name
+        self._signals += 1
+        if self._loop is None or not self.started or self._signals > 2:
+            logger.warning("signal %s: exiting now", name)
             self.should_exit = True
-            self.force_exit = self._drain_task is not None
-            return
-        logger.info("signal %s: draining (up to %.0fs)", signal.Signals(sig).name, self.shutdown_timeout)
-        self._loop.call_soon_threadsafe(self._start_drain)
+            self.force_exit = self._signals > 2
+        elif self._signals == 2:
+            logger.warning("signal %s: stopping now; in-flight requests get a 503", name)
+            self.exit_code = 128 + sig
+            self._loop.call_soon_threadsafe(self._start, self._stop)
+        else:
+            logger.info("signal %s: draining (up to %.0fs)", name, self.shutdown_timeout)
+            self._loop.call_soon_threadsafe(self._start, self._drain)
 
-    def _start_drain(self) -> None:
-        if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._drain())
+    def _start(self, step: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.ensure_future(step()))
+
+    async def _stop(self) -> None:
+        try:
+            if not await stop_now(self.ctx):
+                logger.warning("%d requests did not end in time", self.ctx.tracker.in_flight)
+        finally:
+            self.should_exit = True
 
     async def _drain(self) -> None:
         try:

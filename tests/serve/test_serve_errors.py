@@ -151,6 +151,8 @@ def test_api_key_guards_every_endpoint(keyed_server, method, path):
 def test_api_key_accepted_and_open_paths(keyed_server):
     assert httpx.get(keyed_server.url + "/health").status_code == 200
     assert httpx.get(keyed_server.url + "/metrics").status_code == 200
+    assert "/v1/chat/completions" in httpx.get(keyed_server.url + "/openapi.json").json()["paths"]
+    assert httpx.get(keyed_server.url + "/docs").status_code == 200
     client = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="sekret", max_retries=0)
     assert client.models.list().data[0].id == "tiny"
     with pytest.raises(openai.AuthenticationError):

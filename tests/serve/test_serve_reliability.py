@@ -128,10 +128,10 @@ def test_health_is_503_until_the_engine_is_ready(tokenizer):
         assert httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG}).status_code == 200
 
 
-def _start(shutdown_timeout: float) -> tuple[subprocess.Popen, str]:
+def _start(shutdown_timeout: float, step_delay: float = 0.01, **popen: object) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.serve.fake_serve_main", str(port), str(shutdown_timeout),
-                             "0.01"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             str(step_delay)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -182,6 +182,38 @@ def test_sigterm_drains_then_exits_zero(shutdown_timeout, expected_reason):
     assert chunks and chunks[-1]["choices"][0]["finish_reason"] == expected_reason
     text = "".join(c["choices"][0]["delta"]["reasoning"] or "" for c in chunks)
     assert (text == "x" * 200) == (expected_reason == "stop")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_ends_every_request_with_an_error_and_exits_128_plus_signal(sig):
+    proc, url = _start(30.0, step_delay=0.05, stderr=subprocess.PIPE, text=True)  # replies take 10 s
+    try:
+        chunks: list = []
+        stream = _stream_in_thread(url, chunks)
+        plain: list = []
+        waiting = threading.Thread(target=lambda: plain.append(
+            httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=60)))
+        waiting.start()
+        time.sleep(0.5)  # the non-streaming request is generating
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        stream.join(30)
+        waiting.join(30)
+        assert proc.wait(30) == 128 + sig
+        assert time.monotonic() - t0 < 8  # not the drain's 30 s, nor the replies' 10 s
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (r,) = plain
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+    assert "shutting down" in r.json()["error"]["message"] and r.json()["error"]["code"] == 503
+    assert chunks[0]["choices"] and chunks[-1] == {"error": {
+        "message": "The server is shutting down now; this request was stopped before it finished.",
+        "type": "ServiceUnavailableError", "param": None, "code": 503}}
+    assert "did not end in time" not in log and "Traceback" not in log, log
 
 
 def test_engine_start_failure_is_reported():
