@@ -79,14 +79,18 @@ def test_fp8_greedy_reproduces_dense_where_the_margin_exceeds_the_fp8_error(dens
     assert outs[0] == outs[1] == completion[: len(outs[0])] and len(outs[0]) == len(completion)
 
 
-def test_fp8_checkpoint_behind_the_http_server(fp8_dir):
-    """The FP8 checkpoint with an FP8 KV cache behind the real server: the trained tool call comes back parsed."""
+@pytest.mark.parametrize("checkpoint,quantization", [("fp8_dir", None), ("dense_dir", "fp8")])
+def test_fp8_behind_the_http_server(request, checkpoint, quantization):
+    """The ModelOpt FP8 checkpoint, and the dense one quantized at load, with an FP8 KV cache behind
+    the real server: the trained tool call comes back parsed."""
+    path = request.getfixturevalue(checkpoint)
 
     async def engine():
         from hybridserve.engine.client import EngineClient
 
-        return await EngineClient.create(EngineConfig(model=str(fp8_dir), device="cpu", max_num_seqs=4,
-                                                      kv_cache_dtype="fp8"), in_process=True)
+        return await EngineClient.create(EngineConfig(model=str(path), device="cpu", max_num_seqs=4,
+                                                      kv_cache_dtype="fp8", quantization=quantization),
+                                         in_process=True)
 
     app = build_app(ServeSettings(["tool-fp8"]), engine_factory=engine)
     with ServerThread(app) as server:

@@ -18,6 +18,8 @@ Triton:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -133,11 +135,15 @@ def gemm_config(num_tokens: int) -> dict:
     return next(c for c in GEMM_TUNE if c["max_tokens"] is None or num_tokens <= c["max_tokens"])
 
 
+@functools.cache
+def _has_fp8_mma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._scaled_mm's requirements: Ada / Hopper or newer, K and N multiples of 16, 16-bit output."""
     n, k = weight.shape
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
-            and x.dtype in (torch.bfloat16, torch.float16))
+    return _has_fp8_mma(x.device) and k % 16 == 0 and n % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _fp8_linear(x, weight, weight_scale, input_scale, cfg: dict, backend: str) -> torch.Tensor:
