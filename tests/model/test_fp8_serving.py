@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-import httpx
 import openai
 import pytest
 import torch
@@ -94,10 +92,7 @@ def test_fp8_behind_the_http_server(request, checkpoint, quantization):
 
     app = build_app(ServeSettings(["tool-fp8"]), engine_factory=engine)
     with ServerThread(app) as server:
-        deadline = time.monotonic() + 120
-        while httpx.get(server.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "engine did not become ready"
-            time.sleep(0.1)
+        server.wait_healthy(120)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = client.chat.completions.create(model="tool-fp8", messages=MESSAGES, tools=TOOLS, temperature=0)
     (call,) = r.choices[0].message.tool_calls
