@@ -53,9 +53,6 @@ COMPAT_FLAGS = (
                _only((1,), "one engine per server: for data parallelism run one server per GPU behind a router")),
     CompatFlag("max_cudagraph_capture_size", "no effect: decode CUDA graphs are captured for batch sizes up to "
                                              "min(--max-num-seqs, 512)", int),
-    CompatFlag("quantization", "", str, lambda value: (
-        "online quantization is not supported yet (ModelOpt FP8 checkpoints are recognised from their files)"),
-        metavar="METHOD"),
     CompatFlag("enable_auto_tool_choice", "no effect: tool_choice auto is always available", serve_only=True),
     CompatFlag("tool_call_parser", "no effect: the Nemotron tool-call parser (qwen3_coder format) is built in", str,
                _only(TOOL_CALL_PARSERS, f"only the Nemotron tool-call format is built in: {', '.join(TOOL_CALL_PARSERS)}"),

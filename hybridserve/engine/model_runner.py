@@ -63,14 +63,15 @@ class ModelRunner:
         self.dtype = _DTYPES[model_config.torch_dtype if config.dtype == "auto" else config.dtype]
         ssm_name = model_config.mamba_ssm_cache_dtype if config.mamba_ssm_cache_dtype == "auto" else config.mamba_ssm_cache_dtype
         self.ssm_dtype = _DTYPES[ssm_name]
-        if config.kv_cache_dtype != "auto":
-            logger.warning("kv_cache_dtype %s is not supported yet; keeping KV in %s", config.kv_cache_dtype, self.dtype)
+        # fp8 KV pages: store_kv quantizes with each layer's kv_scale, attention dequantizes
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.block_size = config.block_size
         self.max_model_len = resolve_max_model_len(config, model_config)
         if model is None:
             from hybridserve.model.loader import load_model
 
-            model = load_model(model_config, load_format=config.load_format, dtype=self.dtype, device=self.device)
+            model = load_model(model_config, load_format=config.load_format, dtype=self.dtype, device=self.device,
+                               quantization=config.quantization)
         self.model = model
         self.sampler = Sampler(self.device)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
@@ -79,18 +80,19 @@ class ModelRunner:
         num_slots, num_blocks = self._cache_sizes()
         self.layout = CacheLayout(
             block_size=self.block_size, num_blocks=num_blocks, num_slots=num_slots, max_model_len=self.max_model_len,
-            kv_dtype=_dtype_name(self.dtype), state_dtype=ssm_name,
+            kv_dtype=_dtype_name(self.kv_dtype), state_dtype=ssm_name,
         )
         self.cache = HybridCache.allocate(
-            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device,
+            self.kv_dtype,
         )
         self.pad_slot, self.pad_block = num_slots, num_blocks
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
         kv_tokens = num_blocks * self.block_size
         logger.info(
-            "cache: %d KV blocks x %d tokens = %d tokens of KV, %d Mamba state slots (SSM state %s); "
+            "cache: %d KV blocks x %d tokens = %d tokens of KV (%s), %d Mamba state slots (SSM state %s); "
             "max concurrency %d requests of %d tokens",
-            num_blocks, self.block_size, kv_tokens, num_slots, ssm_name,
+            num_blocks, self.block_size, kv_tokens, _dtype_name(self.kv_dtype), num_slots, ssm_name,
             min(num_slots, kv_tokens // self.max_model_len), self.max_model_len,
         )
         self.decode_graphs = None
@@ -144,7 +146,7 @@ class ModelRunner:
         With `num_kv_blocks` set, the blocks are fixed and the slots take what is left.
         """
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
-        block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.dtype)
+        block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.kv_dtype)
         budget = self._memory_budget() - slot_bytes - block_bytes
         fixed_blocks = self.config.num_kv_blocks
         if fixed_blocks is None:
@@ -211,7 +213,8 @@ class ModelRunner:
     def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:
         """Run a plan on a scratch cache, through the same packer and sampler as real steps."""
         scratch = HybridCache.allocate(
-            self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device
+            self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device,
+            self.kv_dtype,
         )
         packer = InputPacker(num_slots, width, self.block_size, 0, self.device)
         logits = self.model(packer.pack(plan), scratch)

@@ -108,7 +108,6 @@ def test_vllm_underscore_spellings_and_compat_flags_parse():
 @pytest.mark.parametrize("flag,reason", [
     (["--tokenizer-mode", "slow"], "only the fast tokenizer"),
     (["--data-parallel-size", "2"], "one server per GPU behind a router"),
-    (["--quantization", "fp8"], "online quantization is not supported yet"),
     (["--no-enable-chunked-prefill"], "prefill is always chunked"),
     (["--tool-call-parser", "hermes"], "only the Nemotron tool-call format"),
     (["--reasoning-parser", "deepseek_r1"], "only the Nemotron reasoning parser"),
@@ -119,6 +118,7 @@ def test_refused_flags_say_why(flag, reason):
 
 
 @pytest.mark.parametrize("argv", [["serve", "--no-such-flag"], ["serve", "--kv-cache-dtype", "int4"],
+                                  ["serve", "--quantization", "awq"],
                                   ["serve", "--max-model-len", "0"], ["serve", "--load-format", "pt"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
