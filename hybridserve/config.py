@@ -272,6 +272,9 @@ class EngineConfig:
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = field(default=True, metadata={"help": (
+        "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
+        "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
 
     def __post_init__(self) -> None:

@@ -17,6 +17,16 @@ from hybridserve.engine.step_plan import FROM_DEVICE, StepPlan
 from hybridserve.model.forward_batch import ForwardBatch
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device, without making the host wait for the device's queue (a plain
+    copy would: async scheduling queues a step while the previous one runs). CUDA: staged
+    through pinned memory and copied asynchronously; CPU: the array's memory itself."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 class InputPacker:
     def __init__(self, num_rows: int, max_blocks_per_seq: int, block_size: int, pad_block: int,
                  device: torch.device) -> None:
@@ -38,7 +48,7 @@ class InputPacker:
             plan.input_ids, positions, plan.slots[seq_index], cu, plan.num_cached + lens, plan.slots,
             plan.num_cached > 0, plan.sample_token_indices, plan.table_updates.T.reshape(-1),
         ])
-        dev = torch.from_numpy(flat).to(self.device, non_blocking=True)  # the step's one host->device copy
+        dev = to_device(flat, self.device)  # the step's one host->device copy
         ids, pos, token_slots, cu_d, seq_lens, slots, has_state, sample_idx, updates = dev.split(
             [t, t, t, b + 1, b, b, b, r, 3 * k]
         )

@@ -22,7 +22,7 @@ import torch
 from hybridserve.config import EngineConfig, ModelConfig
 from hybridserve.engine.cache_manager import CacheLayout
 from hybridserve.engine.cuda_graphs import DecodeGraphs
-from hybridserve.engine.input_packer import InputPacker
+from hybridserve.engine.input_packer import InputPacker, to_device
 from hybridserve.engine.request import Request
 from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
 from hybridserve.engine.step_plan import StepPlan, synthetic_plan
@@ -120,6 +120,7 @@ class ModelRunner:
         meta = SamplingMetadata.build(plan.sampling, self.device, bitmasks)
         out = self.sampler(logits, meta)
         self.packer.store_sampled(meta.slots, out.token_ids)
+        out.start_host_copy()
         return out
 
     def _graph_ready(self, plan: StepPlan) -> bool:
@@ -129,10 +130,10 @@ class ModelRunner:
     def _copy_states(self, plan: StepPlan) -> None:
         """n > 1 forks: Mamba slots and KV tail blocks copied after the forward that computed them."""
         if len(plan.slot_copies):
-            src, dst = torch.from_numpy(plan.slot_copies.T.copy()).to(self.device)
+            src, dst = to_device(plan.slot_copies.T.copy(), self.device)
             self.cache.copy_slots(src, dst)
         if len(plan.block_copies):
-            src, dst = torch.from_numpy(plan.block_copies.T.copy()).to(self.device)
+            src, dst = to_device(plan.block_copies.T.copy(), self.device)
             self.cache.copy_blocks(src, dst)
 
     # ---- start-up ------------------------------------------------------------------------------

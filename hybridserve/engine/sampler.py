@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hybridserve.engine.input_packer import to_device
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.ops import get_ops
@@ -54,16 +55,14 @@ class SamplingMetadata:
         features. bitmasks: the grammar rows' token masks of this step (structured outputs)."""
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(np.array(values, dtype=dtype), device)
 
-        floats = torch.from_numpy(np.stack([inputs.temperature, inputs.top_p, inputs.min_p])).to(device)
-        ints = torch.from_numpy(np.stack([inputs.slots, inputs.top_k, inputs.seeds, inputs.positions,
-                                          inputs.forced])).to(device)
-        pen = inputs.penalty_values
+        floats = to_device(np.stack([inputs.temperature, inputs.top_p, inputs.min_p]), device)
+        ints = to_device(np.stack([inputs.slots, inputs.top_k, inputs.seeds, inputs.positions, inputs.forced]), device)
         penalties = None
         if inputs.penalty_rows:
-            values = torch.from_numpy(pen).to(device)
-            penalties = (tensor(inputs.penalty_rows, torch.int64), inputs.penalty_prompts, inputs.penalty_outputs,
+            values = to_device(inputs.penalty_values, device)
+            penalties = (tensor(inputs.penalty_rows, np.int64), inputs.penalty_prompts, inputs.penalty_outputs,
                          values[0], values[1], values[2])
         bias_rows, bias_cols, bias_values = inputs.bias
         sup_rows, sup_cols = inputs.suppress
@@ -78,9 +77,9 @@ class SamplingMetadata:
             filter_needed=inputs.filter_needed,
             all_greedy=inputs.all_greedy,
             forced=ints[4] if (inputs.forced >= 0).any() else None,
-            bias=(tensor(bias_rows, torch.int64), tensor(bias_cols, torch.int64), tensor(bias_values, torch.float32))
+            bias=(tensor(bias_rows, np.int64), tensor(bias_cols, np.int64), tensor(bias_values, np.float32))
             if bias_rows else None,
-            suppress=(tensor(sup_rows, torch.int64), tensor(sup_cols, torch.int64)) if sup_rows else None,
+            suppress=(tensor(sup_rows, np.int64), tensor(sup_cols, np.int64)) if sup_rows else None,
             penalties=penalties,
             num_logprobs=inputs.num_logprobs,
             max_logprobs=inputs.max_logprobs,
@@ -90,18 +89,34 @@ class SamplingMetadata:
 
 @dataclass
 class SamplerOutput:
-    """One step's samples on the device; `to_host` is the step's one device->host copy."""
+    """One step's samples on the device. `start_host_copy` queues the step's one device->host copy
+    (right after sampling, so that it does not wait behind a step launched later); `to_host`
+    waits for it."""
 
     token_ids: torch.Tensor  # [R] int64
     logprobs: torch.Tensor | None  # [R, 2 + 2K] float32: sampled logprob, its rank, K top ids, K top logprobs
     num_logprobs: list[int | None]
+    _host: torch.Tensor | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def start_host_copy(self) -> None:
+        packed = self.token_ids if self.logprobs is None else torch.cat(
+            [self.token_ids[:, None].float(), self.logprobs], dim=1)
+        self._host = packed.to("cpu", non_blocking=True)  # pinned memory on CUDA
+        if packed.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def to_host(self) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
         """Token ids, and per row the logprob entries (sampled token first, then the top
         alternatives) or None; the second item is None when no row asked for logprobs."""
+        if self._host is None:
+            self.start_host_copy()
+        if self._copied is not None:
+            self._copied.synchronize()
         if self.logprobs is None:
-            return self.token_ids.tolist(), None
-        host = torch.cat([self.token_ids[:, None].float(), self.logprobs], dim=1).tolist()
+            return self._host.tolist(), None
+        host = self._host.tolist()
         k_max = (len(host[0]) - 3) // 2 if host else 0
         token_ids, logprobs = [], []
         for row, k in zip(host, self.num_logprobs):
@@ -172,4 +187,4 @@ class Sampler:
 
 def _flat_offsets(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """row * vocab + id for every id of every row, as one int64 tensor on the device."""
-    return torch.tensor([i * vocab + t for i, seq in enumerate(seqs) for t in seq], dtype=torch.int64, device=device)
+    return to_device(np.array([i * vocab + t for i, seq in enumerate(seqs) for t in seq], dtype=np.int64), device)

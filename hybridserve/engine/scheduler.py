@@ -43,6 +43,7 @@ class ScheduledStep:
     plan: StepPlan
     requests: list[Request]  # [B] the sequences fed, in batch order (decodes first)
     sample_requests: list[Request]  # [R] the sequence each sample row belongs to
+    sample_epochs: list[int]  # [R] its preemption count then: a row of a since-preempted sequence is dropped
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -110,7 +111,7 @@ class Scheduler:
         for req in decodes + prompts:
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted by an older request this step
+            if req.status is not RequestStatus.RUNNING or req.awaits_result:  # preempted this step, or async
                 continue
             n = self.cache.chunk_size(req, budget)
             while not self.cache.grow(req, req.num_computed_tokens + n):
@@ -147,11 +148,14 @@ class Scheduler:
         sampled_token_ids: list[int],
         logprobs: list[list[TokenLogprob] | None] | None = None,
     ) -> list[EngineOutput]:
-        """Apply a step's samples (one per sample row, in row order): append, stop, free."""
+        """Apply a step's samples (one per sample row, in row order): append, stop, free. Rows of
+        sequences that finished, were aborted or preempted since the step was scheduled are dropped
+        (a preempted one samples that token again after recomputing)."""
         deltas: dict[str, list[SequenceDelta]] = {}
-        for i, req in enumerate(step.sample_requests):
-            if req.status is not RequestStatus.RUNNING:
+        for i, (req, epoch) in enumerate(zip(step.sample_requests, step.sample_epochs)):
+            if req.status is not RequestStatus.RUNNING or req.num_preemptions != epoch:
                 continue
+            req.num_tokens_in_flight -= 1
             self._append(req, sampled_token_ids[i], logprobs[i] if logprobs else None, deltas)
         return [self._output(self.groups[request_id], ds) for request_id, ds in deltas.items()]
 
@@ -250,8 +254,9 @@ class Scheduler:
         for req, n in scheduled.items():
             req.num_computed_tokens += n
         for req in sample_requests:
+            req.num_tokens_in_flight += 1
             req.last_token_on_device = True
-        return ScheduledStep(plan, requests, sample_requests)
+        return ScheduledStep(plan, requests, sample_requests, [r.num_preemptions for r in sample_requests])
 
     def _append(self, req: Request, token: int, lp, deltas: dict[str, list[SequenceDelta]]) -> None:
         finished = req.append_token(token)
@@ -266,6 +271,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self._remove(req)
         req.num_computed_tokens = 0
+        req.num_tokens_in_flight = 0  # dropped when its step returns; sampled again after the recompute
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions_total += 1

@@ -88,7 +88,7 @@ class SamplingInputs:
             min_p=np.array([p.min_p for p in ps], dtype=np.float32),
             top_k=np.array([p.top_k for p in ps], dtype=np.int64),
             seeds=np.array([r.seed for r in rows], dtype=np.int64),
-            positions=np.array([r.num_output_tokens for r in rows], dtype=np.int64),
+            positions=np.array([r.next_output_index for r in rows], dtype=np.int64),
             forced=np.array([-1 if f is None else f for f in forced], dtype=np.int64),
             bias=bias,
             suppress=suppress,
