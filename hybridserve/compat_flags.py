@@ -49,8 +49,6 @@ COMPAT_FLAGS = (
                _only(("auto", "hf"), "only the fast tokenizer (tokenizer.json) is supported: use auto or hf")),
     CompatFlag("data_parallel_size", "no effect: one engine per server", int,
                _only((1,), "one engine per server: for data parallelism run one server per GPU behind a router")),
-    CompatFlag("max_cudagraph_capture_size", "no effect: decode CUDA graphs are captured for batch sizes up to "
-                                             "min(--max-num-seqs, 512)", int),
     CompatFlag("quantization", "", str, lambda value: (
         "online quantization is not supported yet (ModelOpt FP8 checkpoints are recognised from their files)"),
         metavar="METHOD"),

@@ -272,6 +272,9 @@ class EngineConfig:
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
     enforce_eager: bool = False  # no CUDA graphs
+    max_cudagraph_capture_size: int | None = field(default=None, metadata={"help": (
+        "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "
+        "capped at the state slots that fit)")})
     async_scheduling: bool = field(default=True, metadata={"help": (
         "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
         "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
@@ -286,6 +289,8 @@ class EngineConfig:
               f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}")
         _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _need(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
+              "max_cudagraph_capture_size must be >= 1")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _need(self.block_size >= 1, "block_size must be >= 1")
         _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

@@ -49,10 +49,12 @@ class SamplingMetadata:
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # rows [G], token bitmasks [G, ceil(V/32)]
 
     @classmethod
-    def build(cls, inputs: SamplingInputs, device: torch.device,
-              bitmasks: StepBitmasks | None = None) -> SamplingMetadata:
+    def build(cls, inputs: SamplingInputs, device: torch.device, bitmasks: StepBitmasks | None = None,
+              max_logprobs: int | None = None) -> SamplingMetadata:
         """The host inputs on the device: two copies for the per-row scalars, more only for rare
-        features. bitmasks: the grammar rows' token masks of this step (structured outputs)."""
+        features. bitmasks: the grammar rows' token masks of these rows (structured outputs).
+        max_logprobs: the top-k width to return (default: the rows' own maximum; the chunks of one
+        step pass the step's, so that their outputs concatenate)."""
 
         def tensor(values, dtype):
             return to_device(np.array(values, dtype=dtype), device)
@@ -82,7 +84,7 @@ class SamplingMetadata:
             suppress=(tensor(sup_rows, np.int64), tensor(sup_cols, np.int64)) if sup_rows else None,
             penalties=penalties,
             num_logprobs=inputs.num_logprobs,
-            max_logprobs=inputs.max_logprobs,
+            max_logprobs=inputs.max_logprobs if max_logprobs is None else max_logprobs,
             grammar=None if bitmasks is None else bitmasks.to(device),
         )
 
@@ -98,6 +100,14 @@ class SamplerOutput:
     num_logprobs: list[int | None]
     _host: torch.Tensor | None = None
     _copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def concat(cls, parts: list[SamplerOutput]) -> SamplerOutput:
+        """The outputs of consecutive row chunks as one (all chunks of the same logprobs width)."""
+        if len(parts) == 1:
+            return parts[0]
+        logprobs = None if parts[0].logprobs is None else torch.cat([p.logprobs for p in parts])
+        return cls(torch.cat([p.token_ids for p in parts]), logprobs, [k for p in parts for k in p.num_logprobs])
 
     def start_host_copy(self) -> None:
         packed = self.token_ids if self.logprobs is None else torch.cat(

@@ -63,6 +63,28 @@ class SamplingInputs:
         """-1 when no row asks for logprobs."""
         return max((k for k in self.num_logprobs if k is not None), default=-1)
 
+    def rows(self, start: int, stop: int) -> SamplingInputs:
+        """Rows start..stop-1 as inputs of their own (sparse parts re-indexed): the sampler runs
+        a big step a bounded number of rows at a time."""
+        if start == 0 and stop >= len(self):
+            return self
+
+        def sparse(rows, *columns):
+            keep = [i for i, r in enumerate(rows) if start <= r < stop]
+            return ([rows[i] - start for i in keep], *([c[i] for i in keep] for c in columns))
+
+        keep = [i for i, r in enumerate(self.penalty_rows) if start <= r < stop]
+        part = slice(start, stop)
+        return SamplingInputs(
+            slots=self.slots[part], temperature=self.temperature[part], top_p=self.top_p[part],
+            min_p=self.min_p[part], top_k=self.top_k[part], seeds=self.seeds[part], positions=self.positions[part],
+            forced=self.forced[part], bias=sparse(*self.bias), suppress=sparse(*self.suppress),
+            penalty_rows=[self.penalty_rows[i] - start for i in keep],
+            penalty_prompts=[self.penalty_prompts[i] for i in keep],
+            penalty_outputs=[self.penalty_outputs[i] for i in keep],
+            penalty_values=self.penalty_values[:, keep], num_logprobs=self.num_logprobs[part],
+        )
+
     @classmethod
     def of(cls, rows: list[Request], slots: list[int]) -> SamplingInputs:
         """The sampling rules of each row's request, as of the token it samples next."""
