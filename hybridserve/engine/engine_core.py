@@ -146,8 +146,9 @@ class EngineCore:
 
     def _sample(self, step: ScheduledStep, logits) -> tuple[ScheduledStep, SamplerOutput] | None:
         """Fill the step's grammar masks (rows of sequences that ended or were preempted meanwhile
-        get none: they are dropped), queue its sampling and start the copy of its tokens."""
-        if not step.plan.num_samples:
+        get none: they are dropped), queue its sampling (and prompt-logprob scoring) and start the
+        copy of its results."""
+        if not step.plan.num_logits_rows:
             return None
         matchers = [r.grammar if r.status is RequestStatus.RUNNING and r.num_preemptions == epoch else None
                     for r, epoch in zip(step.sample_requests, step.sample_epochs)]
@@ -161,7 +162,8 @@ class EngineCore:
         if launched is None:
             return []
         step, sampled = launched
-        return self.scheduler.update(step, *sampled.to_host())
+        token_ids, logprobs = sampled.to_host()
+        return self.scheduler.update(step, token_ids, logprobs, sampled.prompt_entries)
 
     def stats(self) -> EngineStats:
         s = self.scheduler

@@ -28,7 +28,7 @@ from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.engine.input_packer import InputPacker, to_device
 from hybridserve.engine.memory_plan import MemoryPlan, fit_cache
 from hybridserve.engine.request import Request
-from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
+from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata, prompt_logprob_rows
 from hybridserve.engine.step_plan import SamplingInputs, StepPlan, synthetic_plan
 from hybridserve.model.cache import HybridCache
 from hybridserve.sampling_params import SamplingParams
@@ -116,9 +116,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, plan: StepPlan, logits: torch.Tensor, bitmasks: StepBitmasks | None = None) -> SamplerOutput:
-        """Sample the plan's rows from `forward`'s logits (bitmasks: the grammar rows' token masks);
-        the tokens also go into the token buffer, where the next step's decode rows read them."""
-        out = self._sample_chunks(logits, plan.sampling, self.packer, bitmasks)
+        """Sample the plan's rows from `forward`'s logits (bitmasks: the grammar rows' token masks)
+        and score its prompt-logprob rows; the tokens also go into the token buffer, where the next
+        step's decode rows read them."""
+        out = self._sample_chunks(logits[: plan.num_samples], plan.sampling, self.packer, bitmasks)
+        if len(plan.prompt_logprob_indices):
+            targets = to_device(plan.prompt_logprob_targets, self.device)
+            out.prompt = prompt_logprob_rows(logits[plan.num_samples :], targets, plan.prompt_logprob_k,
+                                             self.sampler_chunk_rows)
         out.start_host_copy()
         return out
 
@@ -126,6 +131,8 @@ class ModelRunner:
                        bitmasks: StepBitmasks | None = None) -> SamplerOutput:
         """The sampler over `sampler_chunk_rows` rows at a time: its scratch memory (sorts, log-softmax,
         [rows, vocab] each) stays bounded however many rows a step samples."""
+        if not len(inputs):
+            return SamplerOutput(torch.zeros(0, dtype=torch.int64, device=self.device), None, [])
         parts, n = [], self.sampler_chunk_rows
         for start in range(0, len(inputs), n):
             masks = None if bitmasks is None else bitmasks.part(start, start + n)

@@ -67,6 +67,8 @@ class Request:
         self.last_token_on_device = False
         self.thinking_open = params.thinking_budget is not None and params.thinking_end_token_id is not None
         self.grammar: SequenceMatcher | None = None  # structured outputs: set when its grammar is compiled
+        # prompt_logprobs: the entries of prompt tokens 1..P-1 as the prefill scores them (entry 0 stays None)
+        self.prompt_logprobs: list | None = [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property

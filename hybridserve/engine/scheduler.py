@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,9 +44,15 @@ class ScheduledStep:
     requests: list[Request]  # [B] the sequences fed, in batch order (decodes first)
     sample_requests: list[Request]  # [R] the sequence each sample row belongs to
     sample_epochs: list[int]  # [R] its preemption count then: a row of a since-preempted sequence is dropped
+    # prompt_logprobs: (sequence, first prompt position scored, count) per run of the plan's L prompt rows
+    prompt_logprob_runs: list[tuple[Request, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.requests)
+
+
+# prompt_logprobs: prompt tokens scored per step at most (their [rows, vocab] logits are the cost)
+PROMPT_LOGPROB_ROWS_PER_STEP = 256
 
 
 class Scheduler:
@@ -64,6 +70,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._next_arrival = 0
+        self._prompt_logprobs_due: set[str] = set()  # requests whose prompt logprobs are not sent yet
 
     # ---- admission -----------------------------------------------------------------------------
     def add(self, sequences: list[Request]) -> None:
@@ -77,6 +84,8 @@ class Scheduler:
         for seq in sequences:
             seq.arrival = (arrival, seq.index)
         self.groups[first.request_id] = sequences
+        if first.prompt_logprobs is not None:
+            self._prompt_logprobs_due.add(first.request_id)
         first.forks = sequences[1:]
         for sib in first.forks:
             sib.status = RequestStatus.WAITING_FOR_FORK
@@ -108,12 +117,16 @@ class Scheduler:
         decodes, prompts = [], []
         for r in self.running:
             (decodes if r.num_pending_tokens == 1 else prompts).append(r)
+        scored = PROMPT_LOGPROB_ROWS_PER_STEP  # prompt-logprob rows left this step
         for req in decodes + prompts:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING or req.awaits_result:  # preempted this step, or async
                 continue
-            n = self.cache.chunk_size(req, budget)
+            limit = min(budget, scored) if self._scores_prompt(req) else budget
+            if limit == 0:
+                continue
+            n = self.cache.chunk_size(req, limit)
             while not self.cache.grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 budget += scheduled.pop(victim, 0)
@@ -123,13 +136,17 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 scheduled[req] = n
                 budget -= n
+                scored -= self._num_scored(req, n)
         # forks only once no more preemption can come in this step (a victim is never forked)
         for req, n in list(scheduled.items()):
             self._fork_at_prompt_end(req, n, forked)
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = self.cache.chunk_size(req, budget)
+            limit = min(budget, scored) if self._scores_prompt(req) else budget
+            if limit == 0:
+                break
+            n = self.cache.chunk_size(req, limit)
             if not self.cache.admit(req, n):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
@@ -139,6 +156,7 @@ class Scheduler:
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req] = n
             budget -= n
+            scored -= self._num_scored(req, n)
             self._fork_at_prompt_end(req, n, forked)
         return self._plan(scheduled, forked)
 
@@ -147,17 +165,35 @@ class Scheduler:
         step: ScheduledStep,
         sampled_token_ids: list[int],
         logprobs: list[list[TokenLogprob] | None] | None = None,
+        prompt_logprobs: list[list[TokenLogprob]] | None = None,
     ) -> list[EngineOutput]:
         """Apply a step's samples (one per sample row, in row order): append, stop, free. Rows of
         sequences that finished, were aborted or preempted since the step was scheduled are dropped
-        (a preempted one samples that token again after recomputing)."""
+        (a preempted one samples that token again after recomputing). prompt_logprobs: one entry
+        list per prompt-logprob row of the step."""
         deltas: dict[str, list[SequenceDelta]] = {}
+        row = 0
+        for req, first, count in step.prompt_logprob_runs:
+            if not req.is_finished:  # a rerun after preemption scores the same tokens again
+                k = req.params.prompt_logprobs
+                req.prompt_logprobs[first : first + count] = [e[: k + 1] for e in prompt_logprobs[row : row + count]]
+            row += count
         for i, (req, epoch) in enumerate(zip(step.sample_requests, step.sample_epochs)):
             if req.status is not RequestStatus.RUNNING or req.num_preemptions != epoch:
                 continue
             req.num_tokens_in_flight -= 1
             self._append(req, sampled_token_ids[i], logprobs[i] if logprobs else None, deltas)
-        return [self._output(self.groups[request_id], ds) for request_id, ds in deltas.items()]
+        outputs = []
+        for request_id, ds in deltas.items():
+            group = self.groups[request_id]
+            sent = None
+            if request_id in self._prompt_logprobs_due:  # sent with the first token of the sequence that scored them
+                done = [q for q in group if q.num_output_tokens and None not in q.prompt_logprobs[1:]]
+                if done:
+                    self._prompt_logprobs_due.discard(request_id)
+                    sent = done[0].prompt_logprobs
+            outputs.append(self._output(group, ds, prompt_logprobs=sent))
+        return outputs
 
     # ---- queries -------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -225,6 +261,7 @@ class Scheduler:
         """Turn this step's decisions into a StepPlan and advance what it computes."""
         requests = list(scheduled)
         ids, sample_indices, sample_requests = [], [], []
+        scored_indices, scored_targets, runs = [], [], []
         end = 0
         for req, n in scheduled.items():
             c = req.num_computed_tokens
@@ -232,6 +269,10 @@ class Scheduler:
                 ids.append(FROM_DEVICE)
             else:
                 ids += req.token_ids[c : c + n]
+            if (count := self._num_scored(req, n)):  # fed positions c.. score prompt tokens c+1..
+                scored_indices += range(end, end + count)
+                scored_targets += req.token_ids[c + 1 : c + 1 + count]
+                runs.append((req, c + 1, count))
             end += n
             if c + n == req.num_tokens:  # the fed tokens reach the end: sample the next one
                 if req.num_output_tokens == 0:
@@ -250,13 +291,26 @@ class Scheduler:
             table_updates=changes.table_updates,
             slot_copies=changes.slot_copies,
             block_copies=changes.block_copies,
+            prompt_logprob_indices=np.array(scored_indices, dtype=np.int64),
+            prompt_logprob_targets=np.array(scored_targets, dtype=np.int64),
+            prompt_logprob_k=max((r.params.prompt_logprobs for r, _, _ in runs), default=0),
         )
         for req, n in scheduled.items():
             req.num_computed_tokens += n
         for req in sample_requests:
             req.num_tokens_in_flight += 1
             req.last_token_on_device = True
-        return ScheduledStep(plan, requests, sample_requests, [r.num_preemptions for r in sample_requests])
+        return ScheduledStep(plan, requests, sample_requests, [r.num_preemptions for r in sample_requests], runs)
+
+    def _scores_prompt(self, req: Request) -> bool:
+        """The request's prompt logprobs are still to be computed, by this sequence's prefill."""
+        return req.request_id in self._prompt_logprobs_due and req.num_output_tokens == 0
+
+    def _num_scored(self, req: Request, n: int) -> int:
+        """Prompt tokens scored by feeding n more tokens: position p's logits score token p + 1."""
+        if not self._scores_prompt(req):
+            return 0
+        return max(0, min(req.num_computed_tokens + n, req.num_prompt_tokens - 1) - req.num_computed_tokens)
 
     def _append(self, req: Request, token: int, lp, deltas: dict[str, list[SequenceDelta]]) -> None:
         finished = req.append_token(token)
@@ -296,13 +350,14 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
-    def _output(self, group: list[Request], deltas: list[SequenceDelta]) -> EngineOutput:
+    def _output(self, group: list[Request], deltas: list[SequenceDelta], prompt_logprobs=None) -> EngineOutput:
         first = group[0]
         finished = all(r.is_finished for r in group)
         if finished:
             del self.groups[first.request_id]
+            self._prompt_logprobs_due.discard(first.request_id)
         return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
-                            queue_time=first.queue_time)
+                            queue_time=first.queue_time, prompt_logprobs=prompt_logprobs)
 
 
 def _arrival(req: Request) -> tuple[int, int]:

@@ -9,7 +9,7 @@ row, so a decode never needs the host to know its last token), the block-table e
 changed, the R rows to sample (which token's logits, which slot receives the token, the sampling
 scalars) and the state / KV block copies to do after the forward (n > 1 forks).
 
-Letters: B sequences, T tokens, R sample rows, K block-table updates.
+Letters: B sequences, T tokens, R sample rows, L prompt-logprob rows, K block-table updates.
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ class StepPlan:
     table_updates: np.ndarray = field(default_factory=lambda: _empty(3))  # [K, 3] row, column, block
     slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward
     block_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst: after the forward
+    # prompt logprobs: L fed prompt tokens whose logits score the prompt token after them
+    prompt_logprob_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] into T
+    prompt_logprob_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] next ids
+    prompt_logprob_k: int = 0  # top alternatives per prompt row (the step's largest request)
 
     @property
     def num_seqs(self) -> int:
@@ -152,14 +156,19 @@ class StepPlan:
         return len(self.sample_token_indices)
 
     @property
+    def num_logits_rows(self) -> int:
+        """Rows of logits the forward returns: the R sample rows, then the L prompt-logprob rows."""
+        return self.num_samples + len(self.prompt_logprob_indices)
+
+    @property
     def is_decode(self) -> bool:
         """One new token per sequence, each continuing carried state (a one-token prompt is not a decode)."""
         return bool((self.num_new_tokens == 1).all() and (self.num_cached > 0).all())
 
     @property
     def samples_each_sequence_once(self) -> bool:
-        """Sample row b reads sequence b's (last) token, for every b: the decode-graph shape."""
-        return self.num_samples == self.num_seqs == self.num_tokens
+        """Sample row b reads sequence b's (last) token, for every b, and nothing else: the decode-graph shape."""
+        return self.num_logits_rows == self.num_samples == self.num_seqs == self.num_tokens
 
     def block_table_width(self, block_size: int) -> int:
         """Block-table columns the step reads: enough for the longest sequence after the step."""
