@@ -262,6 +262,10 @@ class EngineConfig:
         "context limit in tokens, e.g. 8192 or 32k (default: the model's limit, at most 8192)")})
     max_num_seqs: int = 256  # max concurrent running sequences
     max_num_batched_tokens: int = 8192  # token budget per engine step (long prompts are prefilled in chunks)
+    max_prefill_tokens_while_decoding: int = field(default=1024, metadata={"help": (
+        "prompt tokens per step while sequences decode (a decode step carrying a long prefill chunk "
+        "stretches every stream's inter-token latency); without decodes prompts get the whole "
+        "--max-num-batched-tokens")})
     block_size: int = 16  # tokens per KV-cache block
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights, activations and caches
     cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
@@ -289,6 +293,7 @@ class EngineConfig:
               f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}")
         _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _need(self.max_prefill_tokens_while_decoding >= 1, "max_prefill_tokens_while_decoding must be >= 1")
         _need(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
               "max_cudagraph_capture_size must be >= 1")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")

@@ -64,6 +64,7 @@ class EngineCore:
             layout=self.layout,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
         self._in_flight: tuple[ScheduledStep, SamplerOutput | None] | None = None  # async: launched, not applied

@@ -2,7 +2,9 @@
 
 There are no prefill and decode phases: every running request wants `num_pending_tokens` more
 tokens (the rest of its prompt, or the token sampled last step) and gets as many as the step's
-token budget allows. Order within a step: running decodes, then running prompt chunks, then
+token budget allows; while any sequence decodes, prompt tokens get at most
+`max_prefill_tokens_while_decoding` of it (a long prefill chunk would stretch every decode's
+inter-token latency), and prompt_logprobs prefills at most `PROMPT_LOGPROB_ROWS_PER_STEP`. Order within a step: running decodes, then running prompt chunks, then
 waiting requests admitted first come, first served while a state slot, KV blocks for their first
 chunk, a `max_num_seqs` place and budget remain. When a running request needs a KV block and none
 is free, the newest running request is preempted (blocks and slot freed, requeued, recomputed).
@@ -58,10 +60,12 @@ PROMPT_LOGPROB_ROWS_PER_STEP = 256
 class Scheduler:
     """Token-budget continuous batching over the CacheManager's block and slot pools."""
 
-    def __init__(self, *, layout: CacheLayout, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, *, layout: CacheLayout, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens_while_decoding: int | None = None) -> None:
         self.layout = layout
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or max_num_batched_tokens
         self.cache = CacheManager(layout)
         self.waiting: list[Request] = []  # sorted by arrival (FCFS; preempted ones keep their place)
         self.running: list[Request] = []  # sorted by arrival; the last is the newest
@@ -111,43 +115,39 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
-        budget = self.max_num_batched_tokens
         scheduled: dict[Request, int] = {}  # in batch order
         forked: dict[Request, list[Request]] = {}  # parent -> siblings forked this step
         decodes, prompts = [], []
         for r in self.running:
             (decodes if r.num_pending_tokens == 1 else prompts).append(r)
-        scored = PROMPT_LOGPROB_ROWS_PER_STEP  # prompt-logprob rows left this step
+        left = _StepBudget(self.max_num_batched_tokens,
+                           self.max_prefill_tokens_while_decoding if decodes else self.max_num_batched_tokens,
+                           PROMPT_LOGPROB_ROWS_PER_STEP)
         for req in decodes + prompts:
-            if budget == 0:
+            if left.tokens == 0:
                 break
             if req.status is not RequestStatus.RUNNING or req.awaits_result:  # preempted this step, or async
                 continue
-            limit = min(budget, scored) if self._scores_prompt(req) else budget
-            if limit == 0:
+            n = self._chunk(req, left)
+            if n == 0:
                 continue
-            n = self.cache.chunk_size(req, limit)
             while not self.cache.grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
-                budget += scheduled.pop(victim, 0)
+                left.tokens += scheduled.pop(victim, 0)  # (its prefill / scored share is not given back)
                 self._preempt(victim)
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
                 scheduled[req] = n
-                budget -= n
-                scored -= self._num_scored(req, n)
+                self._take(req, n, left)
         # forks only once no more preemption can come in this step (a victim is never forked)
         for req, n in list(scheduled.items()):
             self._fork_at_prompt_end(req, n, forked)
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and left.tokens > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            limit = min(budget, scored) if self._scores_prompt(req) else budget
-            if limit == 0:
-                break
-            n = self.cache.chunk_size(req, limit)
-            if not self.cache.admit(req, n):
+            n = self._chunk(req, left)
+            if n == 0 or not self.cache.admit(req, n):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -155,8 +155,7 @@ class Scheduler:
                 req.queue_time = time.monotonic() - req.arrival_time
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req] = n
-            budget -= n
-            scored -= self._num_scored(req, n)
+            self._take(req, n, left)
             self._fork_at_prompt_end(req, n, forked)
         return self._plan(scheduled, forked)
 
@@ -302,6 +301,21 @@ class Scheduler:
             req.last_token_on_device = True
         return ScheduledStep(plan, requests, sample_requests, [r.num_preemptions for r in sample_requests], runs)
 
+    def _chunk(self, req: Request, left: _StepBudget) -> int:
+        """Tokens the request feeds this step (0: none) within what the step has left."""
+        limit = left.tokens
+        if _prefills(req):
+            limit = min(limit, left.prefill)
+        if self._scores_prompt(req):
+            limit = min(limit, left.scored)
+        return self.cache.chunk_size(req, limit) if limit > 0 else 0
+
+    def _take(self, req: Request, n: int, left: _StepBudget) -> None:
+        left.tokens -= n
+        if _prefills(req):
+            left.prefill -= n
+        left.scored -= self._num_scored(req, n)
+
     def _scores_prompt(self, req: Request) -> bool:
         """The request's prompt logprobs are still to be computed, by this sequence's prefill."""
         return req.request_id in self._prompt_logprobs_due and req.num_output_tokens == 0
@@ -358,6 +372,20 @@ class Scheduler:
             self._prompt_logprobs_due.discard(first.request_id)
         return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
                             queue_time=first.queue_time, prompt_logprobs=prompt_logprobs)
+
+
+@dataclass
+class _StepBudget:
+    """What the step being scheduled may still take."""
+
+    tokens: int  # of max_num_batched_tokens
+    prefill: int  # prompt tokens (max_prefill_tokens_while_decoding while any sequence decodes)
+    scored: int  # prompt-logprob rows
+
+
+def _prefills(req: Request) -> bool:
+    """The request feeds its prompt (or recomputes after preemption), not one decode token."""
+    return req.num_pending_tokens > 1 or req.num_computed_tokens < req.num_prompt_tokens
 
 
 def _arrival(req: Request) -> tuple[int, int]:
