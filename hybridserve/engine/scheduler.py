@@ -4,9 +4,10 @@ There are no prefill and decode phases: every running request wants `num_pending
 tokens (the rest of its prompt, or the token sampled last step) and gets as many as the step's
 token budget allows; while any sequence decodes, prompt tokens get at most
 `max_prefill_tokens_while_decoding` of it (a long prefill chunk would stretch every decode's
-inter-token latency), and prompt_logprobs prefills at most `PROMPT_LOGPROB_ROWS_PER_STEP`. Order within a step: running decodes, then running prompt chunks, then
-waiting requests admitted first come, first served while a state slot, KV blocks for their first
-chunk, a `max_num_seqs` place and budget remain. When a running request needs a KV block and none
+inter-token latency), and prompt_logprobs prefills at most `PROMPT_LOGPROB_ROWS_PER_STEP`. Order
+within a step: running decodes, then running prompt chunks, then waiting requests admitted first
+come, first served while a state slot, KV blocks for their first chunk, a `max_num_seqs` place
+and budget remain. When a running request needs a KV block and none
 is free, the newest running request is preempted (blocks and slot freed, requeued, recomputed).
 
 The scheduler is the only writer of `Request`: `schedule()` advances `num_computed_tokens` of what
