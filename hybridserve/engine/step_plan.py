@@ -7,7 +7,8 @@ how many tokens it already has in the caches and how many it feeds, the fed toke
 `FROM_DEVICE` where the token is the one the previous step sampled into the slot's token-buffer
 row, so a decode never needs the host to know its last token), the block-table entries that
 changed, the R rows to sample (which token's logits, which slot receives the token, the sampling
-scalars) and the state / KV block copies to do after the forward (n > 1 forks).
+scalars), the L prompt-logprob rows (which fed prompt token's logits score which next prompt
+token) and the state / KV block copies to do after the forward (n > 1 forks).
 
 Letters: B sequences, T tokens, R sample rows, L prompt-logprob rows, K block-table updates.
 """
