@@ -29,7 +29,12 @@ from hybridserve.engine.input_packer import InputPacker, to_device
 from hybridserve.engine.memory_plan import MemoryPlan, fit_cache
 from hybridserve.engine.request import Request
 from hybridserve.engine.sampler import Sampler, SamplerOutput, SamplingMetadata, prompt_logprob_rows
-from hybridserve.engine.step_plan import SamplingInputs, StepPlan, synthetic_plan
+from hybridserve.engine.step_plan import (
+    PROMPT_LOGPROB_ROWS_PER_STEP,
+    SamplingInputs,
+    StepPlan,
+    synthetic_plan,
+)
 from hybridserve.model.cache import HybridCache
 from hybridserve.sampling_params import SamplingParams
 from hybridserve.structured.bitmask import StepBitmasks
@@ -178,7 +183,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * self.config.gpu_memory_utilization)
             can_run = fit(budget - (total - free))[0]  # an upper bound: no reserve taken yet
-            rows = min(self.config.max_num_batched_tokens, can_run)
+            rows = min(self.config.max_num_batched_tokens, can_run + PROMPT_LOGPROB_ROWS_PER_STEP)  # logits rows
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._warm_up(rows)

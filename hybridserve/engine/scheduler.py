@@ -36,7 +36,7 @@ import numpy as np
 from hybridserve.engine.cache_manager import CacheLayout, CacheManager
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta, TokenLogprob
 from hybridserve.engine.request import Request, RequestStatus
-from hybridserve.engine.step_plan import FROM_DEVICE, SamplingInputs, StepPlan
+from hybridserve.engine.step_plan import FROM_DEVICE, PROMPT_LOGPROB_ROWS_PER_STEP, SamplingInputs, StepPlan
 
 
 @dataclass
@@ -52,10 +52,6 @@ class ScheduledStep:
 
     def __len__(self) -> int:
         return len(self.requests)
-
-
-# prompt_logprobs: prompt tokens scored per step at most (their [rows, vocab] logits are the cost)
-PROMPT_LOGPROB_ROWS_PER_STEP = 256
 
 
 class Scheduler:

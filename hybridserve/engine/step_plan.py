@@ -22,6 +22,9 @@ import numpy as np
 from hybridserve.engine.request import Request
 
 FROM_DEVICE = -1  # input id placeholder: take the slot's token-buffer entry
+# prompt_logprobs: prompt tokens scored per step at most (their [rows, vocab] logits are the cost;
+# the runner's memory plan reserves for them)
+PROMPT_LOGPROB_ROWS_PER_STEP = 256
 
 
 def _empty(cols: int) -> np.ndarray:
