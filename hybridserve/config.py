@@ -265,6 +265,10 @@ class EngineConfig:
         "context limit in tokens, e.g. 8192 or 32k (default: the model's limit, at most 8192)")})
     max_num_seqs: int = 256  # max concurrent running sequences
     max_num_batched_tokens: int = 8192  # token budget per engine step (long prompts are prefilled in chunks)
+    max_prefill_tokens_while_decoding: int = field(default=1024, metadata={"help": (
+        "prompt tokens per step while sequences decode (a decode step carrying a long prefill chunk "
+        "stretches every stream's inter-token latency); without decodes prompts get the whole "
+        "--max-num-batched-tokens")})
     block_size: int = 16  # tokens per KV-cache block
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights, activations and caches
     cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
@@ -275,6 +279,12 @@ class EngineConfig:
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
     enforce_eager: bool = False  # no CUDA graphs
+    max_cudagraph_capture_size: int | None = field(default=None, metadata={"help": (
+        "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "
+        "capped at the state slots that fit)")})
+    async_scheduling: bool = field(default=True, metadata={"help": (
+        "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
+        "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS, "help": (
         "fp8: quantize the BF16 projections (Mamba, MLP, experts) to FP8 at load, per-channel weight and "
@@ -294,6 +304,9 @@ class EngineConfig:
               f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}")
         _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _need(self.max_prefill_tokens_while_decoding >= 1, "max_prefill_tokens_while_decoding must be >= 1")
+        _need(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
+              "max_cudagraph_capture_size must be >= 1")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _need(self.block_size >= 1, "block_size must be >= 1")
         _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

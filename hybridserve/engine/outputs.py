@@ -36,6 +36,9 @@ class EngineOutput(msgspec.Struct, array_like=True):
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited before its first step
     error: str | None = None  # set when the engine failed this request
+    # prompt_logprobs, once per request (with its first tokens): per prompt token, its entry then
+    # the top alternatives; the first prompt token has None
+    prompt_logprobs: list[list[TokenLogprob] | None] | None = None
 
 
 @dataclass
@@ -66,3 +69,6 @@ class RequestOutput:
     error: str | None = None
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited in the engine before its first step
+    # prompt_logprobs (SamplingParams.prompt_logprobs): per prompt token, its entry then the top
+    # alternatives, the first token None; set from the output with the first tokens on
+    prompt_logprobs: list[list[TokenLogprob] | None] | None = None
