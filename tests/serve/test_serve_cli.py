@@ -2,7 +2,6 @@
 checks before listening, and a real server process that drains on SIGTERM and Ctrl-C and exits 0."""
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from hybridserve.hub import HubOptions
 from hybridserve.serve.cli import main as serve_main
 from hybridserve.serve.cli import plan
 from hybridserve.serve.context import ServeSettings
+from tests.serve.helpers import start_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ("serve nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8 --host 0.0.0.0 --port 8000 --served-model-name nano "
@@ -200,17 +200,7 @@ def test_real_server_process_drains_on_sigterm_and_exits_zero():
             time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the engine core should run in its own process"
-        chunks: list[dict] = []
-
-        def stream():
-            body = {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                chunks.extend(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
-
-        t = threading.Thread(target=stream)
-        t.start()
-        while not chunks and t.is_alive():
-            time.sleep(0.02)
+        t, chunks = start_stream(url, {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True})
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert httpx.get(url + "/health").status_code == 503
