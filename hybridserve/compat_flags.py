@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hybridserve.config_flags import flag_name
+from hybridserve.config_flags import flag_name, option_strings
 
 logger = logging.getLogger("hybridserve")
 
@@ -67,7 +67,7 @@ COMPAT_FLAGS = (
 
 def add_compat_flags(parser: argparse.ArgumentParser, serve: bool) -> list[CompatFlag]:
     """Add the table's flags the parser does not have yet (a real setting of that name wins)."""
-    known = {s for action in parser._actions for s in action.option_strings}
+    known = option_strings(parser)
     group = parser.add_argument_group("accepted for vLLM compatibility (see docs/serving.md)")
     added = []
     for flag in COMPAT_FLAGS:
