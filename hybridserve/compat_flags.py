@@ -75,10 +75,10 @@ def add_compat_flags(parser: argparse.ArgumentParser, serve: bool) -> list[Compa
             continue
         if flag.kind is bool:
             group.add_argument(flag_name(flag.name), dest=flag.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=flag.effect)
+                               default=None, help=flag.effect.replace("%", "%%"))
         else:
             group.add_argument(flag_name(flag.name), dest=flag.name, type=flag.kind, default=None,
-                               metavar=flag.metavar, help=flag.effect or None)
+                               metavar=flag.metavar, help=flag.effect.replace("%", "%%") or None)
         added.append(flag)
     parser.set_defaults(compat_flags=tuple(f.name for f in added))
     return added

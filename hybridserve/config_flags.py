@@ -131,7 +131,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             kwargs["metavar"] = meta.get("metavar")
         hidden = default in (None, "", [], ()) or (kind is bool and default is False) or "env" in meta  # no secrets
         shown = "" if hidden else f" (default: {default})"
-        kwargs["help"] = (help_text + shown).strip() or None
+        kwargs["help"] = (help_text + shown).strip().replace("%", "%%") or None  # argparse formats help with %
         parser.add_argument(*names, **kwargs)
         added.append(f.name)
     return added

@@ -75,6 +75,7 @@ def test_a_field_added_to_a_config_gets_its_flag():
     @dataclasses.dataclass(frozen=True)
     class Later:
         speculative_tokens: int = 0  # draft tokens per step
+        headroom: float = 0.1  # memory kept free (10% by default)
         overlap: bool = True
         mode: typing.Literal["a", "b"] = "a"
         hidden: int = dataclasses.field(default=1, metadata={"flag": False})
@@ -82,12 +83,20 @@ def test_a_field_added_to_a_config_gets_its_flag():
     parser = FlexibleArgumentParser()
     add_config_flags(parser, Later)
     args = parser.parse_args(["--speculative_tokens", "3", "--no-overlap", "--mode", "b"])
-    assert config_from_args(Later, args) == Later(3, False, "b")
+    assert config_from_args(Later, args) == Later(speculative_tokens=3, overlap=False, mode="b")
     assert "draft tokens per step (default: 0)" in parser.format_help()
+    assert "memory kept free (10% by default) (default: 0.1)" in parser.format_help()  # a % is text, not a format
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--hidden", "2"])
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate"], ["bench", "serve"], ["bench", "sweep"]])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0 and "--help" in capsys.readouterr().out
 
 
 def test_vllm_underscore_spellings_and_compat_flags_parse():
