@@ -271,6 +271,10 @@ class EngineConfig:
         "dtype and the engine logs a warning")})
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
+    mamba_cache_stochastic_rounding: bool = field(default=True, metadata={
+        "aliases": ("--enable-mamba-cache-stochastic-rounding",), "help": (
+            "round a 16-bit SSM state stochastically on every write (keeps long generations close to the "
+            "float32 state, bench/state_rounding.py measures it); off: to nearest. No effect on float32")})
     enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
 

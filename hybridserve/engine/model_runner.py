@@ -63,6 +63,7 @@ class ModelRunner:
         self.dtype = _DTYPES[model_config.torch_dtype if config.dtype == "auto" else config.dtype]
         ssm_name = model_config.mamba_ssm_cache_dtype if config.mamba_ssm_cache_dtype == "auto" else config.mamba_ssm_cache_dtype
         self.ssm_dtype = _DTYPES[ssm_name]
+        self.state_rounding_seed = config.seed % 2**31 if config.mamba_cache_stochastic_rounding else None
         if config.kv_cache_dtype != "auto":
             logger.warning("kv_cache_dtype %s is not supported yet; keeping KV in %s", config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
@@ -82,7 +83,8 @@ class ModelRunner:
             kv_dtype=_dtype_name(self.dtype), state_dtype=ssm_name,
         )
         self.cache = HybridCache.allocate(
-            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device,
+            self.state_rounding_seed,
         )
         self.pad_slot, self.pad_block = num_slots, num_blocks
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
@@ -211,7 +213,8 @@ class ModelRunner:
     def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:
         """Run a plan on a scratch cache, through the same packer and sampler as real steps."""
         scratch = HybridCache.allocate(
-            self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device
+            self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device,
+            self.state_rounding_seed,
         )
         packer = InputPacker(num_slots, width, self.block_size, 0, self.device)
         logits = self.model(packer.pack(plan), scratch)
