@@ -12,7 +12,7 @@ stochastically), over `--prompts` prompts at once:
 On CPU the model runs the reference ops, on CUDA the Triton kernels (`--device`).
 
 Usage: python bench/state_rounding.py [--tokens 1024] [--prompts 4] [--train-steps 300] [--device cpu]
-       [--json-out PATH]
+       [--cache-dir DIR] [--json-out PATH]
 Prints a table, then one JSON line.
 """
 
@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from hybridserve.config import ModelConfig
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
-from hybridserve.model.loader import load_model
+from hybridserve.model.loader import load_model, save_checkpoint
 from hybridserve.model.nemotron_h import NemotronHForCausalLM
+from hybridserve.ops import get_ops
 
 FORMATS = {  # name -> (state dtype, stochastic rounding)
     "float32": (torch.float32, False),
@@ -56,14 +59,13 @@ class TopicCorpus:
         n = vocab - self.first
         self.next_ids = torch.randint(0, n, (topics, n, successors), generator=gen) + self.first
         self.probs = torch.tensor([0.7, 0.2, 0.1][:successors])
-        self.gen = gen
 
-    def sample(self, count: int, length: int) -> torch.Tensor:
-        topics = torch.randint(0, self.next_ids.shape[0], (count,), generator=self.gen)
-        tok = torch.randint(self.first, self.vocab, (count,), generator=self.gen)
+    def sample(self, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        topics = torch.randint(0, self.next_ids.shape[0], (count,), generator=gen)
+        tok = torch.randint(self.first, self.vocab, (count,), generator=gen)
         seqs = [tok]
         for _ in range(length - 1):
-            pick = torch.multinomial(self.probs.expand(count, -1), 1, generator=self.gen)[:, 0]
+            pick = torch.multinomial(self.probs.expand(count, -1), 1, generator=gen)[:, 0]
             tok = self.next_ids[topics, tok - self.first, pick]
             seqs.append(tok)
         return torch.stack(seqs, 1)  # [count, length]
@@ -95,19 +97,19 @@ def _prefill_batch(model, seqs: list[list[int]], device) -> tuple[ForwardBatch, 
     return ForwardBatch.build(seqs, [0] * n, list(range(n)), tables, BLOCK, device, logits="all"), cache
 
 
-def train(steps: int, seq_len: int = 128, batch: int = 8, lr: float = 3e-3, seed: int = 0) -> tuple:
-    """The tiny preset trained on TopicCorpus (float32, CPU). Returns (model, corpus, last loss)."""
-    cfg = ModelConfig.from_hf("tiny")
-    model = load_model(cfg, load_format="dummy", dtype=torch.float32, device="cpu", seed=seed)
-    corpus = TopicCorpus(cfg.vocab_size, seed=seed)
-    params = [p for p in model.parameters()]
+def train(corpus: TopicCorpus, steps: int, seq_len: int = 128, batch: int = 8, lr: float = 3e-3,
+          seed: int = 0) -> tuple[NemotronHForCausalLM, float]:
+    """The tiny preset trained on `corpus` (float32, CPU). Returns (model, last loss)."""
+    model = load_model(ModelConfig.from_hf("tiny"), load_format="dummy", dtype=torch.float32, device="cpu", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     ops, model.ops = model.ops, _TrainableOps(model.ops)
     loss = float("nan")
     for _ in range(steps):
-        data = corpus.sample(batch, seq_len + 1)
+        data = corpus.sample(batch, seq_len + 1, gen)
         fb, cache = _prefill_batch(model, data[:, :-1].tolist(), "cpu")
         logits = model(fb, cache)
         step_loss = torch.nn.functional.cross_entropy(logits, data[:, 1:].reshape(-1))
@@ -118,7 +120,19 @@ def train(steps: int, seq_len: int = 128, batch: int = 8, lr: float = 3e-3, seed
     model.ops = ops
     for p in params:
         p.requires_grad_(False)
-    return model.eval(), corpus, loss
+    return model.eval(), loss
+
+
+def trained_model(corpus: TopicCorpus, steps: int, cache_dir: str | None) -> tuple[NemotronHForCausalLM, str]:
+    """`train`'s model, or the one saved in cache_dir/<steps> by an earlier run (then saved there)."""
+    path = Path(cache_dir) / f"steps{steps}" if cache_dir else None
+    if path is not None and (path / "config.json").exists():
+        return load_model(ModelConfig.from_hf(str(path)), dtype=torch.float32), f"loaded from {path}"
+    t0 = time.time()
+    model, loss = train(corpus, steps)
+    if path is not None:
+        save_checkpoint(model, path)
+    return model, f"trained {steps} steps in {time.time() - t0:.0f} s, last loss {loss:.3f}"
 
 
 # --------------------------------------------------------------------------------- generation
@@ -179,16 +193,17 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache-dir", default=None, help="keep the trained model here for later runs")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
-    model, corpus, loss = train(args.train_steps)
-    print(f"trained {args.train_steps} steps in {time.time() - t0:.0f} s, last loss {loss:.3f} "
-          f"(uniform {torch.log(torch.tensor(float(model.config.vocab_size))).item():.3f})", flush=True)
+    corpus = TopicCorpus(ModelConfig.from_hf("tiny").vocab_size)
+    model, how = trained_model(corpus, args.train_steps, args.cache_dir)
+    print(f"model: {how} (uniform loss {math.log(model.config.vocab_size):.3f})", flush=True)
     model = model.to(args.device)
-    model.ops = __import__("hybridserve.ops", fromlist=["get_ops"]).get_ops(args.device)
-    prompts = corpus.sample(args.prompts, args.prompt_len).tolist()
+    model.ops = get_ops(args.device)
+    prompts = corpus.sample(args.prompts, args.prompt_len, torch.Generator().manual_seed(1)).tolist()
     ref = generate(model, prompts, args.tokens, torch.float32, False)
     rows = {}
     print(f"{'state':22s} {'logit err':>10s} {'1st 1/4':>9s} {'last 1/4':>9s} {'max':>8s} {'top-1':>7s} "
@@ -202,7 +217,7 @@ def main() -> int:
               f"{r['state_rel_err']:10.2e} {r['free_token_agreement']:10.2%} {r['free_first_divergence_mean']:8.0f}",
               flush=True)
     result = dict(bench="state_rounding", device=args.device, tokens=args.tokens, prompts=args.prompts,
-                  train_steps=args.train_steps, train_loss=round(loss, 4), rows=rows,
+                  train_steps=args.train_steps, model=how, rows=rows,
                   seconds=round(time.time() - t0, 1))
     line = json.dumps(result)
     if args.json_out:

@@ -19,6 +19,7 @@ from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
 from hybridserve.ops.reference.rounding import round_state, state_noise
 from hybridserve.ops.reference.ssd import ssd_recurrent
+from hybridserve.ops.triton import ssd as KS
 from hybridserve.ops.triton.rounding import _round_stochastic
 
 SEED = 12345  # a state_seed for the stochastic-rounding cases
@@ -84,10 +85,27 @@ def test_stochastic_rounding_bits_match_reference(device, dtype):
 
 # ------------------------------------------------------------------------------------------- ssd
 
+# the prefill kernels: the chunked scan at its launch shape and at a small one (many later chunks,
+# several row tiles and column blocks per chunk), and the previous one-pass kernel
+SSD_VARIANTS = {
+    "chunked": ({}, K.ssd_varlen),
+    "chunked-small": (dict(CHUNK=32, BLOCK_T=16, SCAN_BLOCK_M=16, SCAN_BLOCK_K=16), K.ssd_varlen),
+    "one-pass": ({}, KS.ssd_varlen_one_pass),
+}
+
+
+@pytest.fixture(params=list(SSD_VARIANTS))
+def ssd_impl(request, monkeypatch):
+    tune, fn = SSD_VARIANTS[request.param]
+    for k, v in tune.items():
+        monkeypatch.setitem(KS.SSD_TUNE, k, v)
+    return fn
+
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("state_dtype", "seed"), _states(torch.float32, torch.bfloat16))
-def test_ssd_varlen(device, big, dtype, state_dtype, seed):
+def test_ssd_varlen(device, big, dtype, state_dtype, seed, ssd_impl):
     h, p, g, n = _ssm_dims(big)
     chunk = 128 if big else 16
     lens = [1, 64, 65, 130, 3] if not big else [1, 127, 129, 600, 2]
@@ -106,7 +124,7 @@ def test_ssd_varlen(device, big, dtype, state_dtype, seed):
     B, C = bc[:, 0], bc[:, 1]  # strided views
     state = (torch.randn(nseq + 2, h, p, n, device=device) * 0.5).to(state_dtype)
     s_k, s_r, s_g = state.clone(), state.clone(), state.float()
-    y_k = K.ssd_varlen(x, dt_raw, A_log, B, C, D, dt_bias, cu, seq_lens, s_k, slots, init, chunk, seed)
+    y_k = ssd_impl(x, dt_raw, A_log, B, C, D, dt_bias, cu, seq_lens, s_k, slots, init, chunk, seed)
     y_r = R.ssd_varlen(x, dt_raw, A_log, B, C, D, dt_bias, cu, seq_lens, s_r, slots, init, chunk, seed)
     y_g = R.ssd_varlen(*f32(x, dt_raw), A_log, *f32(B, C), D, dt_bias, cu, seq_lens, s_g, slots, init, chunk)
     check(y_k, y_r, y_g, dtype, "ssd y")
@@ -119,7 +137,7 @@ def test_ssd_varlen(device, big, dtype, state_dtype, seed):
     assert torch.equal(s_k[~used], state[~used])
 
 
-def test_ssd_matches_recurrence(device, big):
+def test_ssd_matches_recurrence(device, big, ssd_impl):
     """The chunked kernel against the token-by-token oracle, on one sequence over several chunks."""
     h, p, g, n = _ssm_dims(False)
     length = 150
@@ -131,8 +149,8 @@ def test_ssd_matches_recurrence(device, big):
     s_k = state0.clone()
     one = torch.ones(1, dtype=torch.bool, device=device)
     lens = torch.full((1,), length + 9, dtype=torch.int32, device=device)
-    y_k = K.ssd_varlen(x, dt_raw, A_log, B, C, D, dt_bias, packed([length], device), lens, s_k,
-                       torch.zeros(1, dtype=torch.int64, device=device), one, 16)
+    y_k = ssd_impl(x, dt_raw, A_log, B, C, D, dt_bias, packed([length], device), lens, s_k,
+                   torch.zeros(1, dtype=torch.int64, device=device), one, 16)
     y_o, s_o = ssd_recurrent(x, dt_raw, A_log, B, C, D, dt_bias, state0[0])
     torch.testing.assert_close(y_k, y_o, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s_k[0], s_o, rtol=1e-4, atol=1e-4)
