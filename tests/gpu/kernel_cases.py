@@ -306,14 +306,48 @@ def test_sample_tokens(device, big, filt):
     assert torch.isfinite(kk).all(), "the kernel picked a filtered-out token"
     assert ((tok_k == tok_r) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()
     assert (tok_k == tok_r).float().mean() >= 0.9
-    if filt:  # the fast top-k path (every row 1 <= top_k <= 1024) against the sort path
-        top_k2 = torch.randint(1, 40, (rows,), device=device, dtype=torch.int32)
-        args2 = (logits, temperature, top_k2, top_p, min_p, seeds, positions, True)
-        tk, tr = K.sample_tokens(*args2), S.sample_tokens(*args2)
-        keys2 = _gumbel_keys(*args2)
-        kk, kr = keys2.gather(1, tk[:, None])[:, 0], keys2.gather(1, tr[:, None])[:, 0]
-        assert torch.isfinite(kk).all()
-        assert ((tk == tr) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()
+
+
+def _check_kept(thresh, scaled, top_k, top_p, min_p):
+    """The finite values at or above each row's threshold are exactly those the reference keeps."""
+    from hybridserve.ops.reference import sampling as S
+
+    kept = torch.isfinite(S.filter_logits(scaled, top_k, top_p, min_p))
+    assert torch.equal((scaled >= thresh[:, None]) & torch.isfinite(scaled), kept)
+
+
+def test_filter_thresholds(device, big):
+    """The radix-select threshold search against the reference's sort: on distinct values it keeps
+    the same tokens; a top-k cut inside a run of equal values keeps the whole run; top_k >= V,
+    tiny top_p, min_p and -inf entries (masked tokens) are handled; greedy rows keep everything."""
+    from hybridserve.ops.triton.sampling import filter_thresholds
+
+    rows, vocab = (64, 131072) if big else (10, 3000)
+    # distinct values (a permutation scaled), so no threshold falls between equal keys
+    logits = torch.stack([torch.randperm(vocab, device=device) for _ in range(rows)]).float() * (8.0 / vocab)
+    logits[3, ::2] = float("-inf")
+    temperature = torch.rand(rows, device=device) + 0.5
+    top_k = torch.randint(1, 200, (rows,), device=device, dtype=torch.int32)
+    top_k[0], top_k[1], top_k[2] = 0, vocab, vocab + 5
+    top_p = torch.rand(rows, device=device) * 0.9 + 0.05
+    top_p[4], top_p[5] = 1.0, 1e-6
+    min_p = torch.rand(rows, device=device) * 0.3
+    min_p[6] = 0.0
+    scaled = logits / temperature[:, None]
+    _check_kept(filter_thresholds(logits, temperature, top_k, top_p, min_p), scaled, top_k, top_p, min_p)
+    # one filter at a time, so each search is checked on its own
+    none_k, none_p, none_m = torch.zeros_like(top_k), torch.ones_like(top_p), torch.zeros_like(min_p)
+    for args in ((top_k, none_p, none_m), (none_k, top_p, none_m), (none_k, none_p, min_p)):
+        _check_kept(filter_thresholds(logits, temperature, *args), scaled, *args)
+    # ties: values 0..9, each 300 times (small case); top_k = 450 cuts the run of 8s
+    tied = (torch.arange(vocab, device=device) % 10).float()[None, :].repeat(2, 1)
+    one = torch.ones(2, device=device)
+    k450 = torch.full((2,), 450, dtype=torch.int32, device=device)
+    thr = filter_thresholds(tied, one, k450, torch.ones(2, device=device), torch.zeros(2, device=device))
+    assert thr.tolist() == [8.0, 8.0] if not big else thr.tolist() == [9.0, 9.0]
+    # greedy rows are not filtered
+    thr = filter_thresholds(logits[:2], torch.zeros(2, device=device), top_k[:2] + 1, top_p[:2], min_p[:2])
+    assert torch.isinf(thr).all() and (thr < 0).all()
 
 
 def test_same_names_signatures_and_docstrings():

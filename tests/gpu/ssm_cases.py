@@ -17,7 +17,7 @@ from kernel_cases import DTYPES, check, f32, packed
 
 from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
-from hybridserve.ops.reference.rounding import round_state, state_noise
+from hybridserve.ops.reference.rounding import round_state
 from hybridserve.ops.reference.ssd import ssd_recurrent
 from hybridserve.ops.triton import ssd as KS
 from hybridserve.ops.triton.rounding import _round_stochastic

@@ -177,12 +177,11 @@ def _ssd_state_pass_kernel(
     """One program per (sequence, head, P-tile) carries the state along the sequence. The first chunk
     is scanned here in blocks (y included: its start state is the slot's, which this program
     overwrites at the end); for each later chunk it stores the start state, dt and the cumulative
-    log-decay for `_ssd_chunk_scan_kernel` and advances the state by one dot."""
+    log-decay for `_ssd_chunk_scan_kernel` and advances the state a BLOCK_T block at a time."""
     seq = tl.program_id(0)
     h = tl.program_id(1)
     ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     ns = tl.arange(0, BLOCK_N)
-    tq = tl.arange(0, CHUNK)
     pmask = ps < P
     nmask = ns < N
     g = h // HEADS_PER_GROUP
@@ -195,31 +194,35 @@ def _ssd_state_pass_kernel(
     sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
     smask = pmask[:, None] & nmask[None, :]
     state = tl.load(sptr, mask=smask & (tl.load(init_ptr + seq) != 0), other=0.0).to(tl.float32)  # [BP, BN]
-    for t0 in range(start, tl.minimum(start + CHUNK, end), BLOCK_T):
+    for t0 in range(start, tl.minimum(start + CHUNK, end), BLOCK_T):  # the first chunk, y included
         state = _scan_block(state, x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, t0, end, h, g, ps, ns, pmask, nmask, a_h, d_h,
                             dtb, sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, BLOCK_T, DOT_PREC)
     r = tl.load(first_ptr + seq)  # index of the sequence's second chunk among all later chunks
     head_row = tl.program_id(2) == 0  # one program per head writes the per-token rows
-    for t0 in range(start + CHUNK, end, CHUNK):
-        ts = t0 + tq
-        tmask = ts < end
-        rows = ts.to(tl.int64)
-        dt = _softplus(tl.load(dt_ptr + rows * sdt_t + h, mask=tmask, other=0.0).to(tl.float32) + dtb)
-        dt = tl.where(tmask, dt, 0.0)
-        ac = tl.cumsum(dt * a_h, axis=0)
-        total = tl.sum(dt * a_h, axis=0)
-        crow = (r * H + h).to(tl.int64) * CHUNK + tq
-        tl.store(dtc_ptr + crow, dt, mask=head_row)
-        tl.store(acum_ptr + crow, ac, mask=head_row)
+    ti = tl.arange(0, BLOCK_T)
+    for c0 in range(start + CHUNK, end, CHUNK):
         tl.store(prev_ptr + (r * H + h).to(tl.int64) * P * N + ps[:, None] * N + ns[None, :],
                  state.to(prev_ptr.dtype.element_ty), mask=smask)
-        x = tl.load(x_ptr + rows[:, None] * sx_t + h * sx_h + ps[None, :],
-                    mask=tmask[:, None] & pmask[None, :], other=0.0)  # [CHUNK, BP]
-        bm = tl.load(b_ptr + rows[:, None] * sb_t + g * sb_g + ns[None, :],
-                     mask=tmask[:, None] & nmask[None, :], other=0.0)  # [CHUNK, BN]
-        # float32 operands (tf32 on 16-bit activations): the carried state keeps the one-pass accuracy
-        wx = x.to(tl.float32) * (tl.exp(total - ac) * dt)[:, None]
-        state = state * tl.exp(total) + tl.dot(tl.trans(wx), bm.to(tl.float32), input_precision=DOT_PREC)
+        crow = (r * H + h).to(tl.int64) * CHUNK
+        off = 0.0  # log-decay from the chunk start to the block start
+        for t0 in range(c0, tl.minimum(c0 + CHUNK, end), BLOCK_T):
+            ts = t0 + ti
+            tmask = ts < end
+            rows = ts.to(tl.int64)
+            dt = _softplus(tl.load(dt_ptr + rows * sdt_t + h, mask=tmask, other=0.0).to(tl.float32) + dtb)
+            dt = tl.where(tmask, dt, 0.0)
+            ac = tl.cumsum(dt * a_h, axis=0)
+            total = tl.sum(dt * a_h, axis=0)
+            tl.store(dtc_ptr + crow + (t0 - c0) + ti, dt, mask=head_row)
+            tl.store(acum_ptr + crow + (t0 - c0) + ti, off + ac, mask=head_row)
+            x = tl.load(x_ptr + rows[:, None] * sx_t + h * sx_h + ps[None, :],
+                        mask=tmask[:, None] & pmask[None, :], other=0.0)  # [BT, BP]
+            bm = tl.load(b_ptr + rows[:, None] * sb_t + g * sb_g + ns[None, :],
+                         mask=tmask[:, None] & nmask[None, :], other=0.0)  # [BT, BN]
+            # float32 operands (tf32 on 16-bit activations): the carried state keeps the one-pass accuracy
+            wx = x.to(tl.float32) * (tl.exp(total - ac) * dt)[:, None]
+            state = state * tl.exp(total) + tl.dot(tl.trans(wx), bm.to(tl.float32), input_precision=DOT_PREC)
+            off += total
         r += 1
     _store_state(sptr, smask, state, _key_of(seed, lens_ptr, seq, SR), _state_index(h, ps, ns, P, N), SR)
 
