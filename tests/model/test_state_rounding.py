@@ -1,7 +1,8 @@
 """A 16-bit Mamba SSM state: the rounding itself (stochastic rounding is unbiased, lands on a
 neighbour, is a pure function of seed / position / element) and the model over a long generation
-(stochastic rounding stays closer to the float32 state than round-to-nearest, and a sequence's
-tokens do not depend on its slot or batch)."""
+(stochastic rounding stays closer to the float32 state than round-to-nearest where the generation
+repeats itself, within 2x of it on random tokens, and a sequence's tokens do not depend on its slot
+or batch)."""
 
 from __future__ import annotations
 
@@ -85,14 +86,10 @@ def _teacher_forced(model, prompts, tokens, state_dtype, rounding_seed, slots=No
     return torch.stack(logits, 1), cache.ssm_state[:, slots].float()
 
 
-def test_stochastic_rounding_stays_closer_to_the_float32_state_than_nearest(model):
-    """Over a long teacher-forced generation a bfloat16 state rounded to nearest drifts (slowly
-    decaying heads stop moving: each step's change is under half a unit); rounded stochastically
-    it stays close: smaller state and logit errors, and the logit error does not grow."""
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, 512, (2, 16), generator=gen).tolist()
-    steps = 320
-    tokens = torch.randint(3, 512, (2, steps), generator=gen)
+def _bf16_state_errors(model, tokens, prompts):
+    """Teacher-forced bfloat16 runs against the float32 state: per rounding, the final state's
+    relative error and the mean relative logit error over the first and the second half."""
+    steps = tokens.shape[1]
     ref_logits, ref_state = _teacher_forced(model, prompts, tokens, torch.float32, None)
     errs = {}
     for name, seed in (("nearest", None), ("stochastic", 7)):
@@ -100,20 +97,53 @@ def test_stochastic_rounding_stays_closer_to_the_float32_state_than_nearest(mode
         logit_err = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)  # [B, L]
         errs[name] = dict(state=((state - ref_state).norm() / ref_state.norm()).item(),
                           first=logit_err[:, : steps // 2].mean().item(), last=logit_err[:, steps // 2 :].mean().item())
-    near, sr = errs["nearest"], errs["stochastic"]
-    assert sr["state"] < near["state"] / 4, errs
-    assert sr["last"] < near["last"], errs
-    assert near["last"] > near["first"] and sr["last"] < 1.5 * sr["first"], errs
+    return errs["nearest"], errs["stochastic"], errs
+
+
+def test_stochastic_rounding_stays_closer_to_the_float32_state_than_nearest(model):
+    """A long generation that repeats itself (a 4-token loop, as greedy generations fall into): each
+    step pushes a slowly decaying head the same way by less than half a bfloat16 unit, so rounded
+    to nearest the state stalls and the error grows; rounded stochastically the pushes add up on
+    average and the state stays several times closer."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 512, (2, 16), generator=gen).tolist()
+    tokens = torch.randint(3, 512, (2, 4), generator=gen).repeat(1, 80)  # 320 steps
+    near, sr, errs = _bf16_state_errors(model, tokens, prompts)
+    assert sr["state"] < near["state"] / 2, errs
+    assert sr["last"] < near["last"] / 2, errs
+    assert near["last"] > 2 * near["first"], errs  # nearest drifts
+
+
+def test_stochastic_rounding_on_uncorrelated_input_stays_near_nearest(model):
+    """On random tokens (pushes of random sign, no stall) both roundings are unbiased and stochastic
+    rounding's larger per-write variance shows: its error is larger but of the same order
+    (measured 1.5x on the state). This is the price paid for the loop case above."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 512, (2, 16), generator=gen).tolist()
+    tokens = torch.randint(3, 512, (2, 320), generator=gen)
+    near, sr, errs = _bf16_state_errors(model, tokens, prompts)
+    assert sr["state"] < 2 * near["state"] and sr["last"] < 2 * near["last"], errs
+    assert sr["last"] < 1.5 * sr["first"], errs  # no drift
 
 
 def test_stochastically_rounded_state_does_not_depend_on_slot_or_batch(model):
-    """The random bits are keyed by position and element only: a sequence gets the same state bits
-    and logits alone in slot 0 as in slot 3 of a batch with others (and so after a preemption)."""
+    """The random bits are keyed by position and element only: the same batch in other slots gives
+    the same state bits and logits; alone instead of in a batch, a sequence draws the same bits, so
+    its state differs only where the float32 math's last bit (batch-dependent GEMM blocking) moved
+    a value across a rounding point: a few elements, far less than another seed's draw."""
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (21, 5, 40)]
     tokens = torch.randint(3, 512, (3, 24), generator=gen)
-    alone_logits, alone_state = _teacher_forced(model, prompts[:1], tokens[:1], torch.bfloat16, 7)
-    batch_logits, batch_state = _teacher_forced(model, prompts, tokens, torch.bfloat16, 7, slots=[3, 0, 1],
+    logits, state = _teacher_forced(model, prompts, tokens, torch.bfloat16, 7)
+    moved_logits, moved_state = _teacher_forced(model, prompts, tokens, torch.bfloat16, 7, slots=[3, 0, 1],
                                                 num_slots=4)
-    assert torch.equal(batch_state[:, 0], alone_state[:, 0])
-    torch.testing.assert_close(batch_logits[0], alone_logits[0], rtol=0, atol=1e-5)
+    assert torch.equal(moved_state, state) and torch.equal(moved_logits, logits)
+    alone_logits, alone_state = _teacher_forced(model, prompts[:1], tokens[:1], torch.bfloat16, 7)
+    other_seed = _teacher_forced(model, prompts[:1], tokens[:1], torch.bfloat16, 8)[1]
+    def rel(a):
+        return ((a - state[:, 0]).norm() / state[:, 0].norm()).item()
+
+    differs = (alone_state[:, 0] != state[:, 0]).float().mean().item()
+    assert differs < 0.02 and rel(alone_state[:, 0]) < rel(other_seed[:, 0]) / 5, (differs, rel(alone_state[:, 0]),
+                                                                                   rel(other_seed[:, 0]))
+    torch.testing.assert_close(alone_logits[0], logits[0], rtol=0, atol=1e-5)
