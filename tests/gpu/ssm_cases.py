@@ -102,7 +102,6 @@ def ssd_impl(request, monkeypatch):
     return fn
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("state_dtype", "seed"), _states(torch.float32, torch.bfloat16))
 def test_ssd_varlen(device, big, dtype, state_dtype, seed, ssd_impl):

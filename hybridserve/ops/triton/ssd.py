@@ -134,6 +134,21 @@ def _scan_block(state, x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, t0, end, h, g, ps, ns
     return state * tl.exp(total) + tl.dot(tl.trans(wx), bm.to(tl.float32), input_precision=DOT_PREC)
 
 
+@triton.jit
+def _seq_state(alog_ptr, d_ptr, dtb_ptr, state_ptr, slots_ptr, init_ptr, seq, h, ps, ns, pmask, nmask, ss_s, ss_h,
+               ss_p):
+    """A prefill program's head constants (A, D, dt_bias) and its [P-tile, N] start state as float32
+    (zeros for a first chunk), with the state's pointers and mask."""
+    slot = tl.load(slots_ptr + seq).to(tl.int64)
+    a_h = _A(alog_ptr, h)
+    d_h = tl.load(d_ptr + h).to(tl.float32)
+    dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    state = tl.load(sptr, mask=smask & (tl.load(init_ptr + seq) != 0), other=0.0).to(tl.float32)
+    return a_h, d_h, dtb, sptr, smask, state
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _ssd_one_pass_kernel(
     x_ptr, dt_ptr, alog_ptr, b_ptr, c_ptr, d_ptr, dtb_ptr, cu_ptr, lens_ptr, state_ptr, slots_ptr, init_ptr, y_ptr,
@@ -152,13 +167,8 @@ def _ssd_one_pass_kernel(
     g = h // HEADS_PER_GROUP
     start = tl.load(cu_ptr + seq)
     end = tl.load(cu_ptr + seq + 1)
-    slot = tl.load(slots_ptr + seq).to(tl.int64)
-    a_h = _A(alog_ptr, h)
-    d_h = tl.load(d_ptr + h).to(tl.float32)
-    dtb = tl.load(dtb_ptr + h).to(tl.float32)
-    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    state = tl.load(sptr, mask=smask & (tl.load(init_ptr + seq) != 0), other=0.0).to(tl.float32)  # [BP, BN]
+    a_h, d_h, dtb, sptr, smask, state = _seq_state(alog_ptr, d_ptr, dtb_ptr, state_ptr, slots_ptr, init_ptr, seq, h,
+                                                   ps, ns, pmask, nmask, ss_s, ss_h, ss_p)
     for t0 in range(start, end, BLOCK_T):
         state = _scan_block(state, x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, t0, end, h, g, ps, ns, pmask, nmask, a_h, d_h,
                             dtb, sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, BLOCK_T, DOT_PREC)
@@ -187,13 +197,8 @@ def _ssd_state_pass_kernel(
     g = h // HEADS_PER_GROUP
     start = tl.load(cu_ptr + seq)
     end = tl.load(cu_ptr + seq + 1)
-    slot = tl.load(slots_ptr + seq).to(tl.int64)
-    a_h = _A(alog_ptr, h)
-    d_h = tl.load(d_ptr + h).to(tl.float32)
-    dtb = tl.load(dtb_ptr + h).to(tl.float32)
-    sptr = state_ptr + slot * ss_s + h * ss_h + ps[:, None] * ss_p + ns[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    state = tl.load(sptr, mask=smask & (tl.load(init_ptr + seq) != 0), other=0.0).to(tl.float32)  # [BP, BN]
+    a_h, d_h, dtb, sptr, smask, state = _seq_state(alog_ptr, d_ptr, dtb_ptr, state_ptr, slots_ptr, init_ptr, seq, h,
+                                                   ps, ns, pmask, nmask, ss_s, ss_h, ss_p)
     for t0 in range(start, tl.minimum(start + CHUNK, end), BLOCK_T):  # the first chunk, y included
         state = _scan_block(state, x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, t0, end, h, g, ps, ns, pmask, nmask, a_h, d_h,
                             dtb, sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, BLOCK_T, DOT_PREC)
