@@ -150,7 +150,7 @@ CASES += [
      dict(BLOCK=4096), 4, 3),
     ("sample threshold", sampling._threshold_kernel,
      dict(logits_ptr="*fp32", temp_ptr="*fp32", topk_ptr="*i32", topp_ptr="*fp32", minp_ptr="*fp32",
-          thresh_ptr="*fp32"), dict(PRECISE=True, BLOCK=1024), 8, 1),
+          thresh_ptr="*fp32"), dict(PRECISE=True, BLOCK=512), 8, 1),
     ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),
      dict(SPLITS=8, BLOCK_D=128), 1, 1),
 ]
