@@ -111,18 +111,20 @@ def moe_gemm_cases():
     scales (x quantized in the up kernel's loads, h written in e4m3) and per-token ones (both e4m3)."""
     configs = [("bf16", c, None) for c in moe.CONFIGS["bf16"]] + [("bf16", c, None) for c in moe.PREFILL_CANDIDATES[1:]]
     configs += [("fp8", c, static) for c in moe.CONFIGS["fp8"] for static in (True, False)]
+    # weight-only fp8 (decode): bf16 activations and h, the bf16 tables' tiles
+    configs += [("fp8", dict(c, W8A16=True), None) for c in moe.CONFIGS["bf16"] if c["max_tokens"] is not None]
     cases = []
     for dtype, cfg, static in configs:
         bm, sm = cfg["BLOCK_M"], cfg.get("SMALL_M", cfg["BLOCK_M"])
-        fp8 = dtype == "fp8"
+        fp8, w8a16 = dtype == "fp8", cfg.get("W8A16", False)
         for up in (True, False):
-            a = (BF if static else F8) if up else (F8 if fp8 else BF)
+            a = BF if w8a16 else (BF if static else F8) if up else (F8 if fp8 else BF)
             ptrs = dict(a_ptr=a if fp8 else BF, w_ptr=F8 if fp8 else BF, out_ptr=(F8 if static else BF) if up else BF,
                         sorted_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32", a_scale_ptr="*fp32",
                         w_scale_ptr="*fp32", out_scale_ptr="*fp32")
             consts = dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1,
-                          EVEN_K=(2688 if up else 1856) % cfg["BLOCK_K"] == 0, FP8=fp8, ACT=tl.bfloat16,
-                          a_scale_stride=0 if static or not fp8 else 1, ws_stride_n=0,
+                          EVEN_K=(2688 if up else 1856) % cfg["BLOCK_K"] == 0, FP8=fp8, W8A16=w8a16,
+                          ACT=tl.bfloat16, a_scale_stride=0 if static or not fp8 or w8a16 else 1, ws_stride_n=0,
                           MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
             if sm == bm:
                 consts["tile_row_ptr"] = None

@@ -61,8 +61,8 @@ def instrument(runner, clock: _Clock) -> list[tuple[str, object]]:
         marks.append(("end", clock.mark()))
         return logits
 
-    def sampled(plan, logits):
-        out = sample(plan, logits)
+    def sampled(plan, logits, *args, **kwargs):  # bitmasks and whatever else sample takes
+        out = sample(plan, logits, *args, **kwargs)
         marks.append(("end", clock.mark()))
         return out
 

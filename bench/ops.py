@@ -332,7 +332,7 @@ def bench_fp8(tb, quick):
                        n * k + t * (k + 2 * n), flops)
 
 
-def bench_moe_sweep(tb, experts, write_table: str | None):
+def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8")):
     """fused_moe launch shapes per token bucket and weight dtype: each decode candidate at each
     bucket's upper end (spread routing), KM.PREFILL_CANDIDATES at 4096 / 8192 tokens; every output
     compared with the default config's; the best per (bucket, dtype) makes the table (moe_configs.json)."""
@@ -340,17 +340,19 @@ def bench_moe_sweep(tb, experts, write_table: str | None):
               for bm, bn, bk in ((16, 32, 256), (16, 64, 128), (16, 64, 256), (16, 128, 128), (32, 64, 128),
                                  (32, 128, 128), (64, 128, 64), (64, 128, 128), (64, 64, 128))
               for st in (3, 4)]
-    table = {"about": json.loads(KM.CONFIG_FILE.read_text())["about"],
-             "measured": {}}
-    for fp8 in (False, True):
+    shipped = json.loads(KM.CONFIG_FILE.read_text())
+    table = {"about": shipped["about"], "measured": shipped["measured"], **{dt: shipped[dt] for dt in ("bf16", "fp8")}}
+    for fp8 in [dt == "fp8" for dt in dtypes]:
         dt = "fp8" if fp8 else "bf16"
         expert_bytes = 2 * INTER * HIDDEN * (1 if fp8 else 2)
         rows = []
         for bucket in (2, 16, 64, 128, 256, 512, 1024, None):
             ts = (4096, 8192) if bucket is None else (bucket,)
             cands = KM.PREFILL_CANDIDATES if bucket is None else decode
-            if fp8:  # same bytes per pipeline stage: twice the K elements
-                cands = [dict(c, BLOCK_K=2 * c["BLOCK_K"]) for c in cands]
+            if fp8:  # fp8 dots: same bytes per pipeline stage, so twice the K elements; decode also tries
+                # weight-only fp8 (W8A16: e4m3 weights widened in registers, bf16 dots)
+                cands = [dict(c, BLOCK_K=2 * c["BLOCK_K"]) for c in cands] + \
+                    ([dict(c, W8A16=True) for c in cands] if bucket is not None else [])
             total = [0.0] * len(cands)
             for t in ts:
                 x, w, ids = moe_inputs(t)
@@ -509,6 +511,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
     ap.add_argument("--moe-sweep", action="store_true", help="only the fused_moe launch-shape sweep (bf16 + fp8)")
     ap.add_argument("--write-table", default=None, help="--moe-sweep: write the best shapes as moe_configs.json here")
+    ap.add_argument("--moe-dtypes", default="bf16,fp8", help="--moe-sweep: weight dtypes to sweep (others keep the shipped rows)")
     ap.add_argument("--only", default=None, help="comma-separated sections: ssm,conv,attention,moe,fp8,norms,sampling")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
@@ -533,7 +536,7 @@ def main() -> int:
         fp8=lambda: bench_fp8(tb, args.quick),
         norms=lambda: bench_norms(tb, args.quick), sampling=lambda: bench_sampling(tb, args.quick))
     names = args.only.split(",") if args.only else list(all_sections)
-    sections = [lambda: bench_moe_sweep(tb, experts, args.write_table)] if args.moe_sweep else [all_sections[k] for k in names]
+    sections = [lambda: bench_moe_sweep(tb, experts, args.write_table, args.moe_dtypes.split(","))] if args.moe_sweep else [all_sections[k] for k in names]
     for section in sections:
         try:
             section()

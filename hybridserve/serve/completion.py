@@ -23,12 +23,15 @@ from hybridserve.serve.responses import (
     Chunk,
     TokenText,
     completion_logprobs,
+    echo_logprobs,
+    joined_logprobs,
     new_id,
     now,
     reported_stop_reason,
     respond,
     sse_stream,
     usage,
+    vllm_prompt_logprobs,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
 from hybridserve.serve.structured_outputs import structured_spec
@@ -71,7 +74,8 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
                                             ctx.settings.default_max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{k}]")
             params.append(build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                                 defaults=ctx.settings.generation_defaults,
-                                                vocab_size=ctx.vocab_size, structured=structured))
+                                                vocab_size=ctx.vocab_size, structured=structured,
+                                                prompt_logprobs=_prompt_logprobs_asked(req)))
     except BaseException:
         ticket.release()
         raise
@@ -80,6 +84,13 @@ async def create_completion(ctx: ServerContext, request: Request, req: Completio
     streams = [engine_outputs(ctx, ids, p, rid, arrival) for (_, ids), p, rid in zip(prompts, params, ids_of)]
     run = _CompletionRun(ctx, req, base_id, prompts, params)
     return await respond(request, ticket.release, _merge(streams), req.stream, run.collect, run.sse)
+
+
+def _prompt_logprobs_asked(req: CompletionRequest) -> int | None:
+    """Alternatives per prompt token the engine must score: for `echo` + `logprobs` and for vLLM's
+    `prompt_logprobs` field (the larger when both are set); None when neither needs them."""
+    asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    return max(asked) if asked else None
 
 
 async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
@@ -136,6 +147,27 @@ class _CompletionRun:
         text, ids = self.prompts[k]
         return text if text is not None else self.ctx.tokenizer.decode(ids)
 
+    def _choice_logprobs(self, k: int, out: Any, generated: list, offset: int,
+                         with_prompt: bool) -> tuple[dict[str, Any] | None, int]:
+        """A choice's legacy logprobs (the echoed prompt's first when `with_prompt`), and the offset
+        after them. `out` is the prompt's RequestOutput, which carries its prompt logprobs."""
+        if self.text_of is None:
+            return None, offset
+        top = self.req.logprobs or 0
+        lp, end = completion_logprobs(generated, self.text_of, top, offset)
+        if with_prompt and self.req.echo and out.prompt_logprobs is not None:
+            head, _ = echo_logprobs(self.prompts[k][1], out.prompt_logprobs, self.text_of, top)
+            lp = joined_logprobs(head, lp)
+        return lp, end
+
+    def _prompt_field(self, out: Any) -> dict[str, Any]:
+        """vLLM's `prompt_logprobs` choice field, when the request asked for it."""
+        if self.req.prompt_logprobs is None or out.prompt_logprobs is None:
+            return {}
+        keep = self.req.prompt_logprobs + 1  # the prompt token and its top alternatives
+        entries = [None if e is None else e[:keep] for e in out.prompt_logprobs]
+        return {"prompt_logprobs": vllm_prompt_logprobs(entries, TokenText(self.ctx.tokenizer))}
+
     def _usage(self) -> dict[str, Any]:
         return usage(self.prompt_tokens, sum(self.completion_tokens.values()))
 
@@ -149,12 +181,11 @@ class _CompletionRun:
             for o in sorted(final.outputs, key=lambda o: o.index):
                 index = k * self.req.n + o.index
                 self.completion_tokens[index] = len(o.token_ids)
-                lp = None
-                if self.text_of is not None:
-                    lp, _ = completion_logprobs(o.logprobs or [], self.text_of, self.req.logprobs or 0, len(prefix))
+                lp, _ = self._choice_logprobs(k, final, o.logprobs or [], len(prefix), with_prompt=True)
                 choices.append({"index": index, "text": prefix + o.text, "logprobs": lp,
                                 "finish_reason": o.finish_reason,
-                                "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])})
+                                "stop_reason": reported_stop_reason(o.stop_reason, self.params[k]),
+                                **self._prompt_field(final)})
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
 
@@ -175,18 +206,20 @@ class _CompletionRun:
                 if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
                     continue
                 self.completion_tokens[index] = len(o.token_ids)
-                prefix = self._echo(k) if self.req.echo and index not in started else ""
-                if index not in started:
+                first_chunk = index not in started
+                prefix = self._echo(k) if self.req.echo and first_chunk else ""
+                if first_chunk:
                     started.add(index)
                     offsets[index] = len(prefix)  # offsets count the echoed prompt too
                 lp = None
-                if self.text_of is not None and o.logprobs_delta:
-                    lp, offsets[index] = completion_logprobs(o.logprobs_delta, self.text_of,
-                                                             self.req.logprobs or 0, offsets[index])
+                if o.logprobs_delta or (first_chunk and self.req.echo):
+                    lp, offsets[index] = self._choice_logprobs(k, out, o.logprobs_delta or [], offsets[index],
+                                                               with_prompt=first_chunk)
                 if o.finish_reason:
                     finished.add(index)
                 yield Chunk([{"index": index, "text": prefix + o.text_delta, "logprobs": lp,
                               "finish_reason": o.finish_reason,
-                              "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])}], self._usage())
+                              "stop_reason": reported_stop_reason(o.stop_reason, self.params[k]),
+                              **(self._prompt_field(out) if first_chunk else {})}], self._usage())
             item = await anext(merged, None)
         yield Chunk([], self._usage())

@@ -156,7 +156,8 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str | list[int]]  # text, token ids, or a list of either
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt tokens' logprobs lead the choice's (lm-eval's scoring request)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM's: a prompt_logprobs field per choice
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 

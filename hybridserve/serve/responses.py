@@ -133,6 +133,34 @@ def completion_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText,
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
+def echo_logprobs(prompt_ids: list[int], entries: list[list[TokenLogprob] | None], text_of: TokenText,
+                  top: int) -> tuple[dict[str, Any], int]:
+    """The echoed prompt's part of legacy completions logprobs (`echo` with `logprobs`, as lm-eval
+    scores text): one entry per prompt token from offset 0; the first token has no logprob (None)."""
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for token_id, e in zip(prompt_ids, entries):
+        t = text_of(token_id)
+        tokens.append(t)
+        token_logprobs.append(None if e is None else _finite(e[0].logprob))
+        tops.append(None if e is None else {text_of(lp.token_id): _finite(lp.logprob) for lp in e[: top + 1]})
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def joined_logprobs(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    """Two legacy logprobs objects as one (the echoed prompt's, then the generated tokens')."""
+    return {key: head[key] + tail[key] for key in head}
+
+
+def vllm_prompt_logprobs(entries: list[list[TokenLogprob] | None], text_of: TokenText) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` choice field: per prompt token {token id: {logprob, rank, decoded_token}}
+    for the token and its top alternatives; None for the first token."""
+    return [None if e is None else {str(lp.token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                                                        "decoded_token": text_of(lp.token_id)} for lp in e}
+            for e in entries]
+
+
 def reported_stop_reason(stop_reason: int | str | None, params: Any) -> int | str | None:
     """`stop_reason` as vLLM reports it: the stop string or a requested stop token id; None for
     a natural end (EOS or the end-of-turn token), which the engine also records as an id."""

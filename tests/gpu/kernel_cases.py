@@ -219,8 +219,10 @@ def test_fused_moe_fp8_configs(device, big):
     """Every fp8 launch shape of the table (and the prefill candidates) computes the same function."""
     from hybridserve.ops.triton import moe as KM
 
-    cfgs = KM.CONFIGS["fp8"]
+    w8a16 = [dict(c, W8A16=True) for c in KM.CONFIGS["bf16"] if c["max_tokens"] is not None]  # weight-only fp8
+    cfgs = KM.CONFIGS["fp8"] + w8a16
     _moe_fp8_case(device, 16, 3, 128, 48, 203, True, True, cfgs, skew=True)
+    _moe_fp8_case(device, 16, 3, 128, 48, 5, False, False, w8a16, skew=False)
     _moe_fp8_case(device, 16, 3, 128, 48, 203, False, False, cfgs[-1:], skew=True)
     if big:
         _moe_fp8_case(device, 128, 6, 2688, 1856, 2048, False, True, cfgs)

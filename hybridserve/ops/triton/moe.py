@@ -66,7 +66,8 @@ def _moe_tile(
     N, K, num_pairs, stride_am, stride_we, stride_wn, stride_wk, stride_om,
     a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e, ws_stride_n, out_scale_ptr,
     TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
-    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, W8A16: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """The BLOCK_M x BLOCK_N output tile of expert e at sorted rows row0.. and columns pid_n * BLOCK_N..
     UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
@@ -75,7 +76,10 @@ def _moe_tile(
     FP8: w is e4m3 with scales w_scale[e * ws_stride_e + col * ws_stride_n]; a is e4m3 with scales
     a_scale[row * a_scale_stride] (per token for UP, per sorted row for the down projection; stride 0:
     one static scale), or any float quantized here with the static a_scale; an e4m3 `out` (UP) is
-    quantized with the static out_scale. ACT: the activation dtype each matmul is rounded to."""
+    quantized with the static out_scale. W8A16 (with FP8): weight-only fp8, for decode, where the
+    weights' bytes are the cost: e4m3 weights widened to ACT in registers, a 16-bit dot on the
+    unquantized activations, the weight scales applied to the fp32 tile (a_scale is then 1).
+    ACT: the activation dtype each matmul is rounded to."""
     rows = row0 + tl.arange(0, BLOCK_M)
     if PAIR_MODE:
         pair = tl.where(tl.arange(0, BLOCK_M) == 0, row0 // BLOCK_M, num_pairs)
@@ -91,15 +95,17 @@ def _moe_tile(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + arow[:, None] * stride_am + ks[None, :]
     w_ptrs = w_ptr + e * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
-    if FP8 and a_ptr.dtype.element_ty != tl.float8e4nv:
+    if FP8 and not W8A16 and a_ptr.dtype.element_ty != tl.float8e4nv:  # quantized in the loads
         a_static = tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (ks < K - k0) | EVEN_K  # all-true masks compile away
         a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-        if FP8 and a_ptr.dtype.element_ty != tl.float8e4nv:
+        if FP8 and not W8A16 and a_ptr.dtype.element_ty != tl.float8e4nv:
             a = _quantize_tile(a, a_static)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if W8A16:
+            w = w.to(ACT)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
@@ -128,7 +134,7 @@ def _moe_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_om,
     a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e, ws_stride_n, out_scale_ptr,
     TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
-    FP8: tl.constexpr, ACT: tl.constexpr,
+    FP8: tl.constexpr, W8A16: tl.constexpr, ACT: tl.constexpr,
     MIXED: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program = (tile, N block). Not MIXED: tile t has BLOCK_M rows from t * BLOCK_M. MIXED: tile_row[t] =
@@ -145,17 +151,17 @@ def _moe_gemm_kernel(
         if info % 2 == 1:
             _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
                       stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
-                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, W8A16, ACT,
                       SMALL_M, BLOCK_N, BLOCK_K)
         else:
             _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
                       stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
-                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, W8A16, ACT,
                       BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, tile * BLOCK_M, pid_n, N, K, num_pairs, stride_am, stride_we,
                   stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
-                  ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                  ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, W8A16, ACT,
                   BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -223,7 +229,9 @@ PREFILL_CANDIDATES = [
 def describe(cfg: dict) -> str:
     """Short label of a _fused_moe config, e.g. 'M128+64 N256 K64 w8 s4'."""
     small = f"+{cfg['SMALL_M']}" if cfg.get("SMALL_M") else ""
-    return f"M{cfg['BLOCK_M']}{small} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    w8a16 = " w8a16" if cfg.get("W8A16") else ""
+    return (f"M{cfg['BLOCK_M']}{small} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            f"{w8a16}")
 
 
 @triton.jit(do_not_specialize=["P"])  # varies per step: no recompile per value
@@ -332,7 +340,8 @@ _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 
 def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=None, w_down_scale=None,
                a_up_scale=None, a_down_scale=None) -> torch.Tensor:
-    """cfg: BLOCK_M/N/K, num_warps, num_stages, optional SMALL_M (see PREFILL_CANDIDATES)."""
+    """cfg: BLOCK_M/N/K, num_warps, num_stages, optional SMALL_M (see PREFILL_CANDIDATES), optional
+    W8A16 (fp8 weights only: weight-only fp8, see _moe_tile)."""
     t, hidden = x.shape
     e, inter, _ = w_up.shape
     assert w_up.shape == (e, inter, hidden) and w_down.shape == (e, hidden, inter)
@@ -358,8 +367,12 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=No
     else:
         sorted_pairs, tile_expert, tile_row = align_by_expert(topk_ids, e, bm, sm)
         rows = sorted_pairs.shape[0]
+    w8a16 = fp8 and cfg.get("W8A16", False)
+    if w8a16:  # weight-only: activations stay in x's dtype, their scale is 1
+        a_up_scale = a_down_scale = torch.ones((), dtype=torch.float32, device=x.device)
     # fp8 with a static scale for the down projection: the up kernel writes h in e4m3 directly
-    h = torch.empty((rows, inter), dtype=FP8_DTYPE if fp8 and a_down_scale is not None else x.dtype, device=x.device)
+    h_fp8 = fp8 and a_down_scale is not None and not w8a16
+    h = torch.empty((rows, inter), dtype=FP8_DTYPE if h_fp8 else x.dtype, device=x.device)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     a_up, s_up = (quantize_fp8(x) if a_up_scale is None else (x, a_up_scale)) if fp8 else (x, x)
@@ -377,7 +390,8 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=No
             a, w, dst, sorted_pairs, tile_expert, tile_row,
             n, k, pairs, e,
             a.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0), *scales,
-            TOP_K=top_k, UP=up, PAIR_MODE=pair_mode, DOT_PREC=prec, EVEN_K=k % bk == 0, FP8=fp8, ACT=_ACT[x.dtype],
+            TOP_K=top_k, UP=up, PAIR_MODE=pair_mode, DOT_PREC=prec, EVEN_K=k % bk == 0, FP8=fp8, W8A16=w8a16,
+            ACT=_ACT[x.dtype],
             MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
