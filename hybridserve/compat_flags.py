@@ -42,7 +42,6 @@ COMPAT_FLAGS = (
     CompatFlag("trust_remote_code", "no effect: NemotronH is built in, no code from the checkpoint is run"),
     CompatFlag("async_scheduling", "no effect: each engine step is scheduled after the previous step's outputs "
                                    "are processed (no overlap yet)"),
-    CompatFlag("enable_prefix_caching", "no effect: there is no prefix cache yet; every prompt is prefilled in full"),
     CompatFlag("enable_chunked_prefill", "no effect: long prompts are always prefilled in chunks of "
                                          "--max-num-batched-tokens",
                refuse=_only((True,), "prefill is always chunked; it cannot be turned off")),

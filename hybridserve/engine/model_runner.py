@@ -2,13 +2,14 @@
 
 Start-up: load the weights, measure what memory is left (GPU: `gpu_memory_utilization` of the card
 minus weights, other processes and the activation peak of a warm-up step at
-`max_num_batched_tokens`; CPU: `cpu_cache_bytes`), give `max_num_seqs` Mamba state slots their
-share and the rest to KV blocks. One extra slot and one extra block are kept out of the pools as
+`max_num_batched_tokens`; CPU: `cpu_cache_bytes`), set aside the prefix cache's state snapshot
+rows, give `max_num_seqs` Mamba state slots their share and the rest to KV blocks. One extra slot and one extra block are kept out of the pools as
 padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
 `CacheLayout` (`self.layout`), never written into a config.
 
 Per step, in two calls so that host work (grammar masks) can run while the GPU computes:
-`forward(plan)`: InputPacker -> ForwardBatch -> the model or a decode CUDA graph -> fork copies;
+`forward(plan)`: prefix-cache copies -> InputPacker -> ForwardBatch -> the model or a decode CUDA
+graph -> fork and snapshot copies;
 `sample(plan, logits)`: the sampler -> tokens into the device token buffer -> a `SamplerOutput`
 whose `to_host()` is the step's one device->host copy. The runner never sees a Request.
 """
@@ -76,13 +77,16 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.max_graph_batch = min(config.max_num_seqs, MAX_GRAPH_BATCH)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        num_slots, num_blocks = self._cache_sizes()
+        num_snapshots = config.prefix_cache_snapshots if config.enable_prefix_caching else 0
+        num_slots, num_blocks = self._cache_sizes(num_snapshots)
         self.layout = CacheLayout(
             block_size=self.block_size, num_blocks=num_blocks, num_slots=num_slots, max_model_len=self.max_model_len,
-            kv_dtype=_dtype_name(self.dtype), state_dtype=ssm_name,
+            kv_dtype=_dtype_name(self.dtype), state_dtype=ssm_name, num_snapshots=num_snapshots,
         )
+        # state rows: the slots, one padding slot, then the prefix cache's snapshots (CacheLayout.snapshot_row)
         self.cache = HybridCache.allocate(
-            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device
+            model_config, num_slots + 1 + num_snapshots, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype,
+            self.device,
         )
         self.pad_slot, self.pad_block = num_slots, num_blocks
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
@@ -93,6 +97,9 @@ class ModelRunner:
             num_blocks, self.block_size, kv_tokens, num_slots, ssm_name,
             min(num_slots, kv_tokens // self.max_model_len), self.max_model_len,
         )
+        slot_bytes = HybridCache.bytes_per_slot(model_config, self.dtype, self.ssm_dtype)
+        logger.info("prefix cache: %s", f"on, {num_snapshots} Mamba state snapshots x {slot_bytes / 2**20:.1f} MiB = "
+                    f"{num_snapshots * slot_bytes / 2**30:.2f} GiB" if num_snapshots else "off")
         self.decode_graphs = None
         if self.use_graphs:
             self.decode_graphs = DecodeGraphs(
@@ -105,12 +112,13 @@ class ModelRunner:
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan's forward (and its post-forward copies); returns the logits of its sample
         rows [R, V] on the device, without waiting for them."""
+        self._copy_states(plan.slot_copies_before, plan.block_copies_before)  # prefix cache saves / restores
         batch = self.packer.pack(plan)
         if self.decode_graphs is not None and self._graph_ready(plan):
             logits = self.decode_graphs.run(batch)
         else:
             logits = self.model(batch, self.cache)
-        self._copy_states(plan)
+        self._copy_states(plan.slot_copies, plan.block_copies)  # forks, prompt snapshots
         return logits
 
     @torch.inference_mode()
@@ -126,18 +134,19 @@ class ModelRunner:
         """A pure decode of continuing sequences, one sample each, within the captured sizes."""
         return plan.num_seqs <= self.max_graph_batch and plan.is_decode and plan.samples_each_sequence_once
 
-    def _copy_states(self, plan: StepPlan) -> None:
-        """n > 1 forks: Mamba slots and KV tail blocks copied after the forward that computed them."""
-        if len(plan.slot_copies):
-            src, dst = torch.from_numpy(plan.slot_copies.T.copy()).to(self.device)
+    def _copy_states(self, slot_copies, block_copies) -> None:
+        """State rows and KV blocks [C, 2] (src, dst), each list as one gather-then-scatter."""
+        if len(slot_copies):
+            src, dst = torch.from_numpy(slot_copies.T.copy()).to(self.device)
             self.cache.copy_slots(src, dst)
-        if len(plan.block_copies):
-            src, dst = torch.from_numpy(plan.block_copies.T.copy()).to(self.device)
+        if len(block_copies):
+            src, dst = torch.from_numpy(block_copies.T.copy()).to(self.device)
             self.cache.copy_blocks(src, dst)
 
     # ---- start-up ------------------------------------------------------------------------------
-    def _cache_sizes(self) -> tuple[int, int]:
-        """(state slots, KV blocks) that fit the memory budget, one padding slot and block excluded.
+    def _cache_sizes(self, num_snapshots: int) -> tuple[int, int]:
+        """(state slots, KV blocks) that fit the memory budget, one padding slot and block and the
+        prefix cache's `num_snapshots` state rows excluded.
 
         A slot is only useful with KV to grow into, so slots are sized so that every running
         sequence can reach max_model_len (at most max_num_seqs of them); the rest goes to KV.
@@ -145,7 +154,7 @@ class ModelRunner:
         """
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
         block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.dtype)
-        budget = self._memory_budget() - slot_bytes - block_bytes
+        budget = self._memory_budget() - (1 + num_snapshots) * slot_bytes - block_bytes
         fixed_blocks = self.config.num_kv_blocks
         if fixed_blocks is None:
             room_for_slots = budget // (slot_bytes + self.max_blocks_per_seq * block_bytes)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybridserve.engine.cache_manager import CacheLayout, CacheManager
+from hybridserve.engine.cache_manager import CacheLayout, CacheManager, StepChanges
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta, TokenLogprob
 from hybridserve.engine.request import Request, RequestStatus
 from hybridserve.engine.step_plan import FROM_DEVICE, SamplingInputs, StepPlan
@@ -128,8 +128,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = self.cache.chunk_size(req, budget)
-            if not self.cache.admit(req, n):
+            n = self.cache.admit(req, budget)  # may resume from the prefix cache
+            if not n:
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -165,8 +165,9 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Every slot is owned by one running request or free; every block's reference count is
-        its number of owners, and 0 exactly for free blocks; a shared block is full (never written
-        again) for each owner; waiting sequences and unforked siblings own nothing; siblings
+        its number of owners, and 0 exactly for free or cached blocks (the cache manager's check,
+        with the snapshot pool's); a shared or cached block is full (never written again) for each
+        owner; waiting sequences and unforked siblings own nothing; siblings
         belong to their group. Raises AssertionError."""
         pool, slots = self.cache.block_pool, self.cache.slot_pool
         bs = self.layout.block_size
@@ -179,14 +180,11 @@ class Scheduler:
         assert len(owned_slots) == len(set(owned_slots)), "a state slot has two owners"
         assert sorted(owned_slots + list(slots.free)) == list(range(slots.num_slots)), "state slots leaked"
         owners = Counter(b for r in self.running for b in r.block_ids)
-        assert len(pool.free) == len(set(pool.free)), "a block is free twice"
-        for b in range(pool.num_blocks):
-            assert pool.refcounts[b] == owners.get(b, 0), f"block {b}: refcount {pool.refcounts[b]}, {owners.get(b, 0)} owners"
-        assert set(pool.free) == {b for b in range(pool.num_blocks) if pool.refcounts[b] == 0}, "free list != unreferenced"
+        self.cache.check_invariants(owners)
         for r in self.running:
             assert len(r.block_ids) >= self.layout.blocks_for(r.num_computed_tokens), f"{r} lacks blocks"
             for col, b in enumerate(r.block_ids):
-                if owners[b] > 1:
+                if owners[b] > 1 or pool.keys[b] is not None:  # shared or cached content: never written again
                     assert (col + 1) * bs <= r.num_computed_tokens, f"{r} may still write shared block {b}"
         live = {id(r) for g in self.groups.values() for r in g if not r.is_finished}
         assert {id(r) for r in self.running + self.waiting} <= live
@@ -235,7 +233,10 @@ class Scheduler:
                 for seq in (req, *forked.get(req, ())):
                     sample_indices.append(end - 1)
                     sample_requests.append(seq)
-        changes = self.cache.take_step_changes()
+        for req, n in scheduled.items():
+            self.cache.computed(req, n)  # prefix caching: key filled blocks, snapshot at the prompt's last one
+        # an empty step never runs: the cache work recorded so far waits for the next one that does
+        changes = self.cache.take_step_changes() if scheduled else StepChanges.none()
         plan = StepPlan(
             slots=np.array([r.state_slot for r in requests], dtype=np.int64),
             num_cached=np.array([r.num_computed_tokens for r in requests], dtype=np.int64),
@@ -244,6 +245,8 @@ class Scheduler:
             sample_token_indices=np.array(sample_indices, dtype=np.int64),
             sampling=SamplingInputs.of(sample_requests, [r.state_slot for r in sample_requests]),
             table_updates=changes.table_updates,
+            slot_copies_before=changes.slot_copies_before,
+            block_copies_before=changes.block_copies_before,
             slot_copies=changes.slot_copies,
             block_copies=changes.block_copies,
         )
@@ -259,6 +262,7 @@ class Scheduler:
         delta = SequenceDelta(index=req.index, token_ids=[token], logprobs=None if lp is None else [lp])
         deltas.setdefault(req.request_id, []).append(delta)
         if finished:
+            self.cache.finished(req)  # prefix caching: snapshot its final state
             self._remove(req)
             self._finish(req, req.finish_reason)
             delta.finish_reason, delta.stop_reason = req.finish_reason, req.stop_reason

@@ -63,10 +63,11 @@ class HybridCache:
         return HybridCache.allocate(config, 0, 1, block_size, kv_dtype, device="meta").kv.nbytes
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Mamba states of slots src [C] int64 into slots dst [C] (n > 1: the prompt is prefilled once)."""
+        """Mamba states of rows src [C] int64 into rows dst [C] (forks, prefix-cache snapshots); every
+        source is read before any destination is written."""
         self.conv_state[:, dst] = self.conv_state[:, src]
         self.ssm_state[:, dst] = self.ssm_state[:, src]
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """KV pages src [D] int64 into pages dst [D] (n > 1: a fork's partial tail block)."""
+        """KV pages src [D] int64 into pages dst [D] (a fork's or a prefix-cache hit's partial tail block)."""
         self.kv[:, :, dst] = self.kv[:, :, src]
