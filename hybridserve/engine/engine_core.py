@@ -152,6 +152,9 @@ class EngineCore:
             num_slots=self.layout.num_slots,
             iteration_tokens_counts=list(self.iteration_tokens.counts),
             iteration_tokens_sum=self.iteration_tokens.sum,
+            prefix_cache_queries_total=s.cache.queries_total,
+            prefix_cache_hits_total=s.cache.hits_total,
+            num_snapshots=s.cache.num_snapshots,
         )
 
 

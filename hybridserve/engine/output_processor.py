@@ -111,6 +111,7 @@ class OutputProcessor:
             error=engine_output.error,
             num_preemptions=engine_output.num_preemptions,
             queue_time=engine_output.queue_time,
+            num_cached_tokens=engine_output.num_cached_tokens,
         )
         return result, stopped
 

@@ -35,6 +35,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     finished: bool  # every sequence of the request has finished
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited before its first step
+    num_cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (choice 0's first admission)
     error: str | None = None  # set when the engine failed this request
 
 
@@ -66,3 +67,4 @@ class RequestOutput:
     error: str | None = None
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited in the engine before its first step
+    num_cached_tokens: int = 0  # prompt tokens the engine resumed from the prefix cache instead of computing

@@ -300,7 +300,7 @@ class Scheduler:
         if finished:
             del self.groups[first.request_id]
         return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
-                            queue_time=first.queue_time)
+                            queue_time=first.queue_time, num_cached_tokens=first.num_cached_tokens)
 
 
 def _arrival(req: Request) -> tuple[int, int]:
