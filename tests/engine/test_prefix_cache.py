@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import pytest
-
 from test_scheduler import EOS, add, make_scheduler, num_free, step
 
 from hybridserve.engine.request import Request
