@@ -391,10 +391,12 @@ class CacheManager:
         return n
 
     def _prompt_boundary(self, request: Request) -> int:
-        """The end of the prompt's last full block (0: caching off or a prompt shorter than a block)."""
+        """Where the prompt's snapshot goes: the end of its last full block before its last token, so
+        that the same prompt sent again hits too (0: caching off, or no full block)."""
         if not self.caching:
             return 0
-        return request.num_prompt_tokens - request.num_prompt_tokens % self.layout.block_size
+        bs = self.layout.block_size
+        return (request.num_prompt_tokens - 1) // bs * bs
 
     def _keys(self, request: Request, num_blocks: int) -> list[int]:
         """The content keys of the request's first `num_blocks` full blocks (memoised on it)."""

@@ -112,22 +112,18 @@ def test_evicted_blocks_invalidate_snapshots_and_plain_free_blocks_go_first():
 
 def test_the_snapshot_pool_is_lru_and_a_finish_never_evicts_its_own_chain():
     sched = make_scheduler(num_snapshots=2, block_size=4)
-    (a,) = add(sched, "a", 8, max_tokens=1)  # snapshot at 8 (the prompt's end; its final state is the same)
-    (b,) = add_prompt(sched, "b", [100 + i for i in range(8)], max_tokens=1)
-    run_to_end(sched)
     snaps = sched.cache.snapshots
-    depth_of = {s.anchor: s.depth for s in snaps.entries.values()}
-    assert depth_of == {a.block_keys[1]: 8, b.block_keys[1]: 8}
-    (c,) = add_prompt(sched, "c", a.token_ids[:8] + [5], max_tokens=1)  # hits a's, which becomes the freshest
+    (a,) = add(sched, "a", 9, max_tokens=1)  # snapshots at 8 (its prompt's last full block) and 9 (its end)
     run_to_end(sched)
-    assert c.num_cached_tokens == 8
-    # c's final state (9 tokens) took the least recently used row: b's
-    assert sorted(s.depth for s in snaps.entries.values()) == [8, 9] and b.block_keys[1] not in snaps.entries
-    (e,) = add_prompt(sched, "e", a.token_ids[:8] + [5, 6], max_tokens=3)  # hits c's final state
+    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    (c,) = add_prompt(sched, "c", a.token_ids[:9] + [5], max_tokens=1)  # hits a's final state
     run_to_end(sched)
-    assert e.num_cached_tokens == 9
-    # e's final state (12 tokens) would evict a's snapshot, an ancestor of its own: skipped
-    assert sorted(s.depth for s in snaps.entries.values()) == [8, 9]
+    assert c.num_cached_tokens == 9
+    # c's own end (10 tokens) would evict the snapshot at 8, an ancestor on its own chain: skipped
+    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    (d,) = add_prompt(sched, "d", [100 + i for i in range(9)], max_tokens=1)
+    step(sched)  # d's snapshot at 8 evicts the least recently used one: a's at 8 (the one at 9 was just hit)
+    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(a.block_keys[1], 9), (d.block_keys[1], 8)}
 
 
 def test_two_snapshots_in_one_step_never_share_a_row():
@@ -135,8 +131,9 @@ def test_two_snapshots_in_one_step_never_share_a_row():
     a = add_prompt(sched, "a", [10 + i for i in range(8)], max_tokens=1)[0]
     b = add_prompt(sched, "b", [50 + i for i in range(8)], max_tokens=1)[0]
     batch, _ = step(sched)
+    assert a.num_computed_tokens == b.num_computed_tokens == 4  # both reached their snapshot point in one step
     assert len(batch.plan.slot_copies) == 1 and len(sched.cache.snapshots) == 1  # the second had no free row
-    assert a.is_finished and b.is_finished
+    run_to_end(sched)
 
 
 def test_caching_off_keys_nothing():
