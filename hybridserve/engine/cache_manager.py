@@ -313,7 +313,7 @@ class CacheManager:
         least is left to feed, for its logits) and whose KV blocks are all still cached."""
         bs = self.layout.block_size
         limit = request.num_tokens - 1
-        keys = self._keys(request, limit // bs)
+        keys = self._keys(request, limit // bs)[: limit // bs]
         blocks = []
         for key in keys:
             block = self.block_pool.by_key.get(key)
@@ -340,12 +340,13 @@ class CacheManager:
             return
         bs = self.layout.block_size
         start, end = request.num_computed_tokens, request.num_computed_tokens + n
-        keys = self._keys(request, end // bs)
-        for j in range(start // bs, end // bs):
-            self.block_pool.set_key(request.block_ids[j], keys[j])
+        if end // bs > start // bs:
+            keys = self._keys(request, end // bs)
+            for j in range(start // bs, end // bs):
+                self.block_pool.set_key(request.block_ids[j], keys[j])
         boundary = self._prompt_boundary(request)
         if boundary and start < boundary == end:
-            key = keys[boundary // bs - 1]
+            key = self._keys(request, boundary // bs)[boundary // bs - 1]
             self._snapshot(request, key, key, (), boundary, before=False)
 
     def finished(self, request: Request) -> None:
@@ -359,7 +360,7 @@ class CacheManager:
         j = depth // bs
         if j == 0:
             return
-        keys = self._keys(request, j)
+        keys = self._keys(request, j)[:j]
         tail = tuple(request.token_ids[j * bs : depth])
         key = content_key(keys[-1], tail) if tail else keys[-1]
         victim = self.snapshots.victim()
@@ -386,7 +387,8 @@ class CacheManager:
         n = min(request.num_tokens - start, budget)
         boundary = self._prompt_boundary(request)
         if boundary and start < boundary < start + n:
-            if self._keys(request, boundary // self.layout.block_size)[-1] not in self.snapshots:
+            j = boundary // self.layout.block_size
+            if self._keys(request, j)[j - 1] not in self.snapshots:
                 n = boundary - start
         return n
 
@@ -399,12 +401,13 @@ class CacheManager:
         return (request.num_prompt_tokens - 1) // bs * bs
 
     def _keys(self, request: Request, num_blocks: int) -> list[int]:
-        """The content keys of the request's first `num_blocks` full blocks (memoised on it)."""
+        """The content keys of the request's full blocks, at least its first `num_blocks` (memoised
+        on it, not copied: index it)."""
         keys, bs = request.block_keys, self.layout.block_size
         while len(keys) < num_blocks:
             j = len(keys)
             keys.append(content_key(keys[-1] if keys else ROOT, request.token_ids[j * bs : (j + 1) * bs]))
-        return keys[:num_blocks]
+        return keys
 
     def _snapshot(self, request: Request, key: int, anchor: int, tail: tuple[int, ...], depth: int,
                   *, before: bool) -> None:
