@@ -36,9 +36,10 @@ def cache_bytes(config: ModelConfig, num_slots: int, num_blocks: int, block_size
 @pytest.fixture
 def make_core(tiny_config, tiny_model):
     """EngineCore factory over the shared tiny model: make_core(num_blocks=..., max_num_seqs=..., ...)
-    (prefix caching on, as by default, unless enable_prefix_caching=False)."""
+    (prefix caching on, as by default, unless enable_prefix_caching=False; model: another model of
+    the tiny preset's shape)."""
 
-    def make(num_blocks: int = 256, max_num_seqs: int = 32, **fields) -> EngineCore:
+    def make(num_blocks: int = 256, max_num_seqs: int = 32, model=None, **fields) -> EngineCore:
         fields.setdefault("max_model_len", 256)
         snapshots = fields.get("prefix_cache_snapshots", EngineConfig.prefix_cache_snapshots)
         snapshots = snapshots if fields.get("enable_prefix_caching", True) else 0
@@ -46,7 +47,7 @@ def make_core(tiny_config, tiny_model):
             model="tiny", device="cpu", max_num_seqs=max_num_seqs, num_kv_blocks=num_blocks,
             cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks, num_snapshots=snapshots), **fields,
         )
-        core = EngineCore(config, tiny_config, model=tiny_model)
+        core = EngineCore(config, tiny_config, model=model or tiny_model)
         assert (core.layout.num_slots, core.layout.num_blocks) == (max_num_seqs, num_blocks)
         return core
 

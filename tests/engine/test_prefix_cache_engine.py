@@ -4,15 +4,37 @@ and aborts under small pools — and the hits each request reports."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
+import torch
 from test_engine_core import assert_all_free, mixed_prompts
 
 from hybridserve.engine.engine_core import EngineCore
+from hybridserve.model.loader import load_model
 from hybridserve.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+CONTEXT_GAIN = 10.0
+
+
+@pytest.fixture(scope="module")
+def context_model(tiny_config):
+    """The tiny model with its mixers' outputs scaled up: random init leaves them tiny next to the
+    embeddings, so the next token would hardly depend on the context (a lost Mamba state would go
+    unnoticed); here it does."""
+    model = load_model(tiny_config, load_format="dummy", dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight")):
+                p.mul_(CONTEXT_GAIN)
+    return model
+
+
+@pytest.fixture
+def make_core(make_core, context_model):
+    return functools.partial(make_core, model=context_model)
 
 
 def generate(core: EngineCore, prompts: list[list[int]], params, *, aborts: dict[int, int] | None = None,
@@ -140,3 +162,28 @@ def test_a_finished_answer_with_a_partial_tail_block_continues_exactly(make_core
     (fresh,), _ = generate(make_core(enable_prefix_caching=False), [follow],
                            SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=8, ignore_eos=True))
     assert choices == fresh
+
+
+def test_a_hit_gives_the_logprobs_of_a_full_recompute(make_core):
+    """Sharper than equal tokens: the first logprobs after a restored snapshot (a block-aligned one
+    and one with a copied tail block) match those of a request computed from scratch."""
+    prompt = mixed_prompts()[7][:37]
+    scored = SamplingParams(temperature=0, max_tokens=3, logprobs=5, ignore_eos=True)
+
+    def logprobs(core: EngineCore, token_ids: list[int], rid: str) -> list[list[tuple[int, float]]]:
+        core.add_request(rid, token_ids, scored)
+        out = []
+        while core.has_unfinished():
+            for o in core.step():
+                out += [[(e.token_id, e.logprob) for e in lp] for d in o.deltas for lp in d.logprobs or []]
+        return out
+
+    on = make_core()
+    ((answer,),), _ = generate(on, [prompt], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), tag="a")
+    for follow, depth in ((prompt + [5, 6], 32), (prompt + answer + [9], 37 + 5 - 1)):
+        cached = logprobs(on, follow, f"on{depth}")
+        assert on.stats().num_snapshots > 0
+        fresh = logprobs(make_core(enable_prefix_caching=False), follow, "off")
+        assert [[t for t, _ in row] for row in cached] == [[t for t, _ in row] for row in fresh]
+        assert [v for row in cached for _, v in row] == pytest.approx([v for row in fresh for _, v in row], abs=1e-4)
+    assert on.stats().prefix_cache_hits_total == 32 + 41
