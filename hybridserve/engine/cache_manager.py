@@ -222,8 +222,9 @@ class CacheManager:
         """Give a waiting request a slot and the blocks for its first chunk, resuming from the prefix
         cache where it can (`num_computed_tokens` jumps to the hit's depth). All or nothing: returns
         the chunk's size, or 0 (nothing changed) when no slot or too few blocks are free."""
-        hit = self.match(request) if self.caching else None
+        hit, num_cached_blocks = self.match(request) if self.caching else (None, 0)
         start = hit.snapshot.depth if hit else 0
+        request.prefix_branch = self._branch_point(request, start, num_cached_blocks)
         n = self._chunk(request, start, budget)
         shared = hit.blocks if hit else []
         held = shared + ([hit.tail_block] if hit and hit.tail_block is not None else [])
@@ -308,9 +309,10 @@ class CacheManager:
         return changes
 
     # ---- prefix caching ------------------------------------------------------------------------
-    def match(self, request: Request) -> Hit | None:
+    def match(self, request: Request) -> tuple[Hit | None, int]:
         """The deepest snapshot whose tokens are a strict prefix of the request's (one token at
-        least is left to feed, for its logits) and whose KV blocks are all still cached."""
+        least is left to feed, for its logits) and whose KV blocks are all still cached; and how
+        many of the request's leading full blocks are cached (where it leaves cached content)."""
         bs = self.layout.block_size
         limit = request.num_tokens - 1
         keys = self._keys(request, limit // bs)[: limit // bs]
@@ -330,8 +332,8 @@ class CacheManager:
                     if snap.row not in self.snapshots.pinned_rows:
                         self.snapshots.drop(snap)
                     continue
-                return Hit(snap, blocks[:j], tail_block)
-        return None
+                return Hit(snap, blocks[:j], tail_block), len(blocks)
+        return None, len(blocks)
 
     def computed(self, request: Request, n: int) -> None:
         """The step being planned feeds the request's next `n` tokens: key the blocks it fills,
@@ -344,10 +346,10 @@ class CacheManager:
             keys = self._keys(request, end // bs)
             for j in range(start // bs, end // bs):
                 self.block_pool.set_key(request.block_ids[j], keys[j])
-        boundary = self._prompt_boundary(request)
-        if boundary and start < boundary == end:
-            key = self._keys(request, boundary // bs)[boundary // bs - 1]
-            self._snapshot(request, key, key, (), boundary, before=False)
+        for point in self._snapshot_points(request):
+            if start < point == end:
+                key = self._keys(request, point // bs)[point // bs - 1]
+                self._snapshot(request, key, key, (), point, before=False)
 
     def finished(self, request: Request) -> None:
         """A request ends normally: snapshot its final state (every fed token), keyed by its last
@@ -385,20 +387,31 @@ class CacheManager:
         """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
         last full block (unless that snapshot exists), so the state there can be snapshotted."""
         n = min(request.num_tokens - start, budget)
-        boundary = self._prompt_boundary(request)
-        if boundary and start < boundary < start + n:
-            j = boundary // self.layout.block_size
-            if self._keys(request, j)[j - 1] not in self.snapshots:
-                n = boundary - start
+        for point in self._snapshot_points(request):
+            if start < point < start + n:
+                j = point // self.layout.block_size
+                if self._keys(request, j)[j - 1] not in self.snapshots:
+                    return point - start
         return n
 
-    def _prompt_boundary(self, request: Request) -> int:
-        """Where the prompt's snapshot goes: the end of its last full block before its last token, so
-        that the same prompt sent again hits too (0: caching off, or no full block)."""
+    def _snapshot_points(self, request: Request) -> tuple[int, ...]:
+        """Where the request's prompt is snapshotted, in order: where it leaves content another
+        sequence computed before (`prefix_branch`, so the next prompt sharing that prefix hits), and
+        the end of its last full block before its last token (so the same prompt again, or one
+        extending it, hits). Empty with caching off; no point below one block."""
         if not self.caching:
-            return 0
+            return ()
         bs = self.layout.block_size
-        return (request.num_prompt_tokens - 1) // bs * bs
+        boundary = (request.num_prompt_tokens - 1) // bs * bs
+        return tuple(sorted({p for p in (request.prefix_branch, boundary) if p}))
+
+    def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
+        """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
+        (0: none): the divergence from an earlier sequence (a shared system prompt)."""
+        point = num_cached_blocks * self.layout.block_size
+        if point <= start or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
+            return 0
+        return point
 
     def _keys(self, request: Request, num_blocks: int) -> list[int]:
         """The content keys of the request's full blocks, at least its first `num_blocks` (memoised

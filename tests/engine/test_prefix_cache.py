@@ -182,3 +182,23 @@ def test_random_workload_with_shared_prefixes_keeps_invariants(seed):
     assert num_free(sched) == (24, 5)
     assert sched.num_preemptions_total > 0 and sched.cache.hits_total > 0
     assert np.all([s.num_cached_tokens < s.num_prompt_tokens for s in seqs])
+
+
+def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
+    """prefix_repetition: prompts = one shared prefix + their own suffixes. The first computes the
+    prefix; the second finds its blocks cached but no snapshot there, so it cuts its prefill where it
+    leaves them and snapshots that state; from the third on, every prompt hits at the prefix."""
+    sched = make_scheduler(num_snapshots=8, block_size=4)
+    prefix = [10 + i for i in range(12)]
+    suffixes = [[100 + 10 * k + i for i in range(7)] for k in range(4)]
+    seqs, cuts = [], []
+    for k in range(4):  # one after the other
+        seqs += add_prompt(sched, f"p{k}", prefix + suffixes[k], max_tokens=1)
+        while not seqs[k].is_finished:
+            batch, _ = step(sched)
+            if seqs[k] in batch.requests:
+                cuts.append((k, int(batch.plan.num_new_tokens[batch.requests.index(seqs[k])])))
+    assert [s.num_cached_tokens for s in seqs] == [0, 0, 12, 12]
+    assert cuts[:2] == [(0, 16), (0, 3)]  # p0: its own prompt snapshot at 16 (19 tokens), then the rest
+    assert cuts[2:5] == [(1, 12), (1, 4), (1, 3)]  # p1: cut at the shared prefix (12), then at 16
+    assert cuts[5:] == [(2, 4), (2, 3), (3, 4), (3, 3)]  # the others resume at 12

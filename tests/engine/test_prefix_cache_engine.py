@@ -112,6 +112,22 @@ def test_shared_system_prompt_hits_at_its_last_full_block(make_core):
     assert tokens == off
 
 
+def test_prompts_sharing_only_a_system_prompt_hit_from_the_third_on(make_core):
+    """The second prompt leaves the first one's cached blocks at the end of the shared system prompt
+    and snapshots its state there: every later prompt with that system prompt hits at it."""
+    rng = random.Random(3)
+    system = [rng.randrange(3, 500) for _ in range(48)]
+    prompts = [system + [rng.randrange(3, 500) for _ in range(rng.randint(2, 30))] for _ in range(5)]
+    on, off = make_core(), make_core(enable_prefix_caching=False)
+    results = {True: [], False: []}
+    for core, caching in ((on, True), (off, False)):
+        for k, prompt in enumerate(prompts):
+            (choices,), (cached,) = generate(core, [prompt], GREEDY, tag=f"p{k}-")
+            results[caching].append((choices, cached))
+    assert [c for _, c in results[True]] == [0, 0, 48, 48, 48]
+    assert [t for t, _ in results[True]] == [t for t, _ in results[False]]
+
+
 @pytest.mark.parametrize("budget,num_blocks", [(8, 14), (37, 14), (4096, 14), (37, 64)])
 def test_identical_outputs_with_caching_on_and_off_under_pressure(make_core, budget, num_blocks):
     """Waves of greedy, seeded and n > 1 requests whose prompts extend earlier prompts and answers,
