@@ -12,10 +12,15 @@ hands out Mamba state slots, one per running sequence. Glossary: a "slot" is a M
 position of a token is its `slot_mapping` entry, which is something else.
 
 The manager also records what the device must do before / after the next step: block-table
-entries that changed and the state and block copies of forks (`take_step_changes`). A block
-shared by several owners is never written again: only full prompt blocks are shared; the partial
-tail block of a fork is copied. Prefix caching will add content hashes, `match` and state
-snapshots here. Pure Python, no torch; the scheduler is its only caller.
+entries that changed and the state and block copies of forks and of the prefix cache
+(`take_step_changes`). A block shared by several owners, or keyed by its content, is never
+written again: only full blocks are shared; the partial tail block of a fork or a hit is copied.
+
+Prefix caching (on when the layout has snapshot rows): full blocks are keyed by content as they
+fill and stay cached (LRU) once unreferenced; Mamba state snapshots are taken where a prompt
+leaves a prefix other sequences computed, at its last full block, and at a sequence's end; a new
+prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix caching").
+Pure Python, no torch; the scheduler is its only caller.
 """
 
 from __future__ import annotations
@@ -242,8 +247,7 @@ class CacheManager:
                 self.block_pool.release([hit.tail_block])
             row = self.layout.snapshot_row(hit.snapshot.row)
             self._slot_copies_before.append((self._pending_saves.get(row, row), request.state_slot))
-            self.snapshots.touch(hit.snapshot)
-            self.snapshots.pinned_rows.add(hit.snapshot.row)
+            self.snapshots.touch(hit.snapshot, pin=True)  # read by this step: not evicted in it
             request.num_computed_tokens = start
         self._append_blocks(request, fresh)
         if request.num_preemptions == 0:  # a first admission (a preempted request is recomputed)
@@ -337,7 +341,7 @@ class CacheManager:
 
     def computed(self, request: Request, n: int) -> None:
         """The step being planned feeds the request's next `n` tokens: key the blocks it fills,
-        and snapshot the state after it if it ends at the prompt's last full block."""
+        and snapshot the state after it if it ends at one of the prompt's snapshot points."""
         if not self.caching:
             return
         bs = self.layout.block_size
@@ -385,7 +389,7 @@ class CacheManager:
     # ---- internals -----------------------------------------------------------------------------
     def _chunk(self, request: Request, start: int, budget: int) -> int:
         """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
-        last full block (unless that snapshot exists), so the state there can be snapshotted."""
+        next snapshot point (unless that snapshot exists), so the state there can be snapshotted."""
         n = min(request.num_tokens - start, budget)
         for point in self._snapshot_points(request):
             if start < point < start + n:

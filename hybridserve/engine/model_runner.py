@@ -3,8 +3,9 @@
 Start-up: load the weights, measure what memory is left (GPU: `gpu_memory_utilization` of the card
 minus weights, other processes and the activation peak of a warm-up step at
 `max_num_batched_tokens`; CPU: `cpu_cache_bytes`), set aside the prefix cache's state snapshot
-rows, give `max_num_seqs` Mamba state slots their share and the rest to KV blocks. One extra slot and one extra block are kept out of the pools as
-padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
+rows, give `max_num_seqs` Mamba state slots their share and the rest to KV blocks. One extra
+slot and one extra block are kept out of the pools as padding targets (for CUDA-graph batch
+padding). The sizes go to the engine as the frozen
 `CacheLayout` (`self.layout`), never written into a config.
 
 Per step, in two calls so that host work (grammar masks) can run while the GPU computes:
@@ -110,8 +111,8 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Run the plan's forward (and its post-forward copies); returns the logits of its sample
-        rows [R, V] on the device, without waiting for them."""
+        """Run the plan's forward (and its copies before and after it); returns the logits of its
+        sample rows [R, V] on the device, without waiting for them."""
         self._copy_states(plan.slot_copies_before, plan.block_copies_before)  # prefix cache saves / restores
         batch = self.packer.pack(plan)
         if self.decode_graphs is not None and self._graph_ready(plan):

@@ -37,8 +37,8 @@ class Snapshot:
 
 
 class SnapshotPool:
-    """Snapshot rows, LRU-evicted. A row written by the step being planned is never evicted in the
-    same step (two copies into one row in one step would race)."""
+    """Snapshot rows, LRU-evicted. A row written or read by the step being planned is never evicted
+    in the same step (two copies into one row, or a read of an overwritten row, would race)."""
 
     def __init__(self, num_rows: int) -> None:
         self.num_rows = num_rows
@@ -57,8 +57,11 @@ class SnapshotPool:
         """The snapshots whose last full block is `anchor`, deepest first."""
         return sorted(self.by_anchor.get(anchor, {}).values(), key=lambda s: -s.depth)
 
-    def touch(self, snap: Snapshot) -> None:
+    def touch(self, snap: Snapshot, *, pin: bool = False) -> None:
+        """Mark it most recently used; `pin`: also keep it through the step being planned."""
         self.entries.move_to_end(snap.key)
+        if pin:
+            self.pinned_rows.add(snap.row)
 
     def victim(self) -> Snapshot | None:
         """What `add` would evict: None when a row is free, or when every row is pinned."""
