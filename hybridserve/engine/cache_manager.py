@@ -346,9 +346,12 @@ class CacheManager:
             return
         bs = self.layout.block_size
         start, end = request.num_computed_tokens, request.num_computed_tokens + n
-        if end // bs > start // bs:
-            keys = self._keys(request, end // bs)
-            for j in range(start // bs, end // bs):
+        # a block is keyed once its tokens are known on the host: with a sampled token still in
+        # flight (async scheduling), the block it completes is keyed by the next step, hence "- 1"
+        first, last = max(0, start // bs - 1), min(end, len(request.token_ids)) // bs
+        if last > first:
+            keys = self._keys(request, last)
+            for j in range(first, last):
                 self.block_pool.set_key(request.block_ids[j], keys[j])
         for point in self._snapshot_points(request):
             if start < point == end:
@@ -364,9 +367,11 @@ class CacheManager:
         bs = self.layout.block_size
         depth = request.num_computed_tokens
         j = depth // bs
-        if j == 0:
+        if j == 0 or depth > len(request.token_ids):  # (a state over tokens the host does not know)
             return
         keys = self._keys(request, j)[:j]
+        for col in range(max(0, j - 2), j):  # the blocks its last steps filled (maybe not keyed yet)
+            self.block_pool.set_key(request.block_ids[col], keys[col])
         tail = tuple(request.token_ids[j * bs : depth])
         key = content_key(keys[-1], tail) if tail else keys[-1]
         victim = self.snapshots.victim()
