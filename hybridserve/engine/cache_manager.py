@@ -353,7 +353,7 @@ class CacheManager:
             keys = self._keys(request, last)
             for j in range(first, last):
                 self.block_pool.set_key(request.block_ids[j], keys[j])
-        for point in self._snapshot_points(request):
+        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
             if start < point == end:
                 key = self._keys(request, point // bs)[point // bs - 1]
                 self._snapshot(request, key, key, (), point, before=False)
@@ -396,7 +396,7 @@ class CacheManager:
         """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
         next snapshot point (unless that snapshot exists), so the state there can be snapshotted."""
         n = min(request.num_tokens - start, budget)
-        for point in self._snapshot_points(request):
+        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
             if start < point < start + n:
                 j = point // self.layout.block_size
                 if self._keys(request, j)[j - 1] not in self.snapshots:
