@@ -14,10 +14,11 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridserve.ops.triton import attention, conv, mamba_step, moe, norm, sampling, ssd
+from hybridserve.ops.triton import attention, conv, fp8, mamba_step, moe, norm, sampling, ssd
 
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 
@@ -86,25 +87,52 @@ CASES = [
     ("moe_route", moe._route_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64"),
      dict(TOP_K=6, K_PAD=8, BLOCK_E=128, RENORM=True), 1, 1),
 ]
-MOE_PTRS = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, sorted_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32")
+F8 = "*fp8e4nv"
 
 
 def moe_gemm_cases():
-    """The decode shapes of _config, then each prefill candidate (up: K = 2688, down: K = 1856)."""
-    configs = [(f"T={t}", moe._config(t)) for t in (1, 64)]
-    configs += [(f"#{i}", cfg) for i, cfg in enumerate(moe.PREFILL_CANDIDATES)]
+    """Each shape of the bf16 and fp8 tables (up: K = 2688, down: K = 1856); fp8 with static activation
+    scales (x quantized in the up kernel's loads, h written in e4m3) and per-token ones (both e4m3)."""
+    configs = [("bf16", c, None) for c in moe.CONFIGS["bf16"]] + [("bf16", c, None) for c in moe.PREFILL_CANDIDATES[1:]]
+    configs += [("fp8", c, static) for c in moe.CONFIGS["fp8"] for static in (True, False)]
     cases = []
-    for tag, cfg in configs:
+    for dtype, cfg, static in configs:
         bm, sm = cfg["BLOCK_M"], cfg.get("SMALL_M", cfg["BLOCK_M"])
+        fp8 = dtype == "fp8"
         for up in (True, False):
+            a = (BF if static else F8) if up else (F8 if fp8 else BF)
+            ptrs = dict(a_ptr=a if fp8 else BF, w_ptr=F8 if fp8 else BF, out_ptr=(F8 if static else BF) if up else BF,
+                        sorted_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32", a_scale_ptr="*fp32",
+                        w_scale_ptr="*fp32", out_scale_ptr="*fp32")
             consts = dict(TOP_K=6, UP=up, PAIR_MODE=False, DOT_PREC="tf32", stride_wk=1,
-                          EVEN_K=(2688 if up else 1856) % cfg["BLOCK_K"] == 0, MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm,
-                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                          EVEN_K=(2688 if up else 1856) % cfg["BLOCK_K"] == 0, FP8=fp8, ACT=tl.bfloat16,
+                          a_scale_stride=0 if static or not fp8 else 1, ws_stride_n=0,
+                          MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
             if sm == bm:
                 consts["tile_row_ptr"] = None
+            tag = f"{dtype}{'' if static is None else ' static' if static else ' dynamic'} <= {cfg.get('max_tokens')}"
             cases.append((f"moe_gemm {tag} {'up' if up else 'down'} {moe.describe(cfg)}", moe._moe_gemm_kernel,
-                          MOE_PTRS, consts, cfg["num_warps"], cfg["num_stages"]))
+                          ptrs, consts, cfg["num_warps"], cfg["num_stages"]))
     return cases
+
+
+def fp8_gemm_cases():
+    """Each Triton tile of fp8.GEMM_TUNE, with a static-scale bf16 input and with an e4m3 one."""
+    cases = []
+    for cfg in fp8.GEMM_TUNE:
+        for a in (BF, F8):
+            consts = dict(EVEN_K=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                          a_scale_stride=0 if a == BF else 1, w_scale_stride=1)
+            cases.append((f"fp8_gemm <= {cfg['max_tokens']} a={a[1:]} M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']}",
+                          fp8._fp8_gemm_kernel, dict(a_ptr=a, a_scale_ptr="*fp32", w_ptr=F8, w_scale_ptr="*fp32", out_ptr=BF),
+                          consts, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
+ATTN_PTRS = dict(q_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
+                 tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32", kv_scale_ptr="*fp32")
+DECODE = dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=1, BLOCK_D=128, BLOCK_N=64, SPLITS=64, MIN_SPLIT=256, DOT_PREC="tf32")
+PREFILL = dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=8, BLOCK_D=128, BLOCK_N=64, SPLITS=1, MIN_SPLIT=64, DOT_PREC="tf32")
 
 
 CASES += moe_gemm_cases()
@@ -117,24 +145,24 @@ CASES += [
     ("moe_scatter two heights", moe._scatter_kernel,
      dict(ids_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", sorted_ptr="*i32", tile_expert_ptr="*i32",
           tile_row_ptr="*i32"), dict(BM=128, SM=64, BLOCK_E=128, BLOCK=64), 4, 1),
-    ("store_kv", attention._store_kv_kernel, dict(k_ptr=BF, v_ptr=BF, cache_ptr=BF, slot_ptr="*i64"),
-     dict(BLOCK=256), 1, 1),
-    ("attn decode", attention._attn_kernel,
-     dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
-          tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
-     dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=1, BLOCK_D=128, BLOCK_N=64, SPLITS=8, DOT_PREC="tf32"), 4, 2),
-    ("attn prefill", attention._attn_kernel,
-     dict(q_ptr=BF, cache_ptr=BF, tables_ptr="*i32", cu_ptr="*i32", lens_ptr="*i32", tile_seq_ptr="*i32",
-          tile_q0_ptr="*i32", o_ptr=BF, part_ptr="*fp32", ml_ptr="*fp32"),
-     dict(GROUP=16, GROUP_PAD=16, BLOCK_Q=8, BLOCK_D=128, BLOCK_N=64, SPLITS=1, DOT_PREC="tf32"), 8, 2),
+    *[(f"store_kv {c[1:]} cache", attention._store_kv_kernel,
+       dict(k_ptr=BF, v_ptr=BF, cache_ptr=c, slot_ptr="*i64", scale_ptr="*fp32"), dict(BLOCK=256), 1, 1)
+      for c in (BF, F8)],
+    *[(f"attn {kind} {c[1:]} cache", attention._attn_kernel, dict(ATTN_PTRS, cache_ptr=c), consts, warps, 2)
+      for c in (BF, F8) for kind, consts, warps in (("decode", DECODE, 4), ("prefill", PREFILL, 8))],
+    ("fp8 quantize dynamic", fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, scale_ptr="*fp32"),
+     dict(STATIC=False, BLOCK=4096), 4, 1),
+    ("fp8 quantize static", fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, scale_ptr="*fp32"),
+     dict(STATIC=True, BLOCK=4096), 4, 1),
     ("sample", sampling._sample_kernel, dict(logits_ptr="*fp32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
                                              thresh_ptr="*fp32", best_ptr="*fp32", idx_ptr="*i64"),
      dict(HAS_THRESH=True, PRECISE=True, BLOCK=1024, CHUNK=8192), 4, 2),
     ("token bitmask", sampling._bitmask_kernel, dict(logits_ptr="*fp32", rows_ptr="*i64", mask_ptr="*i32"),
      dict(BLOCK=4096), 4, 3),
-    ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr=BF),
-     dict(SPLITS=8, BLOCK_D=128), 1, 1),
+    ("attn merge", attention._merge_kernel, dict(part_ptr="*fp32", ml_ptr="*fp32", lens_ptr="*i32", o_ptr=BF),
+     dict(SPLITS=64, BLOCK_N=64, MIN_SPLIT=256, BLOCK_D=128), 1, 1),
 ]
+CASES += fp8_gemm_cases()
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 """Kernel benchmark at Nemotron-3-Nano-30B-A3B's shapes: time, GB/s, TFLOP/s and the fraction of the
 card's ceilings measured in the same run (device-to-device copy bandwidth, bf16 matmul rate).
 
-Usage (on a CUDA machine): python bench/ops.py [--quick] [--sweep] [--json-out PATH] [--md-out PATH]
+Usage (on a CUDA machine): python bench/ops.py [--quick] [--sweep] [--only SECTIONS] [--json-out PATH] [--md-out PATH]
+       python bench/ops.py --moe-sweep [--write-table PATH]   (fused_moe launch shapes per token bucket, bf16 + fp8)
 Prints a table, then one JSON line. Times are medians of `triton.testing.do_bench_cudagraph`
 (kernel time as a decode step's CUDA graph sees it; `do_bench` where capture fails). Inputs rotate
 over several copies so that repeated runs do not measure the 50 MB L2 instead of HBM.
@@ -23,6 +24,7 @@ import triton.testing as tt
 from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
 from hybridserve.ops.triton import attention as KA
+from hybridserve.ops.triton import fp8 as KF
 from hybridserve.ops.triton import mamba_step as KMS
 from hybridserve.ops.triton import moe as KM
 from hybridserve.ops.triton import ssd as KS
@@ -33,6 +35,7 @@ MH, MP, MN, MG, CONV_C, KW = 64, 64, 128, 8, 6144, 4
 QH, KVH, HD = 32, 2, 128
 E, TOPK, INTER = 128, 6, 1856
 BF = torch.bfloat16
+F8 = torch.float8_e4m3fn
 DEV = "cuda"
 L2_BYTES = 50 * 2**20
 SWEEP = False  # --sweep: also time alternative launch shapes (tuning runs)
@@ -225,36 +228,142 @@ def moe_inputs(t):
     return x, w, ids
 
 
-def bench_moe(tb, quick, w_up, w_down):
-    expert_bytes = 2 * INTER * HIDDEN * 2
+def fp8_experts(w_up, w_down):
+    """Per-expert e4m3 copies of the bf16 experts (the ModelOpt format: one scale per expert)."""
+    def q(w):
+        s = w.float().abs().amax(dim=(1, 2)) / KF.FP8_MAX
+        return (w.float() / s[:, None, None]).clamp(-KF.FP8_MAX, KF.FP8_MAX).to(F8), s
+    (uq, us), (dq, ds) = q(w_up), q(w_down)
+    return uq, dq, us, ds
+
+
+def moe_call(x, w, ids, experts, fp8, cfg=None):
+    """fused_moe with bf16 experts, or fp8 ones with static activation scales (ModelOpt's)."""
+    if not fp8:
+        up, down = experts[:2]
+        return (lambda: KM._fused_moe(x, up, down, w, ids, cfg)) if cfg else (lambda: K.fused_moe(x, up, down, w, ids))
+    up, down, us, ds = experts[2:]
+    a_up = (x.float().abs().amax() / KF.FP8_MAX).reshape(())
+    a_down = torch.tensor(0.05, device=DEV)
+    if cfg:
+        return lambda: KM._fused_moe(x, up, down, w, ids, cfg, us, ds, a_up, a_down)
+    return lambda: K.fused_moe(x, up, down, w, ids, us, ds, a_up, a_down)
+
+
+def bench_moe(tb, quick, experts):
     for t in (256, 4096):
         logits = torch.randn(t, E, device=DEV)
         bias = torch.zeros(E, device=DEV)
         ms = timed(lambda: K.moe_route(logits, bias, TOPK, 2.5))
         tb.add("moe_route", f"T={t} E={E} k={TOPK}", ms, t * E * 4, 0)
-    for t in (1, 4, 8, 64, 256) if not quick else (1, 64):
-        x, w, ids = moe_inputs(t)
-        touched = ids.unique().numel()
-        nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
-        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
-        ms = timed(lambda: K.fused_moe(x, w_up, w_down, w, ids))
-        tb.add("fused_moe (decode)", f"T={t} experts touched={touched}", ms, nbytes, flops,
-               ">=70% bw" if t <= 64 else None)
-        alts = [] if not SWEEP else [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-                                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=5)]
-        for cfg in alts if t in (1, 8, 64) else []:
-            ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
-            tb.add("fused_moe (decode)", f"T={t} M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} "
-                   f"s{cfg['num_stages']}", ms, nbytes, flops)
-    for t in (4096, 8192) if not quick else (4096,):
-        x, w, ids = moe_inputs(t)
-        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
-        nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
-        cfg = KM._config(t)
-        ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
-        tb.add("fused_moe (prefill)", f"T={t} {KM.describe(cfg)}", ms, nbytes, flops, ">=50% mm" if t == 4096 else None)
+    # decode under spread routing (random router logits: T=64 touches ~120 of 128 experts): every
+    # touched expert's weights streamed once per step, issue 14.2's target
+    for fp8 in (False, True):
+        dt = "fp8" if fp8 else "bf16"
+        expert_bytes = 2 * INTER * HIDDEN * (1 if fp8 else 2)
+        for t in (1, 8, 64, 128, 256, 512, 1024) if not quick else (1, 64, 1024):
+            x, w, ids = moe_inputs(t)
+            touched = ids.unique().numel()
+            nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
+            flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+            ms = timed(moe_call(x, w, ids, experts, fp8))
+            tb.add(f"fused_moe {dt} (decode)", f"T={t} experts touched={touched}", ms, nbytes, flops,
+                   ">=90% bw" if t >= 64 else ">=70% bw")
+        for t in (4096, 8192) if not quick else (4096,):
+            x, w, ids = moe_inputs(t)
+            flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+            nbytes = E * expert_bytes + 2 * t * HIDDEN * 2
+            cfg = KM._config(t, fp8)
+            ms = timed(moe_call(x, w, ids, experts, fp8, cfg))
+            tb.add(f"fused_moe {dt} (prefill)", f"T={t} {KM.describe(cfg)}", ms, nbytes, flops,
+                   ">=50% mm" if t == 4096 and not fp8 else None)
+    cfg = KM._config(t)
     ms_align = timed(lambda: KM.align_by_expert(ids, E, cfg["BLOCK_M"], cfg.get("SMALL_M")))
     tb.add("moe align (sort by expert)", f"T={t}", ms_align, 0, 0)
+
+
+# the model's FP8 projections (ModelOpt's FP8 release), plus attention's (bf16 there) for comparison
+FP8_SHAPES = dict(in_proj=(HIDDEN, 10304), out_proj=(4096, HIDDEN), shared_up=(HIDDEN, 3712), shared_down=(3712, HIDDEN),
+                  q_proj=(HIDDEN, QH * HD), kv_proj=(HIDDEN, KVH * HD), o_proj=(QH * HD, HIDDEN))
+
+
+def bench_fp8(tb, quick):
+    """Per model shape and token count: bf16 F.linear, then fp8_linear through torch._scaled_mm
+    (static and per-token activation scales) and through the Triton FP8 GEMM with its tile of
+    fp8.GEMM_TUNE (static scales). The fastest fp8 backend per row is what GEMM_TUNE's `backend`
+    should say for that token bucket."""
+    for name, (k, n) in FP8_SHAPES.items():
+        w = torch.randn(n, k, device=DEV, dtype=BF) * k**-0.5
+        ws_t = (w.float().abs().amax() / KF.FP8_MAX).reshape(())  # per tensor, as ModelOpt's
+        wq_t = (w.float() / ws_t).clamp(-KF.FP8_MAX, KF.FP8_MAX).to(F8)
+        for t in (1, 16, 64, 256, 1024, 4096) if not quick else (1, 256):
+            x = torch.randn(t, k, device=DEV, dtype=BF)
+            a_s = (x.float().abs().amax() / KF.FP8_MAX).reshape(())
+            ref = torch.nn.functional.linear(x, w).float()
+            flops = 2 * t * k * n
+            ms_bf = timed(lambda: torch.nn.functional.linear(x, w))
+            tb.add(f"linear bf16 {name}", f"T={t} {k}->{n}", ms_bf, n * k * 2 + t * (k + n) * 2, flops)
+            cfg = KF.gemm_config(t)
+            for backend, scale, tag in (("scaled_mm", a_s, "static"), ("scaled_mm", None, "per-token"),
+                                        ("triton", a_s, "static")):
+                fn = lambda: KF._fp8_linear(x, wq_t, ws_t, scale, cfg, backend)
+                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                ms = timed(fn)
+                tb.add(f"fp8_linear {backend} {name}", f"T={t} {tag} x{ms_bf / ms:.2f} vs bf16 err {err:.3f}", ms,
+                       n * k + t * (k + 2 * n), flops)
+
+
+def bench_moe_sweep(tb, experts, write_table: str | None):
+    """fused_moe launch shapes per token bucket and weight dtype: each decode candidate at each
+    bucket's upper end (spread routing), KM.PREFILL_CANDIDATES at 4096 / 8192 tokens; every output
+    compared with the default config's; the best per (bucket, dtype) makes the table (moe_configs.json)."""
+    decode = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+              for bm, bn, bk in ((16, 32, 256), (16, 64, 128), (16, 64, 256), (16, 128, 128), (32, 64, 128),
+                                 (32, 128, 128), (64, 128, 64), (64, 128, 128), (64, 64, 128))
+              for st in (3, 4)]
+    table = {"about": json.loads(KM.CONFIG_FILE.read_text())["about"],
+             "measured": {}}
+    for fp8 in (False, True):
+        dt = "fp8" if fp8 else "bf16"
+        expert_bytes = 2 * INTER * HIDDEN * (1 if fp8 else 2)
+        rows = []
+        for bucket in (2, 16, 64, 128, 256, 512, 1024, None):
+            ts = (4096, 8192) if bucket is None else (bucket,)
+            cands = KM.PREFILL_CANDIDATES if bucket is None else decode
+            if fp8:  # same bytes per pipeline stage: twice the K elements
+                cands = [dict(c, BLOCK_K=2 * c["BLOCK_K"]) for c in cands]
+            total = [0.0] * len(cands)
+            for t in ts:
+                x, w, ids = moe_inputs(t)
+                touched = ids.unique().numel()
+                nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
+                flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+                base = moe_call(x, w, ids, experts, fp8, KM._config(t, fp8))().float()
+                for i, cfg in enumerate(cands):
+                    tag = f"T={t} {KM.describe(cfg)}" + (" (table)" if dict(cfg, max_tokens=bucket) == KM._config(t, fp8) else "")
+                    try:
+                        fn = moe_call(x, w, ids, experts, fp8, cfg)
+                        err = ((fn().float() - base).norm() / base.norm()).item()
+                        ms = timed(fn)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  candidate {tag} failed: {type(e).__name__}: {str(e)[:200]}")
+                        total[i] = math.inf
+                        continue
+                    if err > 2e-2:
+                        print(f"  candidate {tag} differs from the table's config: rel err {err:.2e}")
+                        total[i] = math.inf
+                        continue
+                    total[i] += ms
+                    tb.add(f"fused_moe {dt} sweep", tag, ms, nbytes, flops)
+            best = min(range(len(cands)), key=total.__getitem__)
+            rows.append(dict(max_tokens=bucket, **cands[best]))
+            print(f"  best {dt} for T <= {bucket}: {KM.describe(cands[best])}")
+        table[dt] = rows
+        table["measured"][dt] = f"{torch.cuda.get_device_name()}, bench/ops.py --moe-sweep, {time.strftime('%Y-%m-%d')}"
+    if write_table:
+        with open(write_table, "w") as f:
+            f.write(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {write_table}: copy it to {KM.CONFIG_FILE} to ship it")
 
 
 def bench_attention(tb, quick):
@@ -267,25 +376,30 @@ def bench_attention(tb, quick):
 
 
 def bench_attention_decode(tb, quick, tag):
+    """bf16 and fp8 KV pages; long contexts at small batches run split-K (flash-decoding)."""
     bs = 16
-    for b, ctx in ((1, 1024), (1, 8192), (64, 1024), (256, 1024)) if not quick else ((64, 1024),):
-        nblk = b * (ctx // bs + 1)
-        kv_bytes = b * ctx * 2 * KVH * HD * 2
-        nbytes = kv_bytes + 2 * b * QH * HD * 2
+    shapes = ((1, 1024), (1, 8192), (1, 32768), (4, 16384), (64, 1024), (256, 1024)) if not quick else ((64, 1024),)
+    for kv_dtype in (BF, F8):
+        item = 1 if kv_dtype == F8 else 2
+        kv_scale = torch.tensor([0.02, 0.02], device=DEV) if kv_dtype == F8 else None
+        for b, ctx in shapes:
+            nblk = b * (ctx // bs + 1)
+            kv_bytes = b * ctx * 2 * KVH * HD * item
+            nbytes = kv_bytes + 2 * b * QH * HD * 2
 
-        def make():
-            kv = torch.randn(2, nblk, bs, KVH, HD, device=DEV, dtype=BF)
-            tables = torch.randperm(nblk, device=DEV, dtype=torch.int32)[: b * (ctx // bs + 1)].view(b, -1)
-            return kv, tables
+            def make():
+                kv = torch.randn(2, nblk, bs, KVH, HD, device=DEV, dtype=BF).to(kv_dtype)
+                tables = torch.randperm(nblk, device=DEV, dtype=torch.int32)[: b * (ctx // bs + 1)].view(b, -1)
+                return kv, tables
 
-        sets, n = rotating(make, kv_bytes)
-        q = torch.randn(b, QH, HD, device=DEV, dtype=BF)
-        cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
-        lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
-        ms = timed(lambda: [K.paged_attention(q, kv, tb_, cu, lens, HD**-0.5) for kv, tb_ in sets]) / n
-        flops = 4 * b * QH * HD * ctx
-        tb.add("paged_attention (decode)", f"B={b} ctx={ctx} {tag}", ms, nbytes, flops,
-               ">=70% bw" if b >= 64 and not tag else None)
+            sets, n = rotating(make, kv_bytes)
+            q = torch.randn(b, QH, HD, device=DEV, dtype=BF)
+            cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+            lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+            ms = timed(lambda: [K.paged_attention(q, kv, tb_, cu, lens, HD**-0.5, kv_scale) for kv, tb_ in sets]) / n
+            flops = 4 * b * QH * HD * ctx
+            tb.add(f"paged_attention {'fp8' if item == 1 else 'bf16'} KV (decode)", f"B={b} ctx={ctx} {tag}", ms,
+                   nbytes, flops, ">=70% bw" if (b >= 64 or ctx >= 8192) and not tag else None)
 
 
 def bench_attention_prefill(tb, quick):
@@ -300,10 +414,12 @@ def bench_attention_prefill(tb, quick):
         q = torch.randn(t, QH, HD, device=DEV, dtype=BF)
         cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
         lens = torch.tensor(tot, dtype=torch.int32, device=DEV)
-        ms = timed(lambda: K.paged_attention(q, kv, tables, cu, lens, HD**-0.5))
         flops = sum(4 * QH * HD * n_ * (c + (n_ + 1) / 2) for n_, c in zip(new, cached))
-        tb.add("paged_attention (prefill)", f"new={new[0]}x{b} cached={cached[0]}", ms,
-               sum(tot) * 2 * KVH * HD * 2 + 2 * t * QH * HD * 2, flops)
+        for kv_, kv_scale in ((kv, None), (kv.to(F8), torch.tensor([0.02, 0.02], device=DEV))):
+            ms = timed(lambda: K.paged_attention(q, kv_, tables, cu, lens, HD**-0.5, kv_scale))
+            tb.add(f"paged_attention {'bf16' if kv_scale is None else 'fp8'} KV (prefill)",
+                   f"new={new[0]}x{b} cached={cached[0]}", ms,
+                   sum(tot) * 2 * KVH * HD * kv_.element_size() + 2 * t * QH * HD * 2, flops)
     t = 256
     k = torch.randn(t, KVH, HD, device=DEV, dtype=BF)
     v = torch.randn(t, KVH, HD, device=DEV, dtype=BF)
@@ -311,34 +427,9 @@ def bench_attention_prefill(tb, quick):
     sm = torch.randperm(1024 * bs, device=DEV)[:t]
     ms = timed(lambda: K.store_kv(k, v, kv, sm))
     tb.add("store_kv", f"T={t}", ms, 4 * t * KVH * HD * 2, 0)
-
-
-def bench_moe_sweep(tb, w_up, w_down):
-    """MoE prefill launch shapes (KM.PREFILL_CANDIDATES) at 4096 and 8192 tokens: one row per candidate
-    (index and KM.describe label), each output compared with candidate 0's, then the best per T."""
-    for t in (4096, 8192):
-        x, w, ids = moe_inputs(t)
-        flops = 2 * t * TOPK * 2 * HIDDEN * INTER
-        nbytes = E * 2 * INTER * HIDDEN * 2 + 2 * t * HIDDEN * 2
-        base = KM._fused_moe(x, w_up, w_down, w, ids, KM.PREFILL_CANDIDATES[0]).float()
-        best = None
-        for i, cfg in enumerate(KM.PREFILL_CANDIDATES):
-            tag = f"#{i} {KM.describe(cfg)}" + (" (default)" if cfg == KM._config(t) else "")
-            try:
-                err = ((KM._fused_moe(x, w_up, w_down, w, ids, cfg).float() - base).norm() / base.norm()).item()
-                ms = timed(lambda: KM._fused_moe(x, w_up, w_down, w, ids, cfg))
-            except Exception as e:  # noqa: BLE001
-                print(f"  candidate {tag} failed: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            if err > 1e-2:
-                print(f"  candidate {tag} differs from candidate 0: rel err {err:.2e}")
-                continue
-            tb.add("fused_moe (prefill)", f"T={t} {tag}", ms, nbytes, flops)
-            if best is None or ms < best[0]:
-                best = (ms, tag)
-        if best:
-            print(f"  best at T={t}: {best[1]}: {best[0] * 1000:.1f} us, "
-                  f"{100 * flops / best[0] / 1e9 / tb.mm_tflops:.1f}% of the matmul rate")
+    kv8, scale = kv.to(F8), torch.tensor([0.02, 0.02], device=DEV)
+    ms = timed(lambda: K.store_kv(k, v, kv8, sm, scale))
+    tb.add("store_kv fp8", f"T={t}", ms, 3 * t * KVH * HD * 2, 0)
 
 
 def bench_sampling(tb, quick):
@@ -360,14 +451,26 @@ def bench_sampling(tb, quick):
                    rows * V * 4, 0)
 
 
-def reference_spot_check(w_up, w_down):
-    """One decode-sized MoE against the reference, so a fast-but-wrong kernel cannot pass unnoticed."""
+def reference_spot_check(experts):
+    """Decode-sized MoE (bf16 and fp8) and one fp8 projection against the reference, so a
+    fast-but-wrong kernel cannot pass unnoticed."""
     x, w, ids = moe_inputs(8)
-    a = K.fused_moe(x, w_up, w_down, w, ids).float()
-    b = R.fused_moe(x, w_up, w_down, w, ids).float()
-    err = ((a - b).norm() / b.norm()).item()
-    print(f"spot check fused_moe vs reference (bf16, T=8): rel err {err:.2e}")
-    assert err < 2e-2
+    for fp8 in (False, True):
+        up, down, *scales = experts[2:] if fp8 else experts[:2]
+        a_up, a_down = (x.float().abs().amax() / KF.FP8_MAX).reshape(()), torch.tensor(0.05, device=DEV)
+        extra = (*scales, a_up, a_down) if fp8 else ()
+        a = K.fused_moe(x, up, down, w, ids, *extra).float()
+        b = R.fused_moe(x, up, down, w, ids, *extra).float()
+        err = ((a - b).norm() / b.norm()).item()
+        print(f"spot check fused_moe vs reference ({'fp8' if fp8 else 'bf16'}, T=8): rel err {err:.2e}")
+        assert err < 2e-2
+    wq, ws = KF.quantize_fp8(experts[0][0])
+    for t in (8, 300):
+        xx = torch.randn(t, HIDDEN, device=DEV, dtype=BF)
+        a, b = K.fp8_linear(xx, wq, ws).float(), R.fp8_linear(xx, wq, ws).float()
+        err = ((a - b).norm() / b.norm()).item()
+        print(f"spot check fp8_linear vs reference (T={t}): rel err {err:.2e}")
+        assert err < 2e-2
 
 
 def markdown(result: dict) -> str:
@@ -385,8 +488,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
-    ap.add_argument("--moe-sweep", action="store_true", help="only the MoE prefill launch-shape sweep")
-    ap.add_argument("--only", default=None, help="comma-separated sections: ssm,conv,attention,moe,norms,sampling")
+    ap.add_argument("--moe-sweep", action="store_true", help="only the fused_moe launch-shape sweep (bf16 + fp8)")
+    ap.add_argument("--write-table", default=None, help="--moe-sweep: write the best shapes as moe_configs.json here")
+    ap.add_argument("--only", default=None, help="comma-separated sections: ssm,conv,attention,moe,fp8,norms,sampling")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
     args = ap.parse_args()
@@ -401,14 +505,16 @@ def main() -> int:
     tb = Table(copy_gbs, mm)
     w_up = (torch.randn(E, INTER, HIDDEN, device=DEV) * HIDDEN**-0.5).to(BF)
     w_down = (torch.randn(E, HIDDEN, INTER, device=DEV) * INTER**-0.5).to(BF)
-    reference_spot_check(w_up, w_down)
+    experts = (w_up, w_down, *fp8_experts(w_up, w_down))
+    reference_spot_check(experts)
     print(f"{'kernel':26s} {'shape':34s} {'time':>13s} {'':>13s}")
     all_sections = dict(
         ssm=lambda: bench_ssm(tb, args.quick), conv=lambda: bench_conv(tb, args.quick),
-        attention=lambda: bench_attention(tb, args.quick), moe=lambda: bench_moe(tb, args.quick, w_up, w_down),
+        attention=lambda: bench_attention(tb, args.quick), moe=lambda: bench_moe(tb, args.quick, experts),
+        fp8=lambda: bench_fp8(tb, args.quick),
         norms=lambda: bench_norms(tb, args.quick), sampling=lambda: bench_sampling(tb, args.quick))
     names = args.only.split(",") if args.only else list(all_sections)
-    sections = [lambda: bench_moe_sweep(tb, w_up, w_down)] if args.moe_sweep else [all_sections[k] for k in names]
+    sections = [lambda: bench_moe_sweep(tb, experts, args.write_table)] if args.moe_sweep else [all_sections[k] for k in names]
     for section in sections:
         try:
             section()

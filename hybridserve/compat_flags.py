@@ -3,8 +3,8 @@
 A flag here is not a setting of ours. Each entry says its true effect; a value we cannot honour
 is refused with the reason (exit status 2, before anything starts), every other value is
 accepted and its effect logged once at start-up. An entry is left out when a config already has a
-field of that name (`add_compat_flags` skips flags the parser has): once the engine gains e.g.
-`async_scheduling`, the real flag takes over with no change here. docs/serving.md lists the same
+field of that name (`add_compat_flags` skips flags the parser has): once the engine gains a
+setting of such a name, the real flag takes over with no change here. docs/serving.md lists the same
 effects; a test keeps the two in step.
 """
 
@@ -40,8 +40,6 @@ def _only(allowed: tuple[Any, ...], reason: str) -> Callable[[Any], str | None]:
 
 COMPAT_FLAGS = (
     CompatFlag("trust_remote_code", "no effect: NemotronH is built in, no code from the checkpoint is run"),
-    CompatFlag("async_scheduling", "no effect: each engine step is scheduled after the previous step's outputs "
-                                   "are processed (no overlap yet)"),
     CompatFlag("enable_chunked_prefill", "no effect: long prompts are always prefilled in chunks of "
                                          "--max-num-batched-tokens",
                refuse=_only((True,), "prefill is always chunked; it cannot be turned off")),
@@ -50,11 +48,6 @@ COMPAT_FLAGS = (
                _only(("auto", "hf"), "only the fast tokenizer (tokenizer.json) is supported: use auto or hf")),
     CompatFlag("data_parallel_size", "no effect: one engine per server", int,
                _only((1,), "one engine per server: for data parallelism run one server per GPU behind a router")),
-    CompatFlag("max_cudagraph_capture_size", "no effect: decode CUDA graphs are captured for batch sizes up to "
-                                             "min(--max-num-seqs, 512)", int),
-    CompatFlag("quantization", "", str, lambda value: (
-        "online quantization is not supported yet (ModelOpt FP8 checkpoints are recognised from their files)"),
-        metavar="METHOD"),
     CompatFlag("enable_auto_tool_choice", "no effect: tool_choice auto is always available", serve_only=True),
     CompatFlag("tool_call_parser", "no effect: the Nemotron tool-call parser (qwen3_coder format) is built in", str,
                _only(TOOL_CALL_PARSERS, f"only the Nemotron tool-call format is built in: {', '.join(TOOL_CALL_PARSERS)}"),

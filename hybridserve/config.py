@@ -22,6 +22,10 @@ LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 # loader does, which routes every token to the same experts: only for comparing with vLLM's
 # dummy-weight benchmarks.
 LOAD_FORMATS = ("auto", "dummy", "dummy-uniform")
+# fp8: quantize the projections of a BF16 (or dummy) model to FP8 at load; modelopt: the checkpoint
+# must be ModelOpt FP8. A ModelOpt FP8 checkpoint is served in FP8 without the flag too.
+QUANTIZATIONS = ("fp8", "modelopt")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = fp8_e4m3: float8_e4m3fn pages, per-layer k/v scales
 # `layers_block_type` entries; transformers >= 5 writes linear_attention / full_attention.
 _BLOCK_TYPE_TO_CHAR = {
     "mamba": "M",
@@ -240,7 +244,6 @@ def _layer_pattern(d: dict[str, Any]) -> str:
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 MAMBA_SSM_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -262,16 +265,26 @@ class EngineConfig:
         "context limit in tokens, e.g. 8192 or 32k (default: the model's limit, at most 8192)")})
     max_num_seqs: int = 256  # max concurrent running sequences
     max_num_batched_tokens: int = 8192  # token budget per engine step (long prompts are prefilled in chunks)
+    max_prefill_tokens_while_decoding: int = field(default=1024, metadata={"help": (
+        "prompt tokens per step while sequences decode (a decode step carrying a long prefill chunk "
+        "stretches every stream's inter-token latency); without decodes prompts get the whole "
+        "--max-num-batched-tokens")})
     block_size: int = 16  # tokens per KV-cache block
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights, activations and caches
     cpu_cache_bytes: int = 512 * 1024 * 1024  # cache budget (KV + Mamba state) on CPU
     num_kv_blocks: int | None = None  # fix the KV block count instead of sizing it from memory
     kv_cache_dtype: str = field(default="auto", metadata={"choices": KV_CACHE_DTYPES, "help": (
-        "auto: the model dtype. fp8 / fp8_e4m3 are accepted but not applied yet: KV stays in the model "
-        "dtype and the engine logs a warning")})
+        "auto: the model dtype; fp8 = fp8_e4m3: float8_e4m3fn KV pages (half the bytes, twice the tokens) with "
+        "per-layer k/v scales (the checkpoint's k_scale / v_scale, else 1.0)")})
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
     enforce_eager: bool = False  # no CUDA graphs
+    max_cudagraph_capture_size: int | None = field(default=None, metadata={"help": (
+        "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "
+        "capped at the state slots that fit)")})
+    async_scheduling: bool = field(default=True, metadata={"help": (
+        "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
+        "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
     enable_prefix_caching: bool = field(default=True, metadata={"help": (
         "reuse cached KV blocks and Mamba state snapshots of earlier prompts and answers (a hit resumes "
         "at the deepest snapshot whose tokens prefix the new prompt)")})
@@ -279,16 +292,27 @@ class EngineConfig:
         "Mamba state snapshots the prefix cache keeps (each costs one state slot of memory, about 47 MiB "
         "for Nemotron-3-Nano with a float32 SSM state)")})
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
+    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS, "help": (
+        "fp8: quantize the BF16 projections (Mamba, MLP, experts) to FP8 at load, per-channel weight and "
+        "per-token activation scales; modelopt: require a ModelOpt FP8 checkpoint. A ModelOpt FP8 checkpoint "
+        "is served in FP8 without this flag (and unchanged with it). Default: the checkpoint's own formats")})
 
     def __post_init__(self) -> None:
         _need(self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, not {self.load_format!r}")
         _need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}")
         _need(self.device in DEVICES, f"unknown device {self.device!r}")
-        _need(self.kv_cache_dtype in KV_CACHE_DTYPES, f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+        _need(self.kv_cache_dtype in KV_CACHE_DTYPES,
+              f"unknown kv_cache_dtype {self.kv_cache_dtype!r} (supported: {', '.join(KV_CACHE_DTYPES)})")
+        _need(self.quantization in (None, *QUANTIZATIONS),
+              f"quantization {self.quantization!r} is not supported (supported: fp8, which quantizes a BF16 or "
+              "dummy model at load, and modelopt, for ModelOpt FP8 checkpoints)")
         _need(self.mamba_ssm_cache_dtype in MAMBA_SSM_CACHE_DTYPES,
               f"unknown mamba_ssm_cache_dtype {self.mamba_ssm_cache_dtype!r}")
         _need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _need(self.max_prefill_tokens_while_decoding >= 1, "max_prefill_tokens_while_decoding must be >= 1")
+        _need(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
+              "max_cudagraph_capture_size must be >= 1")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _need(self.block_size >= 1, "block_size must be >= 1")
         _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

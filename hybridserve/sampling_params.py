@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs to return besides the sampled token
+    # per prompt token: its logprob given the tokens before it, and this many top alternatives
+    # (vLLM's prompt_logprobs; the first prompt token has no entry)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Thinking budget: after `thinking_budget` generated tokens with reasoning still open (no
     # `thinking_end_token_id` generated yet), the engine forces `thinking_end_token_id`, at the first
@@ -84,6 +87,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        _check(self.prompt_logprobs is None
+               or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         _check(self.thinking_budget is None or (_is_int(self.thinking_budget) and 0 <= self.thinking_budget <= MAX_INT64),
                "thinking_token_budget", "must be a non-negative integer")
         _check(_is_int(self.thinking_grace_tokens) and 0 <= self.thinking_grace_tokens <= MAX_INT64,

@@ -227,7 +227,9 @@ class CacheManager:
         """Give a waiting request a slot and the blocks for its first chunk, resuming from the prefix
         cache where it can (`num_computed_tokens` jumps to the hit's depth). All or nothing: returns
         the chunk's size, or 0 (nothing changed) when no slot or too few blocks are free."""
-        hit, num_cached_blocks = self.match(request) if self.caching else (None, 0)
+        # prompt_logprobs score every prompt position, so such a prompt is computed in full
+        resumable = self.caching and request.prompt_logprobs is None
+        hit, num_cached_blocks = self.match(request) if resumable else (None, 0)
         start = hit.snapshot.depth if hit else 0
         request.prefix_branch = self._branch_point(request, start, num_cached_blocks)
         n = self._chunk(request, start, budget)

@@ -29,8 +29,9 @@ from hybridserve.engine.messages import (
 )
 from hybridserve.engine.model_runner import ModelRunner
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta
-from hybridserve.engine.request import Request
-from hybridserve.engine.scheduler import Scheduler
+from hybridserve.engine.request import Request, RequestStatus
+from hybridserve.engine.sampler import SamplerOutput
+from hybridserve.engine.scheduler import ScheduledStep, Scheduler
 from hybridserve.engine.stats import EngineStats, IterationTokens
 from hybridserve.sampling_params import SamplingParams
 from hybridserve.structured.bitmask import fill_bitmasks
@@ -63,8 +64,10 @@ class EngineCore:
             layout=self.layout,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_id) | frozenset(extra_stop_token_ids)
+        self._in_flight: tuple[ScheduledStep, SamplerOutput | None] | None = None  # async: launched, not applied
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
         # structured requests wait here for their grammar (compiled on a worker thread), then queue
         self.grammars = PendingGrammars(GrammarCompiler(
@@ -108,23 +111,29 @@ class EngineCore:
         return EngineOutput(request_id, deltas, finished=request_id not in self.grammars)
 
     def step(self) -> list[EngineOutput]:
-        """Schedule, run the forward, sample, apply the tokens (synchronously). Grammar masks are
-        filled on the CPU after the forward is launched, so on a GPU they overlap it."""
+        """One model step: schedule it and launch its forward; then fill its grammar masks on the
+        CPU and launch its sampling (the masks need every earlier token applied), and apply its
+        tokens. With `async_scheduling` the previous step's tokens are waited for and applied
+        while this forward runs, right before this step's sampling, and this step's tokens are
+        applied by the next call: the device never waits for the host between steps, and decode
+        rows read the previous step's tokens from the device token buffer."""
         outputs = self._queue_compiled()
         step = self.scheduler.schedule()
-        if not step:
+        if not step and self._in_flight is None:
             if self.grammars:  # only grammars compiling: wait for one rather than spin
                 self.grammars.wait(0.01)
             return outputs
-        logits = self.runner.forward(step.plan)
-        self.iteration_tokens.observe(len(step.plan.input_ids))  # tokens fed this step, prompt and decode
-        if not step.plan.num_samples:
-            return outputs
-        bitmasks = fill_bitmasks([r.grammar for r in step.sample_requests], self.runner.device)
-        if bitmasks is not None:
-            bitmasks.defer_forbidden(step.plan.sampling.forced)
-        token_ids, logprobs = self.runner.sample(step.plan, logits, bitmasks).to_host()
-        return outputs + self.scheduler.update(step, token_ids, logprobs)
+        logits = self.runner.forward(step.plan) if step else None
+        if step:
+            self.iteration_tokens.observe(len(step.plan.input_ids))  # tokens fed this step, prompt and decode
+        if self.config.async_scheduling:
+            previous, self._in_flight = self._in_flight, None
+            outputs += self._apply(previous)
+        launched = self._sample(step, logits) if step else None
+        if not self.config.async_scheduling:
+            return outputs + self._apply(launched)
+        self._in_flight = launched
+        return outputs
 
     def _queue_compiled(self) -> list[EngineOutput]:
         """Queue the structured requests whose grammar is ready; fail those whose grammar failed."""
@@ -134,7 +143,28 @@ class EngineCore:
         return [EngineOutput(request_id, [], finished=True, error=error) for request_id, error in failed]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.grammars)
+        return self.scheduler.has_unfinished() or bool(self.grammars) or self._in_flight is not None
+
+    def _sample(self, step: ScheduledStep, logits) -> tuple[ScheduledStep, SamplerOutput] | None:
+        """Fill the step's grammar masks (rows of sequences that ended or were preempted meanwhile
+        get none: they are dropped), queue its sampling (and prompt-logprob scoring) and start the
+        copy of its results."""
+        if not step.plan.num_logits_rows:
+            return None
+        matchers = [r.grammar if r.status is RequestStatus.RUNNING and r.num_preemptions == epoch else None
+                    for r, epoch in zip(step.sample_requests, step.sample_epochs)]
+        bitmasks = fill_bitmasks(matchers, self.runner.device)
+        if bitmasks is not None:
+            bitmasks.defer_forbidden(step.plan.sampling.forced)
+        return step, self.runner.sample(step.plan, logits, bitmasks)
+
+    def _apply(self, launched: tuple[ScheduledStep, SamplerOutput] | None) -> list[EngineOutput]:
+        """Wait for a launched step's tokens and hand them to the scheduler."""
+        if launched is None:
+            return []
+        step, sampled = launched
+        token_ids, logprobs = sampled.to_host()
+        return self.scheduler.update(step, token_ids, logprobs, sampled.prompt_entries)
 
     def stats(self) -> EngineStats:
         s = self.scheduler

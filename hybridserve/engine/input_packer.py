@@ -17,6 +17,16 @@ from hybridserve.engine.step_plan import FROM_DEVICE, StepPlan
 from hybridserve.model.forward_batch import ForwardBatch
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device, without making the host wait for the device's queue (a plain
+    copy would: async scheduling queues a step while the previous one runs). CUDA: staged
+    through pinned memory and copied asynchronously; CPU: the array's memory itself."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 class InputPacker:
     def __init__(self, num_rows: int, max_blocks_per_seq: int, block_size: int, pad_block: int,
                  device: torch.device) -> None:
@@ -26,8 +36,9 @@ class InputPacker:
         self.token_buffer = torch.zeros(num_rows, dtype=torch.int64, device=device)
 
     def pack(self, plan: StepPlan) -> ForwardBatch:
-        """Apply the plan's block-table updates and build its ForwardBatch (logits for the sample rows)."""
-        b, t, r, k = plan.num_seqs, plan.num_tokens, plan.num_samples, len(plan.table_updates)
+        """Apply the plan's block-table updates and build its ForwardBatch (logits for the sample
+        rows, then the prompt-logprob rows)."""
+        b, t, r, k = plan.num_seqs, plan.num_tokens, plan.num_logits_rows, len(plan.table_updates)
         bs = self.block_size
         lens = plan.num_new_tokens
         cu = np.zeros(b + 1, dtype=np.int64)
@@ -36,9 +47,9 @@ class InputPacker:
         positions = np.arange(t) - cu[:-1][seq_index] + plan.num_cached[seq_index]
         flat = np.concatenate([
             plan.input_ids, positions, plan.slots[seq_index], cu, plan.num_cached + lens, plan.slots,
-            plan.num_cached > 0, plan.sample_token_indices, plan.table_updates.T.reshape(-1),
+            plan.num_cached > 0, plan.sample_token_indices, plan.prompt_logprob_indices, plan.table_updates.T.reshape(-1),
         ])
-        dev = torch.from_numpy(flat).to(self.device, non_blocking=True)  # the step's one host->device copy
+        dev = to_device(flat, self.device)  # the step's one host->device copy
         ids, pos, token_slots, cu_d, seq_lens, slots, has_state, sample_idx, updates = dev.split(
             [t, t, t, b + 1, b, b, b, r, 3 * k]
         )

@@ -56,6 +56,7 @@ class _RequestState:
     params: SamplingParams
     choices: list[_Choice] = field(default_factory=list)
     hold_back: int = 0  # characters held back while a stop string may be forming
+    prompt_logprobs: list | None = None  # arrives once, with the first tokens
 
 
 class OutputProcessor:
@@ -89,6 +90,8 @@ class OutputProcessor:
             return None, []
         for choice in state.choices:
             choice.new_token_ids, choice.new_logprobs, choice.text_delta = [], [], ""
+        if engine_output.prompt_logprobs is not None:
+            state.prompt_logprobs = engine_output.prompt_logprobs
         stopped = []
         for delta in engine_output.deltas:
             choice = state.choices[delta.index]
@@ -112,6 +115,7 @@ class OutputProcessor:
             num_preemptions=engine_output.num_preemptions,
             queue_time=engine_output.queue_time,
             num_cached_tokens=engine_output.num_cached_tokens,
+            prompt_logprobs=state.prompt_logprobs,
         )
         return result, stopped
 

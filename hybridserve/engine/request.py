@@ -52,7 +52,9 @@ class Request:
         self.max_tokens = max_tokens
         self.stop_token_ids = stop_token_ids  # eos (unless ignore_eos) + the request's stop ids
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)  # prompt followed by the generated tokens
+        self.token_ids = list(prompt_token_ids)  # prompt followed by the generated tokens known on the host
+        # sampled by scheduled steps but not appended yet (async scheduling: the step is still running)
+        self.num_tokens_in_flight = 0
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.block_ids: list[int] = []
@@ -68,15 +70,24 @@ class Request:
         self.last_token_on_device = False
         self.thinking_open = params.thinking_budget is not None and params.thinking_end_token_id is not None
         self.grammar: SequenceMatcher | None = None  # structured outputs: set when its grammar is compiled
+        # prompt_logprobs: the entries of prompt tokens 1..P-1 as the prefill scores them (entry 0 stays None)
+        self.prompt_logprobs: list | None = [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Prompt + generated tokens, counting those still in flight (what the scheduler plans with)."""
+        return len(self.token_ids) + self.num_tokens_in_flight
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens known on the host."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def next_output_index(self) -> int:
+        """Output index of the next token to sample (after those in flight): the noise counter."""
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -91,18 +102,33 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def awaits_result(self) -> bool:
+        """Async scheduling: nothing to schedule until the token in flight is known, because the
+        last allowed token is already in flight, or the next sample's rules read the output so far
+        (penalties; the thinking budget's forcing window)."""
+        if not self.num_tokens_in_flight:
+            return False
+        p = self.params
+        return (
+            self.next_output_index >= self.max_tokens
+            or bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+            or (self.thinking_open and self.next_output_index >= p.thinking_budget)
+        )
+
     # ---- decoding rules ------------------------------------------------------------------------
     @property
     def suppress_stop_tokens(self) -> bool:
         """min_tokens: stop tokens may not be sampled yet (never with a grammar: it decides where the output ends)."""
-        return self.grammar is None and self.num_output_tokens < self.params.min_tokens
+        return self.grammar is None and self.next_output_index < self.params.min_tokens
 
     def forced_next_token(self) -> int | None:
-        """Thinking budget: the token to force as the next output, or None (see SamplingParams)."""
+        """Thinking budget: the token to force as the next output, or None (see SamplingParams).
+        Inside the forcing window it reads the last token, so it needs no token in flight."""
         p = self.params
         if not self.thinking_open:
             return None
-        i = self.num_output_tokens  # index of the token about to be generated
+        i = self.next_output_index  # index of the token about to be generated
         if i < p.thinking_budget:
             return None
         if i >= p.thinking_budget + p.thinking_grace_tokens:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hybridserve.engine.input_packer import to_device
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.engine.step_plan import SamplingInputs
 from hybridserve.ops import get_ops
@@ -48,22 +49,22 @@ class SamplingMetadata:
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # rows [G], token bitmasks [G, ceil(V/32)]
 
     @classmethod
-    def build(cls, inputs: SamplingInputs, device: torch.device,
-              bitmasks: StepBitmasks | None = None) -> SamplingMetadata:
+    def build(cls, inputs: SamplingInputs, device: torch.device, bitmasks: StepBitmasks | None = None,
+              max_logprobs: int | None = None) -> SamplingMetadata:
         """The host inputs on the device: two copies for the per-row scalars, more only for rare
-        features. bitmasks: the grammar rows' token masks of this step (structured outputs)."""
+        features. bitmasks: the grammar rows' token masks of these rows (structured outputs).
+        max_logprobs: the top-k width to return (default: the rows' own maximum; the chunks of one
+        step pass the step's, so that their outputs concatenate)."""
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(np.array(values, dtype=dtype), device)
 
-        floats = torch.from_numpy(np.stack([inputs.temperature, inputs.top_p, inputs.min_p])).to(device)
-        ints = torch.from_numpy(np.stack([inputs.slots, inputs.top_k, inputs.seeds, inputs.positions,
-                                          inputs.forced])).to(device)
-        pen = inputs.penalty_values
+        floats = to_device(np.stack([inputs.temperature, inputs.top_p, inputs.min_p]), device)
+        ints = to_device(np.stack([inputs.slots, inputs.top_k, inputs.seeds, inputs.positions, inputs.forced]), device)
         penalties = None
         if inputs.penalty_rows:
-            values = torch.from_numpy(pen).to(device)
-            penalties = (tensor(inputs.penalty_rows, torch.int64), inputs.penalty_prompts, inputs.penalty_outputs,
+            values = to_device(inputs.penalty_values, device)
+            penalties = (tensor(inputs.penalty_rows, np.int64), inputs.penalty_prompts, inputs.penalty_outputs,
                          values[0], values[1], values[2])
         bias_rows, bias_cols, bias_values = inputs.bias
         sup_rows, sup_cols = inputs.suppress
@@ -78,43 +79,98 @@ class SamplingMetadata:
             filter_needed=inputs.filter_needed,
             all_greedy=inputs.all_greedy,
             forced=ints[4] if (inputs.forced >= 0).any() else None,
-            bias=(tensor(bias_rows, torch.int64), tensor(bias_cols, torch.int64), tensor(bias_values, torch.float32))
+            bias=(tensor(bias_rows, np.int64), tensor(bias_cols, np.int64), tensor(bias_values, np.float32))
             if bias_rows else None,
-            suppress=(tensor(sup_rows, torch.int64), tensor(sup_cols, torch.int64)) if sup_rows else None,
+            suppress=(tensor(sup_rows, np.int64), tensor(sup_cols, np.int64)) if sup_rows else None,
             penalties=penalties,
             num_logprobs=inputs.num_logprobs,
-            max_logprobs=inputs.max_logprobs,
+            max_logprobs=inputs.max_logprobs if max_logprobs is None else max_logprobs,
             grammar=None if bitmasks is None else bitmasks.to(device),
         )
 
 
 @dataclass
 class SamplerOutput:
-    """One step's samples on the device; `to_host` is the step's one device->host copy."""
+    """One step's samples on the device. `start_host_copy` queues the step's one device->host copy
+    (right after sampling, so that it does not wait behind a step launched later); `to_host`
+    waits for it. Logprob rows (sampled and prompt alike): [token id, its logprob, its rank,
+    K top ids, K top logprobs]."""
 
     token_ids: torch.Tensor  # [R] int64
     logprobs: torch.Tensor | None  # [R, 2 + 2K] float32: sampled logprob, its rank, K top ids, K top logprobs
     num_logprobs: list[int | None]
+    prompt: torch.Tensor | None = None  # [L, 3 + 2K'] float32: the step's prompt-logprob rows
+    prompt_entries: list[list[TokenLogprob]] | None = None  # set by to_host: per prompt row, K' + 1 entries
+    _host: torch.Tensor | None = None
+    _copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def concat(cls, parts: list[SamplerOutput]) -> SamplerOutput:
+        """The outputs of consecutive row chunks as one (all chunks of the same logprobs width)."""
+        if len(parts) == 1:
+            return parts[0]
+        logprobs = None if parts[0].logprobs is None else torch.cat([p.logprobs for p in parts])
+        return cls(torch.cat([p.token_ids for p in parts]), logprobs, [k for p in parts for k in p.num_logprobs])
+
+    def start_host_copy(self) -> None:
+        """Everything in one flat float32 copy (token ids < 2**24 are exact)."""
+        flat = [self.token_ids.float()] + [t.flatten() for t in (self.logprobs, self.prompt) if t is not None]
+        packed = torch.cat(flat) if len(flat) > 1 else flat[0]
+        self._host = packed.to("cpu", non_blocking=True)  # pinned memory on CUDA
+        if packed.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def to_host(self) -> tuple[list[int], list[list[TokenLogprob] | None] | None]:
         """Token ids, and per row the logprob entries (sampled token first, then the top
-        alternatives) or None; the second item is None when no row asked for logprobs."""
-        if self.logprobs is None:
-            return self.token_ids.tolist(), None
-        host = torch.cat([self.token_ids[:, None].float(), self.logprobs], dim=1).tolist()
-        k_max = (len(host[0]) - 3) // 2 if host else 0
-        token_ids, logprobs = [], []
-        for row, k in zip(host, self.num_logprobs):
-            token_id = int(row[0])
-            token_ids.append(token_id)
-            if k is None:
-                logprobs.append(None)
-                continue
-            entries = [TokenLogprob(token_id, row[1], int(row[2]))]
-            for j in range(k):
-                entries.append(TokenLogprob(int(row[3 + j]), row[3 + k_max + j], j + 1))
-            logprobs.append(entries)
+        alternatives) or None; the second item is None when no row asked for logprobs. Also sets
+        `prompt_entries`."""
+        if self._host is None:
+            self.start_host_copy()
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = self._host
+        r = len(self.token_ids)
+        token_ids = [int(t) for t in host[:r].tolist()]
+        offset = r
+        logprobs = None
+        if self.logprobs is not None:
+            width = self.logprobs.shape[1]
+            rows = host[offset : offset + r * width].view(r, width).tolist()
+            offset += r * width
+            logprobs = [None if k is None else _entries([t, *row], k) for t, row, k in zip(token_ids, rows, self.num_logprobs)]
+        if self.prompt is not None:
+            n, width = self.prompt.shape
+            rows = host[offset : offset + n * width].view(n, width).tolist()
+            self.prompt_entries = [_entries(row, (width - 3) // 2) for row in rows]
         return token_ids, logprobs
+
+
+def _entries(row: list[float], k: int) -> list[TokenLogprob]:
+    """A logprob row [token id, logprob, rank, K ids, K logprobs] -> the token's entry and its first k alternatives."""
+    k_max = (len(row) - 3) // 2
+    return [TokenLogprob(int(row[0]), row[1], int(row[2]))] + [
+        TokenLogprob(int(row[3 + j]), row[3 + k_max + j], j + 1) for j in range(k)
+    ]
+
+
+def logprob_rows(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, 2 + 2k]: each row's logprob of token_ids, its rank (1 = most likely), the top-k ids and logprobs."""
+    chosen = raw_logprobs.gather(1, token_ids[:, None])  # [n, 1]
+    rank = (raw_logprobs > chosen).sum(-1, keepdim=True) + 1
+    top_lp, top_ids = raw_logprobs.topk(k, dim=-1)
+    return torch.cat([chosen, rank.float(), top_ids.float(), top_lp], dim=1)
+
+
+def prompt_logprob_rows(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk_rows: int) -> torch.Tensor:
+    """[L, 3 + 2k] prompt-logprob rows (target id first) from logits [L, V], `chunk_rows` rows at a
+    time so that the log-softmax scratch stays bounded."""
+    parts = []
+    for start in range(0, len(targets), chunk_rows):
+        t = targets[start : start + chunk_rows]
+        lp = torch.log_softmax(logits[start : start + chunk_rows], dim=-1)
+        parts.append(torch.cat([t[:, None].float(), logprob_rows(lp, t, k)], dim=1))
+    return torch.cat(parts)
 
 
 class Sampler:
@@ -149,11 +205,7 @@ class Sampler:
             token_ids = torch.where(meta.forced >= 0, meta.forced, token_ids)
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, meta.num_logprobs)
-        chosen = raw_logprobs.gather(1, token_ids[:, None])  # [R, 1]
-        rank = (raw_logprobs > chosen).sum(-1, keepdim=True) + 1
-        top_lp, top_ids = raw_logprobs.topk(meta.max_logprobs, dim=-1)
-        return SamplerOutput(token_ids, torch.cat([chosen, rank.float(), top_ids.float(), top_lp], dim=1),
-                             meta.num_logprobs)
+        return SamplerOutput(token_ids, logprob_rows(raw_logprobs, token_ids, meta.max_logprobs), meta.num_logprobs)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, penalties: tuple) -> None:
@@ -172,4 +224,4 @@ class Sampler:
 
 def _flat_offsets(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """row * vocab + id for every id of every row, as one int64 tensor on the device."""
-    return torch.tensor([i * vocab + t for i, seq in enumerate(seqs) for t in seq], dtype=torch.int64, device=device)
+    return to_device(np.array([i * vocab + t for i, seq in enumerate(seqs) for t in seq], dtype=np.int64), device)

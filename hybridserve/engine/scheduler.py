@@ -2,9 +2,12 @@
 
 There are no prefill and decode phases: every running request wants `num_pending_tokens` more
 tokens (the rest of its prompt, or the token sampled last step) and gets as many as the step's
-token budget allows. Order within a step: running decodes, then running prompt chunks, then
-waiting requests admitted first come, first served while a state slot, KV blocks for their first
-chunk, a `max_num_seqs` place and budget remain. When a running request needs a KV block and none
+token budget allows; while any sequence decodes, prompt tokens get at most
+`max_prefill_tokens_while_decoding` of it (a long prefill chunk would stretch every decode's
+inter-token latency), and prompt_logprobs prefills at most `PROMPT_LOGPROB_ROWS_PER_STEP`. Order
+within a step: running decodes, then running prompt chunks, then waiting requests admitted first
+come, first served while a state slot, KV blocks for their first chunk, a `max_num_seqs` place
+and budget remain. When a running request needs a KV block and none
 is free, the newest running request is preempted (blocks and slot freed, requeued, recomputed).
 
 The scheduler is the only writer of `Request`: `schedule()` advances `num_computed_tokens` of what
@@ -26,14 +29,14 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hybridserve.engine.cache_manager import CacheLayout, CacheManager, StepChanges
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta, TokenLogprob
 from hybridserve.engine.request import Request, RequestStatus
-from hybridserve.engine.step_plan import FROM_DEVICE, SamplingInputs, StepPlan
+from hybridserve.engine.step_plan import FROM_DEVICE, PROMPT_LOGPROB_ROWS_PER_STEP, SamplingInputs, StepPlan
 
 
 @dataclass
@@ -43,6 +46,9 @@ class ScheduledStep:
     plan: StepPlan
     requests: list[Request]  # [B] the sequences fed, in batch order (decodes first)
     sample_requests: list[Request]  # [R] the sequence each sample row belongs to
+    sample_epochs: list[int]  # [R] its preemption count then: a row of a since-preempted sequence is dropped
+    # prompt_logprobs: (sequence, first prompt position scored, count) per run of the plan's L prompt rows
+    prompt_logprob_runs: list[tuple[Request, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -51,10 +57,12 @@ class ScheduledStep:
 class Scheduler:
     """Token-budget continuous batching over the CacheManager's block and slot pools."""
 
-    def __init__(self, *, layout: CacheLayout, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, *, layout: CacheLayout, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens_while_decoding: int | None = None) -> None:
         self.layout = layout
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or max_num_batched_tokens
         self.cache = CacheManager(layout)
         self.waiting: list[Request] = []  # sorted by arrival (FCFS; preempted ones keep their place)
         self.running: list[Request] = []  # sorted by arrival; the last is the newest
@@ -63,6 +71,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._next_arrival = 0
+        self._prompt_logprobs_due: set[str] = set()  # requests whose prompt logprobs are not sent yet
 
     # ---- admission -----------------------------------------------------------------------------
     def add(self, sequences: list[Request]) -> None:
@@ -76,6 +85,8 @@ class Scheduler:
         for seq in sequences:
             seq.arrival = (arrival, seq.index)
         self.groups[first.request_id] = sequences
+        if first.prompt_logprobs is not None:
+            self._prompt_logprobs_due.add(first.request_id)
         first.forks = sequences[1:]
         for sib in first.forks:
             sib.status = RequestStatus.WAITING_FOR_FORK
@@ -101,35 +112,40 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
-        budget = self.max_num_batched_tokens
         scheduled: dict[Request, int] = {}  # in batch order
         forked: dict[Request, list[Request]] = {}  # parent -> siblings forked this step
         decodes, prompts = [], []
         for r in self.running:
             (decodes if r.num_pending_tokens == 1 else prompts).append(r)
+        left = _StepBudget(self.max_num_batched_tokens,
+                           self.max_prefill_tokens_while_decoding if decodes else self.max_num_batched_tokens,
+                           PROMPT_LOGPROB_ROWS_PER_STEP)
         for req in decodes + prompts:
-            if budget == 0:
+            if left.tokens == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted by an older request this step
+            if req.status is not RequestStatus.RUNNING or req.awaits_result:  # preempted this step, or async
                 continue
-            n = self.cache.chunk_size(req, budget)
+            n = self._chunk(req, left)
+            if n == 0:
+                continue
             while not self.cache.grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
-                budget += scheduled.pop(victim, 0)
+                left.tokens += scheduled.pop(victim, 0)  # (its prefill / scored share is not given back)
                 self._preempt(victim)
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
                 scheduled[req] = n
-                budget -= n
+                self._take(req, n, left)
         # forks only once no more preemption can come in this step (a victim is never forked)
         for req, n in list(scheduled.items()):
             self._fork_at_prompt_end(req, n, forked)
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and left.tokens > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = self.cache.admit(req, budget)  # may resume from the prefix cache
-            if not n:
+            limit = self._limit(req, left)
+            n = self.cache.admit(req, limit) if limit > 0 else 0  # may resume from the prefix cache
+            if n == 0:
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -137,7 +153,7 @@ class Scheduler:
                 req.queue_time = time.monotonic() - req.arrival_time
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req] = n
-            budget -= n
+            self._take(req, n, left)
             self._fork_at_prompt_end(req, n, forked)
         return self._plan(scheduled, forked)
 
@@ -146,14 +162,35 @@ class Scheduler:
         step: ScheduledStep,
         sampled_token_ids: list[int],
         logprobs: list[list[TokenLogprob] | None] | None = None,
+        prompt_logprobs: list[list[TokenLogprob]] | None = None,
     ) -> list[EngineOutput]:
-        """Apply a step's samples (one per sample row, in row order): append, stop, free."""
+        """Apply a step's samples (one per sample row, in row order): append, stop, free. Rows of
+        sequences that finished, were aborted or preempted since the step was scheduled are dropped
+        (a preempted one samples that token again after recomputing). prompt_logprobs: one entry
+        list per prompt-logprob row of the step."""
         deltas: dict[str, list[SequenceDelta]] = {}
-        for i, req in enumerate(step.sample_requests):
-            if req.status is not RequestStatus.RUNNING:
+        row = 0
+        for req, first, count in step.prompt_logprob_runs:
+            if not req.is_finished:  # a rerun after preemption scores the same tokens again
+                k = req.params.prompt_logprobs
+                req.prompt_logprobs[first : first + count] = [e[: k + 1] for e in prompt_logprobs[row : row + count]]
+            row += count
+        for i, (req, epoch) in enumerate(zip(step.sample_requests, step.sample_epochs)):
+            if req.status is not RequestStatus.RUNNING or req.num_preemptions != epoch:
                 continue
+            req.num_tokens_in_flight -= 1
             self._append(req, sampled_token_ids[i], logprobs[i] if logprobs else None, deltas)
-        return [self._output(self.groups[request_id], ds) for request_id, ds in deltas.items()]
+        outputs = []
+        for request_id, ds in deltas.items():
+            group = self.groups[request_id]
+            sent = None
+            if request_id in self._prompt_logprobs_due:  # sent with the first token of the sequence that scored them
+                done = [q for q in group if q.num_output_tokens and None not in q.prompt_logprobs[1:]]
+                if done:
+                    self._prompt_logprobs_due.discard(request_id)
+                    sent = done[0].prompt_logprobs
+            outputs.append(self._output(group, ds, prompt_logprobs=sent))
+        return outputs
 
     # ---- queries -------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -219,6 +256,7 @@ class Scheduler:
         """Turn this step's decisions into a StepPlan and advance what it computes."""
         requests = list(scheduled)
         ids, sample_indices, sample_requests = [], [], []
+        scored_indices, scored_targets, runs = [], [], []
         end = 0
         for req, n in scheduled.items():
             c = req.num_computed_tokens
@@ -226,6 +264,10 @@ class Scheduler:
                 ids.append(FROM_DEVICE)
             else:
                 ids += req.token_ids[c : c + n]
+            if (count := self._num_scored(req, n)):  # fed positions c.. score prompt tokens c+1..
+                scored_indices += range(end, end + count)
+                scored_targets += req.token_ids[c + 1 : c + 1 + count]
+                runs.append((req, c + 1, count))
             end += n
             if c + n == req.num_tokens:  # the fed tokens reach the end: sample the next one
                 if req.num_output_tokens == 0:
@@ -249,12 +291,46 @@ class Scheduler:
             block_copies_before=changes.block_copies_before,
             slot_copies=changes.slot_copies,
             block_copies=changes.block_copies,
+            prompt_logprob_indices=np.array(scored_indices, dtype=np.int64),
+            prompt_logprob_targets=np.array(scored_targets, dtype=np.int64),
+            prompt_logprob_k=max((r.params.prompt_logprobs for r, _, _ in runs), default=0),
         )
         for req, n in scheduled.items():
             req.num_computed_tokens += n
         for req in sample_requests:
+            req.num_tokens_in_flight += 1
             req.last_token_on_device = True
-        return ScheduledStep(plan, requests, sample_requests)
+        return ScheduledStep(plan, requests, sample_requests, [r.num_preemptions for r in sample_requests], runs)
+
+    def _chunk(self, req: Request, left: _StepBudget) -> int:
+        """Tokens the request feeds this step (0: none) within what the step has left."""
+        limit = self._limit(req, left)
+        return self.cache.chunk_size(req, limit) if limit > 0 else 0
+
+    def _limit(self, req: Request, left: _StepBudget) -> int:
+        """The most tokens the request may feed this step, of what the step has left."""
+        limit = left.tokens
+        if _prefills(req):
+            limit = min(limit, left.prefill)
+        if self._scores_prompt(req):
+            limit = min(limit, left.scored)
+        return limit
+
+    def _take(self, req: Request, n: int, left: _StepBudget) -> None:
+        left.tokens -= n
+        if _prefills(req):
+            left.prefill -= n
+        left.scored -= self._num_scored(req, n)
+
+    def _scores_prompt(self, req: Request) -> bool:
+        """The request's prompt logprobs are still to be computed, by this sequence's prefill."""
+        return req.request_id in self._prompt_logprobs_due and req.num_output_tokens == 0
+
+    def _num_scored(self, req: Request, n: int) -> int:
+        """Prompt tokens scored by feeding n more tokens: position p's logits score token p + 1."""
+        if not self._scores_prompt(req):
+            return 0
+        return max(0, min(req.num_computed_tokens + n, req.num_prompt_tokens - 1) - req.num_computed_tokens)
 
     def _append(self, req: Request, token: int, lp, deltas: dict[str, list[SequenceDelta]]) -> None:
         finished = req.append_token(token)
@@ -270,6 +346,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self._remove(req)
         req.num_computed_tokens = 0
+        req.num_tokens_in_flight = 0  # dropped when its step returns; sampled again after the recompute
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions_total += 1
@@ -294,13 +371,29 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
-    def _output(self, group: list[Request], deltas: list[SequenceDelta]) -> EngineOutput:
+    def _output(self, group: list[Request], deltas: list[SequenceDelta], prompt_logprobs=None) -> EngineOutput:
         first = group[0]
         finished = all(r.is_finished for r in group)
         if finished:
             del self.groups[first.request_id]
+            self._prompt_logprobs_due.discard(first.request_id)
         return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
-                            queue_time=first.queue_time, num_cached_tokens=first.num_cached_tokens)
+                            queue_time=first.queue_time, num_cached_tokens=first.num_cached_tokens,
+                            prompt_logprobs=prompt_logprobs)
+
+
+@dataclass
+class _StepBudget:
+    """What the step being scheduled may still take."""
+
+    tokens: int  # of max_num_batched_tokens
+    prefill: int  # prompt tokens (max_prefill_tokens_while_decoding while any sequence decodes)
+    scored: int  # prompt-logprob rows
+
+
+def _prefills(req: Request) -> bool:
+    """The request feeds its prompt (or recomputes after preemption), not one decode token."""
+    return req.num_pending_tokens > 1 or req.num_computed_tokens < req.num_prompt_tokens
 
 
 def _arrival(req: Request) -> tuple[int, int]:

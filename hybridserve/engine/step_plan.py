@@ -7,11 +7,12 @@ how many tokens it already has in the caches and how many it feeds, the fed toke
 `FROM_DEVICE` where the token is the one the previous step sampled into the slot's token-buffer
 row, so a decode never needs the host to know its last token), the block-table entries that
 changed, the R rows to sample (which token's logits, which slot receives the token, the sampling
-scalars), the state / KV block copies to do before the forward (prefix caching: saving a
-finished sequence's state into a snapshot row, restoring a snapshot into a slot on a hit, copying a
-hit's partial tail block) and after it (n > 1 forks, the snapshot at a prompt's last full block).
+scalars), the L prompt-logprob rows (which fed prompt token's logits score which next prompt
+token), the state / KV block copies to do before the forward (prefix caching: saving a finished
+sequence's state into a snapshot row, restoring a snapshot into a slot on a hit, copying a hit's
+partial tail block) and after it (n > 1 forks, the snapshot at a prompt's last full block).
 
-Letters: B sequences, T tokens, R sample rows, K block-table updates.
+Letters: B sequences, T tokens, R sample rows, L prompt-logprob rows, K block-table updates.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import numpy as np
 from hybridserve.engine.request import Request
 
 FROM_DEVICE = -1  # input id placeholder: take the slot's token-buffer entry
+# prompt_logprobs: prompt tokens scored per step at most (their [rows, vocab] logits are the cost;
+# the runner's memory plan reserves for them)
+PROMPT_LOGPROB_ROWS_PER_STEP = 256
 
 
 def _empty(cols: int) -> np.ndarray:
@@ -65,6 +69,28 @@ class SamplingInputs:
         """-1 when no row asks for logprobs."""
         return max((k for k in self.num_logprobs if k is not None), default=-1)
 
+    def rows(self, start: int, stop: int) -> SamplingInputs:
+        """Rows start..stop-1 as inputs of their own (sparse parts re-indexed): the sampler runs
+        a big step a bounded number of rows at a time."""
+        if start == 0 and stop >= len(self):
+            return self
+
+        def sparse(rows, *columns):
+            keep = [i for i, r in enumerate(rows) if start <= r < stop]
+            return ([rows[i] - start for i in keep], *([c[i] for i in keep] for c in columns))
+
+        keep = [i for i, r in enumerate(self.penalty_rows) if start <= r < stop]
+        part = slice(start, stop)
+        return SamplingInputs(
+            slots=self.slots[part], temperature=self.temperature[part], top_p=self.top_p[part],
+            min_p=self.min_p[part], top_k=self.top_k[part], seeds=self.seeds[part], positions=self.positions[part],
+            forced=self.forced[part], bias=sparse(*self.bias), suppress=sparse(*self.suppress),
+            penalty_rows=[self.penalty_rows[i] - start for i in keep],
+            penalty_prompts=[self.penalty_prompts[i] for i in keep],
+            penalty_outputs=[self.penalty_outputs[i] for i in keep],
+            penalty_values=self.penalty_values[:, keep], num_logprobs=self.num_logprobs[part],
+        )
+
     @classmethod
     def of(cls, rows: list[Request], slots: list[int]) -> SamplingInputs:
         """The sampling rules of each row's request, as of the token it samples next."""
@@ -90,7 +116,7 @@ class SamplingInputs:
             min_p=np.array([p.min_p for p in ps], dtype=np.float32),
             top_k=np.array([p.top_k for p in ps], dtype=np.int64),
             seeds=np.array([r.seed for r in rows], dtype=np.int64),
-            positions=np.array([r.num_output_tokens for r in rows], dtype=np.int64),
+            positions=np.array([r.next_output_index for r in rows], dtype=np.int64),
             forced=np.array([-1 if f is None else f for f in forced], dtype=np.int64),
             bias=bias,
             suppress=suppress,
@@ -121,6 +147,10 @@ class StepPlan:
     block_copies_before: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst KV blocks
     slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward (forks, snapshots)
     block_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst: after the forward
+    # prompt logprobs: L fed prompt tokens whose logits score the prompt token after them
+    prompt_logprob_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] into T
+    prompt_logprob_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] next ids
+    prompt_logprob_k: int = 0  # top alternatives per prompt row (the step's largest request)
 
     @property
     def num_seqs(self) -> int:
@@ -135,14 +165,19 @@ class StepPlan:
         return len(self.sample_token_indices)
 
     @property
+    def num_logits_rows(self) -> int:
+        """Rows of logits the forward returns: the R sample rows, then the L prompt-logprob rows."""
+        return self.num_samples + len(self.prompt_logprob_indices)
+
+    @property
     def is_decode(self) -> bool:
         """One new token per sequence, each continuing carried state (a one-token prompt is not a decode)."""
         return bool((self.num_new_tokens == 1).all() and (self.num_cached > 0).all())
 
     @property
     def samples_each_sequence_once(self) -> bool:
-        """Sample row b reads sequence b's (last) token, for every b: the decode-graph shape."""
-        return self.num_samples == self.num_seqs == self.num_tokens
+        """Sample row b reads sequence b's (last) token, for every b, and nothing else: the decode-graph shape."""
+        return self.num_logits_rows == self.num_samples == self.num_seqs == self.num_tokens
 
     def block_table_width(self, block_size: int) -> int:
         """Block-table columns the step reads: enough for the longest sequence after the step."""

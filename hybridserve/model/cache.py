@@ -8,7 +8,8 @@ Layout (letters: S slots, NB pages, BS page size, K conv kernel, C conv channels
 P head dim, N state size, Hkv kv heads, D head dim):
   conv_state [L_mamba, S, K, C]          model dtype; ring of the last K raw (pre-conv) xBC rows
   ssm_state  [L_mamba, S, H, P, N]       float32 by default (bfloat16 / float16 allowed)
-  kv         [L_attn, 2, NB, BS, Hkv, D] model dtype; [:, 0] keys, [:, 1] values
+  kv         [L_attn, 2, NB, BS, Hkv, D] model dtype, or float8_e4m3fn (--kv-cache-dtype fp8: the
+                                        layers' kv_scale dequantize); [:, 0] keys, [:, 1] values
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class HybridCache:
         dtype: torch.dtype,
         ssm_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_dtype: torch.dtype | None = None,
     ) -> HybridCache:
+        """kv_dtype: the KV pages' dtype (default: `dtype`)."""
         n_mamba = len(config.layers_of("M"))
         n_attn = len(config.layers_of("*"))
         conv = torch.zeros(n_mamba, num_slots, config.conv_kernel, config.conv_dim, dtype=dtype, device=device)
@@ -46,7 +49,8 @@ class HybridCache:
             dtype=ssm_dtype, device=device,
         )
         kv = torch.zeros(
-            n_attn, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device
+            n_attn, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+            dtype=kv_dtype or dtype, device=device,
         )
         return cls(conv_state=conv, ssm_state=ssm, kv=kv, block_size=block_size)
 
@@ -59,7 +63,7 @@ class HybridCache:
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
-        """KV bytes of one page over all attention layers."""
+        """KV bytes of one page over all attention layers (1 byte per element for an fp8 cache)."""
         return HybridCache.allocate(config, 0, 1, block_size, kv_dtype, device="meta").kv.nbytes
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -1,26 +1,32 @@
 """Model weights in and out: Hugging Face safetensors checkpoints, dummy weights, FP8 (ModelOpt).
 
-`load_model` is what the engine calls. It allocates the model once, on its device, and copies the
-checkpoint into it tensor by tensor (the real model is 63 GB: no second copy ever exists). Every
-parameter must be filled exactly by the files, or loading stops with a `CheckpointError` naming the
-tensor — nothing half-loads silently.
+`load_model` is what the engine calls. It decides every projection's weight format (from the
+checkpoint's tensors, or `quantization`), allocates the model once on its device in those formats,
+and hands the checkpoint to it tensor by tensor, each to its module's `load` (the real model is
+63 GB in bf16: no second copy ever exists). Every tensor must be filled exactly by the files, or
+loading stops with a `CheckpointError` naming the tensor — nothing half-loads silently.
 
 On-disk names are the HF ones (`backbone.layers.{i}.mixer...`, `backbone.norm_f`, `lm_head`;
 transformers' in-memory `model.` prefix is accepted too). Routed experts are stored one tensor per
-expert (`experts.{j}.up_proj.weight`) and stacked here into `experts.up_proj [E, I, hidden]`;
+expert (`experts.{j}.up_proj.weight`) and stacked into `experts.up_proj [E, I, hidden]`;
 already-stacked `experts.up_proj` is accepted. `mtp.*` tensors are ignored.
 
-FP8: a linear is FP8 iff its `.weight` is float8_e4m3 with a scalar `.weight_scale` next to it
-(ModelOpt per-tensor format, decided per tensor from the file). Without an FP8 GEMM it is
-dequantized at load: W = float(W_fp8) * weight_scale, cast to the model dtype; `input_scale` is
-read past (it only matters to an FP8 GEMM).
+FP8 (ModelOpt, model spec §3.3): a projection is fp8 iff its `.weight` is float8_e4m3 with a
+`.weight_scale` next to it (one float per tensor, or one per output channel), decided per module
+from the file; its `.input_scale` (if any) is the static activation scale. The weights stay fp8 in
+memory and run through the fp8 ops. KV-cache scales (`k_proj.k_scale`, `v_proj.v_scale`) are
+loaded when present (an fp8 KV cache uses them; 1.0 otherwise).
 
-`save_checkpoint` writes the same format (tests, trained tiny models).
+`quantization="fp8"` quantizes the quantizable projections of a BF16 (or dummy) model as they are
+loaded (model/linear.py); with a ModelOpt FP8 checkpoint the file's formats stand.
+
+`save_checkpoint` writes the same format (tests, trained tiny models, fp8 models as ModelOpt files).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from contextlib import ExitStack
 from dataclasses import fields
@@ -31,14 +37,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from hybridserve.config import LOAD_FORMATS, ModelConfig
-from hybridserve.model.nemotron_h import NemotronHForCausalLM
+from hybridserve.config import LOAD_FORMATS, QUANTIZATIONS, ModelConfig
+from hybridserve.model.linear import FP8_ONLINE, WEIGHT_MODULES, WeightFormat
+from hybridserve.model.nemotron_h import LOADING_MODULES, NemotronHForCausalLM
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+QUANT_CONFIG_FILE = "hf_quant_config.json"
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
-SCALE_SUFFIXES = (".weight_scale", ".input_scale")
-KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")  # FP8 KV-cache scales: no FP8 KV cache yet
-_EXPERT = re.compile(r"^(?P<stack>.*\.experts)\.(?P<j>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(?P<path>.*\.experts)\.(?P<j>\d+)\.(?P<kind>(up|down)_proj\.(weight|weight_scale|input_scale))$")
+_STACKED = re.compile(r"^(?P<path>.*\.experts)\.(?P<kind>up_proj|down_proj)$")
+# KV-cache scales: ModelOpt's `mixer.k_proj.k_scale`, also seen as `mixer.k_scale`
+_KV_SCALE = re.compile(r"^(?P<path>.*\.mixer)\.(?:[kv]_proj\.)?(?P<kind>[kv])_scale$")
 _MTP = re.compile(r"^((backbone|model)\.)?mtp\.")
 
 
@@ -52,34 +63,49 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> NemotronHForCausalLM:
     """The model with its weights: from `config.path`'s safetensors files, or random ("dummy", and
-    presets, which have no files). dtype defaults to the config's torch_dtype. On the meta device
-    dummy weights stay unallocated (shapes only)."""
+    presets, which have no files). dtype defaults to the config's torch_dtype (fp8 projections keep
+    that dtype for activations). quantization: None, "fp8" (quantize BF16 projections at load) or
+    "modelopt" (the checkpoint must be ModelOpt FP8). On the meta device dummy weights stay
+    unallocated (shapes only)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, not {load_format!r}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, not {quantization!r}")
     dtype = dtype or getattr(torch, config.torch_dtype)
     if load_format == "auto" and not config.has_weights and config.preset is None:
         raise CheckpointError(f"{config.path}: no *.safetensors files (use load_format='dummy' for random weights)")
-    check_weights_fit(config, dtype, device)
-    model = NemotronHForCausalLM(config, dtype, device)
-    if load_format == "dummy-uniform":
-        model.init_uniform(seed)
-    elif load_format == "dummy" or not config.has_weights:
-        if torch.device(device).type != "meta":
-            model.init_random(seed)
-    else:
-        load_checkpoint(model, config.path)
+    from_files = load_format == "auto" and config.has_weights
+    with ExitStack() as stack:
+        files = None
+        if from_files:
+            _check_quantization(Path(config.path))
+            files = stack.enter_context(_Files(_tensor_files(Path(config.path))))
+        skeleton = NemotronHForCausalLM(config, dtype, "meta")  # names and shapes, nothing allocated
+        formats = _weight_formats(skeleton, files, quantization)
+        check_weights_fit(config, dtype, formats, device)
+        model = NemotronHForCausalLM(config, dtype, device, formats)
+        if load_format == "dummy-uniform":
+            model.init_uniform(seed)
+        elif files is None:
+            if torch.device(device).type != "meta":
+                model.init_random(seed)
+        else:
+            _load_tensors(model, files)
+    _log_weights(model)
     return model.eval()
 
 
-def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+def check_weights_fit(config: ModelConfig, dtype: torch.dtype, formats: dict[str, WeightFormat],
+                      device: torch.device | str) -> None:
     """Refuse, before anything is allocated, weights larger than the GPU's free memory (the
     full-size model needs ~59 GiB in bf16): a clear error instead of an out-of-memory mid-load."""
     device = torch.device(device)
     if device.type != "cuda":
         return
-    shapes = NemotronHForCausalLM(config, dtype, "meta")  # the real module tree, no memory
+    shapes = NemotronHForCausalLM(config, dtype, "meta", formats)  # the real module tree, no memory
     need = sum(t.numel() * t.element_size() for t in [*shapes.parameters(), *shapes.buffers()])
     free, total = torch.cuda.mem_get_info(device)
     if need > free:
@@ -87,59 +113,120 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.dev
                           f"free of {total / 2**30:.1f} GiB: free the GPU, or use a card with more memory")
 
 
+def _weight_formats(skeleton: NemotronHForCausalLM, files: _Files | None,
+                    quantization: str | None) -> dict[str, WeightFormat]:
+    """Module name -> format of the projections that are not dense."""
+    formats = {} if files is None else _checkpoint_formats(skeleton, files)
+    if quantization == "modelopt" and not formats:
+        raise CheckpointError("quantization 'modelopt': the checkpoint has no ModelOpt FP8 weights "
+                              "(quantization 'fp8' quantizes a BF16 checkpoint at load)")
+    if quantization == "fp8" and not formats:  # a ModelOpt FP8 checkpoint keeps its own formats
+        formats = {name: FP8_ONLINE for name, m in skeleton.named_modules()
+                   if isinstance(m, WEIGHT_MODULES) and m.quantizable}
+    return formats
+
+
+def _checkpoint_formats(skeleton: NemotronHForCausalLM, files: _Files) -> dict[str, WeightFormat]:
+    """The fp8 projections of a checkpoint: every float8_e4m3 `.weight` with its `.weight_scale`
+    (shape [] / [1]: per tensor, [out] / [out, 1]: per channel) and, if present, `.input_scale`."""
+    modules = dict(skeleton.named_modules())
+    formats: dict[str, WeightFormat] = {}
+    for name in files.names:
+        if files.dtype(name) != "F8_E4M3" or _MTP.match(name):
+            continue
+        path, kind, expert = _route(name)
+        module = modules.get(path)
+        scale_name = name[: -len("weight")] + "weight_scale"
+        if not isinstance(module, WEIGHT_MODULES) or not kind.endswith("weight") or scale_name not in files.names:
+            raise CheckpointError(f"{name}: float8_e4m3 tensor without a {scale_name} (unsupported quantization)")
+        out = files.shape(name)[0]
+        scale_shape = files.shape(scale_name)
+        if scale_shape not in ([], [1], [out], [out, 1]):
+            raise CheckpointError(f"{scale_name}: unsupported quantization (scale of shape {scale_shape}; "
+                                  f"expected one per tensor or one per output channel, {out})")
+        fmt = WeightFormat(fp8=True, per_channel=scale_shape in ([out], [out, 1]) and out > 1,
+                           static_input=name[: -len("weight")] + "input_scale" in files.names)
+        if formats.setdefault(path, fmt) != fmt:
+            raise CheckpointError(f"{name}: unsupported quantization (its format {fmt} differs from the "
+                                  f"rest of {path}: {formats[path]})")
+    return formats
+
+
+def _route(name: str) -> tuple[str, str, int | None]:
+    """Checkpoint name -> (module path, kind within that module, expert row or None)."""
+    if name.startswith("model."):
+        name = "backbone." + name[len("model.") :]
+    m = _EXPERT.match(name)
+    if m:
+        return m["path"], m["kind"], int(m["j"])
+    m = _STACKED.match(name) or _KV_SCALE.match(name)
+    if m and m.re is _KV_SCALE:
+        return m["path"], f"{m['kind']}_proj.{m['kind']}_scale", None
+    if m:
+        return m["path"], m["kind"], None
+    path, _, kind = name.rpartition(".")
+    return path, kind, None
+
+
 @torch.no_grad()
-def load_checkpoint(model: NemotronHForCausalLM, directory: str | Path) -> None:
-    """Fill every parameter of `model` from the safetensors files in `directory`, or raise."""
-    directory = Path(directory)
-    _check_quantization(directory)
+def _load_tensors(model: NemotronHForCausalLM, files: _Files) -> None:
+    modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    loaded: dict[str, set[int] | None] = {}  # param -> expert rows loaded (None: the whole tensor)
-    with _Files(_tensor_files(directory)) as files:
-        for name in tqdm(files.names, desc="loading weights", unit="tensor", mininterval=1.0):
-            if _MTP.match(name) or name.endswith(KV_SCALE_SUFFIXES):
-                continue
-            if name.endswith(".weight_scale_2"):
-                raise CheckpointError(f"{name}: unsupported quantization (NVFP4 two-level scales)")
-            if name.endswith(SCALE_SUFFIXES):
-                weight = name.rsplit(".", 1)[0] + ".weight"
-                if weight not in files.names or files.dtype(weight) != "F8_E4M3":
-                    raise CheckpointError(f"{name}: unexpected tensor (a scale without a float8_e4m3 {weight})")
-                continue
-            target, expert = _param_name(name)
-            param = params.get(target)
-            if param is None or (expert is not None and expert >= param.shape[0]):
-                raise CheckpointError(f"{name}: unexpected tensor (the model has no such parameter)")
-            if target in loaded and (expert is None or loaded[target] is None or expert in loaded[target]):
-                raise CheckpointError(f"{name}: {target} is given twice in the checkpoint")
-            dst = param if expert is None else param[expert]
-            if files.shape(name) != list(dst.shape):
-                raise CheckpointError(f"{name}: shape {files.shape(name)}, the model expects {list(dst.shape)}")
-            dst.copy_(_read_weight(files, name, dst.device))
-            if expert is None:
-                loaded[target] = None
+    loaded: set[str] = set()  # checkpoint names filled
+    for name in tqdm(files.names, desc="loading weights", unit="tensor", mininterval=1.0):
+        if _MTP.match(name):
+            continue
+        if name.endswith(".weight_scale_2"):
+            raise CheckpointError(f"{name}: unsupported quantization (NVFP4 two-level scales)")
+        dtype = files.dtype(name)
+        if dtype not in FLOAT_DTYPES and dtype != "F8_E4M3":
+            raise CheckpointError(f"{name}: unsupported dtype {dtype} (expected BF16, F16, F32 or F8_E4M3)")
+        path, kind, expert = _route(name)
+        module = modules.get(path)
+        try:
+            if isinstance(module, LOADING_MODULES):
+                filled = {f"{path}.{k}" for k in module.load(kind, files.tensor(name), expert)}
             else:
-                loaded.setdefault(target, set()).add(expert)
-    _fill_tied_lm_head(model, params, loaded)
-    _check_complete(params, loaded)
+                filled = {_load_parameter(params, name, files)}
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        if filled & loaded:
+            raise CheckpointError(f"{name}: {sorted(filled & loaded)[0]} is given twice in the checkpoint")
+        loaded |= filled
+    expected = [name for name, _ in model.checkpoint_tensors()]
+    if model.config.tie_word_embeddings and "lm_head.weight" not in loaded and "backbone.embeddings.weight" in loaded:
+        # configs with tie_word_embeddings may omit lm_head.weight: it is the embedding table
+        loaded |= {f"lm_head.{k}" for k in model.lm_head.load("weight", model.backbone.embeddings.weight)}
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
 
 
-def _read_weight(files: _Files, name: str, device: torch.device) -> torch.Tensor:
-    """One tensor on `device`, dequantized if it is a ModelOpt FP8 weight."""
-    dtype = files.dtype(name)
-    if dtype in FLOAT_DTYPES:
-        return files.tensor(name).to(device)
-    if dtype != "F8_E4M3":
-        raise CheckpointError(f"{name}: unsupported dtype {dtype} (expected BF16, F16, F32 or F8_E4M3)")
-    scale_name = name[: -len("weight")] + "weight_scale"
-    if not name.endswith(".weight") or scale_name not in files.names:
-        raise CheckpointError(f"{name}: float8_e4m3 tensor without a {scale_name} (unsupported quantization)")
-    scale = files.tensor(scale_name)
-    if scale.numel() != 1 or files.dtype(scale_name) not in FLOAT_DTYPES:
-        raise CheckpointError(
-            f"{scale_name}: unsupported quantization ({files.dtype(scale_name)} {list(scale.shape)}; "
-            "only per-tensor float scales are supported)"
-        )
-    return files.tensor(name).to(device).float() * scale.to(device).float()
+def _load_parameter(params: dict[str, torch.nn.Parameter], name: str, files: _Files) -> str:
+    """A tensor that is one plain parameter (norms, conv, router, embeddings, SSM parameters)."""
+    key = "backbone." + name[len("model.") :] if name.startswith("model.") else name
+    param = params.get(key)
+    if param is None:
+        raise ValueError("unexpected tensor (the model has no such parameter)")
+    if files.shape(name) != list(param.shape):
+        raise ValueError(f"shape {files.shape(name)}, the model expects {list(param.shape)}")
+    if files.dtype(name) not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {files.dtype(name)} for a parameter that is not an fp8 projection")
+    param.copy_(files.tensor(name))
+    return key
+
+
+def _log_weights(model: NemotronHForCausalLM) -> None:
+    """One line: weight memory on the device and how many projections are fp8."""
+    nbytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    formats = model.weight_formats().values()
+    fp8 = sum(f.fp8 for f in formats)
+    kind = "" if not fp8 else (" per-channel" if any(f.per_channel for f in formats) else " per-tensor")
+    acts = "" if not fp8 else (", static activation scales" if any(f.static_input for f in formats)
+                               else ", per-token activation scales")
+    logger.info("weights: %.2f GiB on %s (%d of %d projections fp8%s%s, the rest %s)", nbytes / 2**30, model.device,
+                fp8, len(formats), kind, acts, str(model.dtype).replace("torch.", ""))
 
 
 class _Files:
@@ -171,48 +258,6 @@ class _Files:
         return self._file(name).get_tensor(name)
 
 
-def _param_name(name: str) -> tuple[str, int | None]:
-    """Checkpoint tensor name -> (model parameter name, expert row or None)."""
-    if name.startswith("model."):
-        name = "backbone." + name[len("model.") :]
-    m = _EXPERT.match(name)
-    if m:
-        return f"{m['stack']}.{m['proj']}", int(m["j"])
-    return name, None
-
-
-def _fill_tied_lm_head(model, params, loaded) -> None:
-    """Configs with tie_word_embeddings may omit lm_head.weight: it is the embedding table."""
-    if model.config.tie_word_embeddings and "lm_head.weight" not in loaded and "backbone.embeddings.weight" in loaded:
-        params["lm_head.weight"].copy_(params["backbone.embeddings.weight"])
-        loaded["lm_head.weight"] = None
-
-
-_STACKED = ("experts.up_proj", "experts.down_proj")  # our parameters holding all routed experts
-
-
-def _expert_name(stacked: str, j: int) -> str:
-    """Checkpoint name of expert j's slice of a stacked parameter: ...experts.up_proj -> ...experts.j.up_proj.weight."""
-    stack, proj = stacked.rsplit(".", 1)
-    return f"{stack}.{j}.{proj}.weight"
-
-
-def _check_complete(params, loaded) -> None:
-    """Raise naming the first missing tensors (checkpoint names) if any parameter was not filled."""
-    missing = []
-    for name, p in params.items():
-        rows = loaded.get(name, set())
-        if rows is None:
-            continue
-        if name.endswith(_STACKED):
-            missing += [_expert_name(name, j) for j in range(p.shape[0]) if j not in rows]
-        else:
-            missing.append(name)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
-
-
 def _tensor_files(directory: Path) -> dict[str, Path]:
     """Every tensor name -> the file holding it (from the shard index, else from each file's header)."""
     index = directory / INDEX_FILE
@@ -239,7 +284,7 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 def _check_quantization(directory: Path) -> None:
     """Refuse quantization schemes other than ModelOpt FP8 (the tensors decide the rest)."""
     algo = None
-    hf_quant = directory / "hf_quant_config.json"
+    hf_quant = directory / QUANT_CONFIG_FILE
     if hf_quant.is_file():
         algo = json.loads(hf_quant.read_text()).get("quantization", {}).get("quant_algo")
     elif (directory / "config.json").is_file():
@@ -249,7 +294,7 @@ def _check_quantization(directory: Path) -> None:
             algo = "FP8"
     if algo is not None and str(algo).upper() != "FP8":
         raise CheckpointError(
-            f"{directory}: unsupported quantization {algo!r} (supported: none, or ModelOpt per-tensor FP8)"
+            f"{directory}: unsupported quantization {algo!r} (supported: none, or FP8 as ModelOpt writes it)"
         )
 
 
@@ -260,12 +305,14 @@ def save_checkpoint(
     shard_size: int | None = None,
 ) -> None:
     """Write `model` as a Hugging Face checkpoint: safetensors with per-expert HF names (sharded with
-    an index when `shard_size` bytes are exceeded), config.json, and the tokenizer's files if given."""
+    an index when `shard_size` bytes are exceeded), config.json, and the tokenizer's files if given.
+    fp8 projections are written as ModelOpt does (e4m3 weights, scales, input and KV-cache scales)
+    with an `hf_quant_config.json` naming the projections that stay dense."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for name, t in _hf_tensors(model):
+    for name, t in model.checkpoint_tensors():
         nbytes = t.numel() * t.element_size()
         if shard_size is not None and shards[-1] and size + nbytes > shard_size:
             shards.append([])
@@ -288,23 +335,21 @@ def save_checkpoint(
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config = hf_config_dict(model.config, model.dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    formats = model.weight_formats()
+    if any(f.fp8 for f in formats.values()):
+        kv_scales = any(name.endswith((".k_scale", ".v_scale")) for name in weight_map)
+        quant = {"producer": {"name": "hybridserve"},
+                 "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_scales else None,
+                                  "exclude_modules": sorted(name for name, f in formats.items() if not f.fp8)}}
+        (directory / QUANT_CONFIG_FILE).write_text(json.dumps(quant, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
 
 
-def _hf_tensors(model: NemotronHForCausalLM):
-    """(checkpoint name, tensor) pairs: model parameters with the routed experts unstacked."""
-    for name, p in model.named_parameters():
-        if name.endswith(_STACKED):
-            for j in range(p.shape[0]):
-                yield _expert_name(name, j), p[j]
-        else:
-            yield name, p
-
-
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json content for `config`: the source config.json's keys (when there is one), with
-    every value we know written over them; quantization dropped (weights are saved unquantized)."""
+    every value we know written over them; quantization dropped (save_checkpoint describes it in
+    hf_quant_config.json)."""
     raw = {}
     if config.path is not None and (Path(config.path) / "config.json").is_file():
         raw = json.loads((Path(config.path) / "config.json").read_text())

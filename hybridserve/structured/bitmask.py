@@ -6,6 +6,7 @@ a row; llguidance fills them in parallel on its own threads (outside the GIL).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import llguidance
@@ -33,6 +34,14 @@ class StepBitmasks:
         for row in self.rows:
             if forced[row] >= 0 and not self.allows(row, int(forced[row])):
                 forced[row] = -1
+
+    def part(self, start: int, stop: int) -> StepBitmasks | None:
+        """The masks of batch rows start..stop-1, re-indexed from 0 (None when none has a grammar):
+        the sampler runs a big step a bounded number of rows at a time."""
+        lo, hi = bisect.bisect_left(self.rows, start), bisect.bisect_left(self.rows, stop)
+        if lo == hi:
+            return None
+        return StepBitmasks([r - start for r in self.rows[lo:hi]], self.masks[lo:hi])
 
     def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [G] int64, masks [G, W] int32) on the device; the copies do not block."""

@@ -286,7 +286,8 @@ def test_16_bit_ssm_state_and_stats(tiny_config, tiny_model):
     from hybridserve.config import EngineConfig
 
     config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=4,
-                          mamba_ssm_cache_dtype="bfloat16", cpu_cache_bytes=4 << 20, enable_prefix_caching=False)
+                          mamba_ssm_cache_dtype="bfloat16", cpu_cache_bytes=4 << 20, enable_prefix_caching=False,
+                          async_scheduling=False)  # the stats after exactly one applied step
     core = EngineCore(config, tiny_config, model=tiny_model)
     assert core.runner.cache.ssm_state.dtype == torch.bfloat16
     core.add_request("a", mixed_prompts()[6], GREEDY)

@@ -81,6 +81,25 @@ def test_n_choices_fork_on_the_gpu(tiny_config):
     assert with_core(tiny_config, lambda core: run(core, PROMPTS, params), max_num_seqs=40) == expected
 
 
+def test_async_scheduling_matches_sync_with_graphs(tiny_config):
+    """Overlapped steps on the GPU (pinned non-blocking copies, graphs, sampled rows read from the
+    device token buffer) give the synchronous engine's tokens, with n > 1, early stops and aborts."""
+    from tests.engine.test_async_scheduling import count_overlapped_launches, drive
+
+    params = [SamplingParams(temperature=0.8 * (i % 2), top_p=0.9, seed=i, n=1 + i % 3, max_tokens=4 + i % 9,
+                             logprobs=2 if i % 4 == 0 else None) for i in range(40)]
+    abort_after = {f"r{i}": 2 + i % 5 for i in range(0, 40, 7)}
+
+    def drive_core(core):
+        overlapped = count_overlapped_launches(core)
+        tokens, ends, _ = drive(core, PROMPTS, params, abort_after=abort_after)
+        return tokens, ends, overlapped[0] > 0
+
+    sync = with_core(tiny_config, drive_core, max_num_seqs=48, async_scheduling=False)
+    overlapped = with_core(tiny_config, drive_core, max_num_seqs=48, async_scheduling=True)
+    assert overlapped[:2] == sync[:2] and overlapped[2] and not sync[2]
+
+
 def test_prefix_cache_on_the_gpu(tiny_config):
     """Multi-turn replays and shared prefixes with decode graphs and the Triton kernels: the same
     tokens with prefix caching on and off, and each turn hits at the previous turn's final state."""

@@ -74,10 +74,12 @@ def conversation(rng: random.Random, system: list[int], turns: int):
     return next_prompt
 
 
-def test_multi_turn_replay_is_identical_and_hits_at_each_previous_answer(make_core):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_multi_turn_replay_is_identical_and_hits_at_each_previous_answer(make_core, overlap):
     rng = random.Random(0)
     system = [rng.randrange(3, 500) for _ in range(40)]
-    on, off = make_core(), make_core(enable_prefix_caching=False)
+    on = make_core(async_scheduling=overlap)
+    off = make_core(enable_prefix_caching=False, async_scheduling=overlap)
     results = {}
     for name, core in (("on", on), ("off", off)):
         next_prompt = conversation(random.Random(1), system, 4)
@@ -158,7 +160,7 @@ def test_identical_outputs_with_caching_on_and_off_under_pressure(make_core, bud
             outputs[caching].append([t for i, t in enumerate(tokens) if i not in aborts])
             if not caching:
                 assert cached == [0] * len(prompts)
-        if caching:
+        if caching and num_blocks == 64:  # (in the small pool, hits depend on what survives)
             assert core.stats().prefix_cache_hits_total > 0
         if num_blocks == 14 and budget > 8:
             assert core.scheduler.num_preemptions_total > 0

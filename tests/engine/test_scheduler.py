@@ -15,10 +15,12 @@ from hybridserve.sampling_params import SamplingParams
 EOS = 2
 
 
-def make_scheduler(*, max_num_seqs=8, max_num_batched_tokens=64, **layout) -> Scheduler:
+def make_scheduler(*, max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=None,
+                   **layout) -> Scheduler:
     fields = dict(max_model_len=256, num_blocks=64, num_slots=8, block_size=4, kv_dtype="float32", state_dtype="float32")
     fields.update(layout)
-    return Scheduler(layout=CacheLayout(**fields), max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    return Scheduler(layout=CacheLayout(**fields), max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                     max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding)
 
 
 def num_free(sched: Scheduler) -> tuple[int, int]:
@@ -256,3 +258,21 @@ def test_random_workload_keeps_invariants(seed):
     assert sched.num_preemptions_total > 0
     # choice 0 ended on its first token while a sibling went on: the case that crashed the engine
     assert any(g[0].output_token_ids == [EOS] and any(s.num_output_tokens > 1 for s in g[1:]) for g in groups)
+
+
+def test_prompt_tokens_are_capped_while_sequences_decode():
+    sched = make_scheduler(max_num_batched_tokens=32, max_prefill_tokens_while_decoding=6)
+    add(sched, "a", 40)
+    batch, _ = step(sched)
+    assert scheduled(batch) == {"a#0": 32}  # nothing decodes: the prompt gets the whole budget
+    step(sched)  # a: 8 more prompt tokens and its first sample
+    add(sched, "b", 20)
+    add(sched, "c", 3)
+    sizes = []
+    while any(r.num_output_tokens == 0 for r in sched.running + sched.waiting):
+        batch, _ = step(sched)
+        sizes.append(scheduled(batch))
+    # a decodes every step; b and c share 6 prompt tokens per step, c after b (FCFS)
+    assert sizes[0] == {"a#0": 1, "b#0": 6} and all(d["a#0"] == 1 for d in sizes)
+    assert all(sum(v for k, v in d.items() if k != "a#0") <= 6 for d in sizes)
+    assert sizes[3] == {"a#0": 1, "b#0": 2, "c#0": 3}

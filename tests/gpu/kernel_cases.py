@@ -20,6 +20,7 @@ from hybridserve.ops.reference.ssd import ssd_recurrent
 C_TOL = 2.0
 EPS = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 DTYPES = [torch.float32, torch.bfloat16]
+FP8 = torch.float8_e4m3fn
 
 
 def rel_err(a: torch.Tensor, gold: torch.Tensor) -> float:
@@ -233,6 +234,112 @@ def test_mamba_decode_step(device, big, dtype, state_dtype, with_bias):
         seq_lens = seq_lens + 1
 
 
+# ------------------------------------------------------------------------------------------- fp8
+# FP8 kernels against the reference (same quantization rules) and against `gold`: float32 math on the
+# dequantized weights with unquantized activations. The reference's error against gold is the FP8
+# error; the kernel must stay within C_TOL times it.
+
+
+def _fp8_weight(n, k, device, per_channel, e=None):
+    """(e4m3 weight [(e,) n, k], float32 scale [] / [n] (experts: [e] / [e, n]), dequantized float32)."""
+    from hybridserve.model.linear import quantize_weight
+
+    shape = (n, k) if e is None else (e, n, k)
+    w = torch.randn(shape, device=device) / k**0.5
+    if e is None:
+        q, s = quantize_weight(w, per_channel)
+    else:
+        pairs = [quantize_weight(w[j], per_channel) for j in range(e)]
+        q, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    return q, s, q.float() * (s[..., None] if per_channel else s.reshape(*s.shape, *([1] * 2)[: 2 - (e is None)]))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_fp8(device, big, static):
+    k = 2688 if big else 100
+    for t in (1, 7, 33):
+        x = (torch.randn(t, k + 3, device=device) * 3).to(torch.bfloat16)[:, 2 : 2 + k]  # a strided view
+        x[0, :5] = 0 if t > 1 else x[0, :5]
+        scale = torch.tensor(0.004, device=device) if static else None  # static: some values saturate
+        q_k, s_k = K.quantize_fp8(x, scale)
+        q_r, s_r = R.quantize_fp8(x, scale)
+        assert q_k.dtype == FP8 and s_k.shape == s_r.shape and s_k.dtype == torch.float32
+        torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)
+        assert torch.equal(q_k.view(torch.uint8), q_r.view(torch.uint8))  # both round x / s to nearest
+
+
+def _fp8_linear_backends(device):
+    return ["triton", "scaled_mm"] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) \
+        else ["triton"]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_linear(device, big, per_channel, static):
+    from hybridserve.ops.triton import fp8 as KF
+
+    shapes = [(2688, 10304), (4096, 2688), (2688, 3712), (48, 80)] if big else [(64, 48), (100, 50)]
+    for k, n in shapes:
+        w, ws, w_deq = _fp8_weight(n, k, device, per_channel)
+        for t in (1, 7, 33, 300) if big else (1, 7, 33):
+            x = torch.randn(t, k, device=device).to(torch.bfloat16)
+            s_in = (x.float().abs().amax() / 448).reshape(()) if static else None
+            out_r = R.fp8_linear(x, w, ws, s_in)
+            gold = x.float() @ w_deq.t()
+            for backend in _fp8_linear_backends(device):
+                if backend == "scaled_mm" and (k % 16 or n % 16):
+                    continue
+                out_k = KF._fp8_linear(x, w, ws, s_in, KF.gemm_config(t), backend)
+                check(out_k, out_r, gold, torch.bfloat16, f"fp8_linear {backend} T={t} K={k} N={n}")
+            assert K.fp8_linear(x, w, ws, s_in).shape == (t, n)  # the shape's own pick of backend
+            assert rel_err(out_r, gold) < 0.08  # the FP8 error itself: e4m3's 3 mantissa bits
+
+
+def _moe_fp8_case(device, e, k, hidden, inter, t, per_channel, static, cfgs=None, skew=False):
+    from hybridserve.ops.triton import moe as KM
+
+    w_up, s_up, up_deq = _fp8_weight(inter, hidden, device, per_channel, e)
+    w_down, s_down, down_deq = _fp8_weight(hidden, inter, device, per_channel, e)
+    x = torch.randn(t, hidden, device=device).to(torch.bfloat16)
+    logits = torch.randn(t, e, device=device)
+    if skew:
+        logits[:, :4] += 3
+    w, ids = R.moe_route(logits, torch.zeros(e, device=device), k, 2.5)
+    a_up = a_down = None
+    if static:  # calibrated as ModelOpt does: amax / 448 of each matmul's input over the routed tokens
+        a_up = (x.float().abs().amax() / 448).reshape(())
+        h_amax = max((torch.relu(x[(ids == j).any(-1)].float() @ up_deq[j].t()) ** 2).amax()
+                     for j in ids.unique().tolist())
+        a_down = (h_amax / 448).reshape(())
+    scales = (s_up, s_down, a_up, a_down)
+    out_r = R.fused_moe(x, w_up, w_down, w, ids, *scales)
+    gold = R.fused_moe(x.float(), up_deq, down_deq, w, ids)
+    for cfg in cfgs or [None]:
+        out_k = K.fused_moe(x, w_up, w_down, w, ids, *scales) if cfg is None else \
+            KM._fused_moe(x, w_up, w_down, w, ids, cfg, *scales)
+        check(out_k, out_r, gold, torch.bfloat16, f"fp8 moe T={t} {KM.describe(cfg) if cfg else ''}")
+    assert rel_err(out_r, gold) < 0.1
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_moe_fp8(device, big, per_channel, static):
+    e, k, hidden, inter = (128, 6, 2688, 1856) if big else (16, 3, 64, 48)
+    for t in ((1, 5, 64, 700) if big else (1, 5, 40)):  # tiny batches leave most experts empty
+        _moe_fp8_case(device, e, k, hidden, inter, t, per_channel, static, skew=t == 40)
+
+
+def test_fused_moe_fp8_configs(device, big):
+    """Every fp8 launch shape of the table (and the prefill candidates) computes the same function."""
+    from hybridserve.ops.triton import moe as KM
+
+    cfgs = KM.CONFIGS["fp8"]
+    _moe_fp8_case(device, 16, 3, 128, 48, 203, True, True, cfgs, skew=True)
+    _moe_fp8_case(device, 16, 3, 128, 48, 203, False, False, cfgs[-1:], skew=True)
+    if big:
+        _moe_fp8_case(device, 128, 6, 2688, 1856, 2048, False, True, cfgs)
+
+
 # ------------------------------------------------------------------------------------------- moe
 
 
@@ -343,23 +450,33 @@ def _kv_batch(device, dtype, new, cached, hkv, d, bs, num_blocks):
     return kv, bt, packed(new, device), lens, torch.tensor(slots, dtype=torch.int64, device=device)
 
 
-def _attn_case(device, dtype, new, cached, h, hkv, d, bs):
+def _attn_case(device, dtype, new, cached, h, hkv, d, bs, fp8=False):
+    """Store the new tokens' K/V, then attend. fp8: the cache in e4m3 with per-layer k/v scales
+    (gold: float32 attention over the dequantized cache; and within FP8 error of a bf16 cache)."""
     num_blocks = sum(-(-(n + c) // bs) for n, c in zip(new, cached)) + 3
     kv, bt, cu, lens, sm = _kv_batch(device, dtype, new, cached, hkv, d, bs, num_blocks)
+    kv_scale = torch.tensor([0.02, 0.015], device=device) if fp8 else None
+    if fp8:
+        kv = torch.stack([(kv[i].float() / kv_scale[i]).to(FP8) for i in range(2)])
     t = sum(new)
     q = torch.randn(t, h, d, device=device).to(dtype)
     k_new = torch.randn(t, hkv, d, device=device).to(dtype)
     v_new = torch.randn(t, hkv, d, device=device).to(dtype)
     sm[t // 2] = -1  # a padding row is skipped
     kv_k, kv_r = kv.clone(), kv.clone()
-    K.store_kv(k_new, v_new, kv_k, sm)
-    R.store_kv(k_new, v_new, kv_r, sm)
-    assert torch.equal(kv_k, kv_r)
+    K.store_kv(k_new, v_new, kv_k, sm, kv_scale)
+    R.store_kv(k_new, v_new, kv_r, sm, kv_scale)
+    assert torch.equal(kv_k.view(torch.uint8), kv_r.view(torch.uint8))
     scale = d**-0.5
-    out_k = K.paged_attention(q, kv_r, bt, cu, lens, scale)
-    out_r = R.paged_attention(q, kv_r, bt, cu, lens, scale)
-    out_g = R.paged_attention(q.float(), kv_r.float(), bt, cu, lens, scale)
-    check(out_k, out_r, out_g, dtype, f"attention new={new} cached={cached}")
+    out_k = K.paged_attention(q, kv_r, bt, cu, lens, scale, kv_scale)
+    out_r = R.paged_attention(q, kv_r, bt, cu, lens, scale, kv_scale)
+    kv_gold = kv_r.float() * kv_scale[:, None, None, None, None] if fp8 else kv_r.float()
+    out_g = R.paged_attention(q.float(), kv_gold, bt, cu, lens, scale)
+    check(out_k, out_r, out_g, dtype, f"attention new={new} cached={cached}{' fp8' if fp8 else ''}")
+    if fp8:  # against the same keys and values kept in dtype
+        kv_hi = kv_gold.to(dtype)
+        R.store_kv(k_new, v_new, kv_hi, sm)
+        assert rel_err(out_k, R.paged_attention(q.float(), kv_hi.float(), bt, cu, lens, scale)) < 0.05
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -375,6 +492,33 @@ def test_attention_decode(device, big, dtype):
     cached = [0, 5, 2100, 63, 1] if big else [0, 5, 70, 3, 1]  # long contexts take split-K
     _attn_case(device, dtype, [1] * len(cached), cached, h, hkv, d, bs)
     _attn_case(device, dtype, [1], [cached[2]], h, hkv, d, bs)  # batch 1: most splits
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_attention_split_k_decode(device, big, fp8):
+    """Flash-decoding at long contexts: batch 1 up to max_splits splits, ragged batches where each
+    sequence uses the splits its context needs (short ones one), FP8 pages too. Small shapes run
+    with small splits so that the interpreter sees many."""
+    from hybridserve.ops.triton import attention as KA
+
+    h, hkv, d, bs = (32, 2, 128, 16) if big else (4, 2, 16, 4)
+    long = [8191, 33000] if big else [300, 517]
+    tune = {} if big else dict(min_split_tokens=16, max_splits=16)
+    old = dict(KA.DECODE_TUNE)
+    KA.DECODE_TUNE.update(tune)
+    try:
+        for ctx in long:
+            _attn_case(device, torch.bfloat16, [1], [ctx], h, hkv, d, bs, fp8)
+        _attn_case(device, torch.bfloat16, [1] * 4, [long[0], 3, long[1] // 3, 40], h, hkv, d, bs, fp8)
+    finally:
+        KA.DECODE_TUNE.clear()
+        KA.DECODE_TUNE.update(old)
+
+
+def test_attention_prefill_fp8(device, big):
+    h, hkv, d, bs = (32, 2, 128, 16) if big else (6, 2, 16, 4)
+    new, cached = ([1, 300, 17, 129], [0, 0, 40, 700]) if big else ([1, 9, 17, 5], [0, 0, 6, 13])
+    _attn_case(device, torch.bfloat16, new, cached, h, hkv, d, bs, fp8=True)
 
 
 # -------------------------------------------------------------------------------------- sampling

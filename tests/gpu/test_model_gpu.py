@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 from hybridserve.config import ModelConfig  # noqa: E402
 from hybridserve.model.cache import HybridCache  # noqa: E402
 from hybridserve.model.forward_batch import ForwardBatch  # noqa: E402
+from hybridserve.model.loader import load_model  # noqa: E402
 from hybridserve.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
 from hybridserve.ops import reference  # noqa: E402
 from hybridserve.ops import triton as triton_ops  # noqa: E402
@@ -34,9 +35,9 @@ def _steps(vocab):
     ]
 
 
-def _run(model, ops, dtype, ssm_dtype):
+def _run(model, ops, dtype, ssm_dtype, kv_dtype=None):
     model.ops = ops
-    cache = HybridCache.allocate(model.config, 6, 64, BS, dtype, ssm_dtype, device="cuda")
+    cache = HybridCache.allocate(model.config, 6, 64, BS, dtype, ssm_dtype, device="cuda", kv_dtype=kv_dtype)
     cached = {}
     logits = []
     for step in _steps(model.config.vocab_size):
@@ -80,3 +81,23 @@ def test_tiny_model_triton_matches_reference(dtype, ssm_dtype):
             assert eg <= 2 * ew + 1e-2, f"step {i}: triton {eg:.3e} vs reference {ew:.3e} (against fp32)"
         eg, ew = _rel(cache_t.ssm_state, cache_g.ssm_state), _rel(cache_r.ssm_state, cache_g.ssm_state)
         assert eg <= 2 * ew + 1e-2, f"ssm state: triton {eg:.3e} vs reference {ew:.3e}"
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_tiny_model_fp8_triton_matches_reference(quantization, kv_dtype):
+    """FP8 projections (online, per-channel weights, per-token activations: fp8_linear and the FP8
+    fused MoE) and/or FP8 KV pages: the Triton path computes what the reference path computes
+    (the same e4m3 values; only accumulation order and rare activation roundings differ), and both
+    stay within FP8 error of the bf16 model."""
+    cfg = ModelConfig.from_hf("tiny")
+    dense = load_model(cfg, "dummy", dtype=torch.bfloat16, device="cuda", seed=3)
+    model = load_model(cfg, "dummy", dtype=torch.bfloat16, device="cuda", seed=3, quantization=quantization)
+    got, cache_t = _run(model, triton_ops, torch.bfloat16, torch.float32, kv_dtype)
+    want, cache_r = _run(model, reference, torch.bfloat16, torch.float32, kv_dtype)
+    base, _ = _run(dense, reference, torch.bfloat16, torch.float32)
+    for i, (g, w, b) in enumerate(zip(got, want, base)):
+        assert _rel(g, w) < 2e-2, f"step {i}: triton vs reference {_rel(g, w):.3e}"
+        assert _rel(w, b) < 6e-2, f"step {i}: fp8 vs bf16 {_rel(w, b):.3e}"
+    assert cache_t.kv.dtype == (kv_dtype or torch.bfloat16)
+    assert _rel(cache_t.kv.float(), cache_r.kv.float()) < 2e-2

@@ -102,14 +102,17 @@ def ours_from_hf(hf, raw: dict, dtype: torch.dtype) -> NemotronHForCausalLM:
     return model.eval()
 
 
-def new_cache(model: NemotronHForCausalLM, num_slots: int = 8, num_blocks: int = 32, block_size: int = 4):
-    return HybridCache.allocate(model.config, num_slots, num_blocks, block_size, model.dtype)
+def new_cache(model: NemotronHForCausalLM, num_slots: int = 8, num_blocks: int = 32, block_size: int = 4,
+              kv_dtype: torch.dtype | None = None):
+    return HybridCache.allocate(model.config, num_slots, num_blocks, block_size, model.dtype, kv_dtype=kv_dtype)
 
 
 @torch.no_grad()
-def logits_of(model: NemotronHForCausalLM, ids: list[int], block_size: int = 4) -> torch.Tensor:
-    """All-position logits [T, V] of one sequence run from scratch in one step."""
-    cache = new_cache(model, num_blocks=len(ids) // block_size + 1, block_size=block_size)
+def logits_of(model: NemotronHForCausalLM, ids: list[int], block_size: int = 4,
+              kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """All-position logits [T, V] of one sequence run from scratch in one step (KV pages in kv_dtype,
+    default the model's)."""
+    cache = new_cache(model, num_blocks=len(ids) // block_size + 1, block_size=block_size, kv_dtype=kv_dtype)
     table = list(range(len(ids) // block_size + 1))
     batch = ForwardBatch.build([ids], [0], [0], [table], block_size, logits="all")
     return model(batch, cache)

@@ -5,7 +5,10 @@ compiled). Two interpreter shortcomings are patched so it computes what the GPU 
 - its scalar-to-int conversion calls int() on a 1-element array, which numpy >= 2.4 rejects
   (`range(tensor, ...)` loops); it uses .item() instead;
 - it casts float32 to bfloat16 by truncation; the GPU rounds to nearest even, as torch does;
-- its tl.dot multiplies bfloat16 operands as raw uint16 bits; they are widened to float32 first.
+- its tl.dot multiplies bfloat16 operands as raw uint16 bits; they are widened to float32 first;
+- its float -> float8_e4m3 conversion rounds values just below a power of two down by a binade
+  (120..128 becomes 64) and turns overflow into NaN; the GPU (cvt.rn.satfinite) rounds to nearest
+  even and saturates, as torch does after a clamp: conversions to and from fp8 go through torch.
 Kernels never do arithmetic in bfloat16 (they upcast first), which the interpreter also gets wrong.
 """
 
@@ -53,6 +56,24 @@ if not torch.cuda.is_available():
             return _orig_dot(self, _widen(a), _widen(b), d, input_precision, max_num_imprecise_acc)
 
         interpreter.InterpreterBuilder.create_dot = _create_dot
+
+        _TORCH_FLOAT = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16,
+                        tl.float8e4nv: torch.float8_e4m3fn}
+        _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+                 torch.float8_e4m3fn: torch.uint8}
+        _orig_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+        def _create_fp_to_fp(self, src, dst_type, rounding_mode):
+            a, b = src.dtype.scalar, dst_type.scalar
+            if tl.float8e4nv not in (a, b) or a not in _TORCH_FLOAT or b not in _TORCH_FLOAT:
+                return _orig_fp_to_fp(self, src, dst_type, rounding_mode)
+            t = torch.from_numpy(np.ascontiguousarray(src.data)).view(_TORCH_FLOAT[a])
+            if b == tl.float8e4nv:
+                t = t.float().clamp(-448.0, 448.0)
+            out = t.to(_TORCH_FLOAT[b]).view(_BITS[_TORCH_FLOAT[b]]).numpy()
+            return interpreter.TensorHandle(out.view(interpreter._get_np_dtype(b)), b)
+
+        interpreter.InterpreterBuilder.create_fp_to_fp = _create_fp_to_fp
 
 
 @pytest.fixture

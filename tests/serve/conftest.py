@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-import httpx
 import openai
 import pytest
 
@@ -58,10 +55,7 @@ def real_server():
 
     app = build_app(ServeSettings(["tiny", "alias"], max_num_seqs=16), engine_factory=engine)
     with ServerThread(app) as server:
-        deadline = time.monotonic() + 180
-        while httpx.get(server.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "engine did not become ready"
-            time.sleep(0.1)
+        server.wait_healthy(180)
         server.ctx = app.state.ctx
         yield server
 

@@ -62,6 +62,17 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def wait_healthy(self, timeout: float) -> None:
+        """Until /health answers 200 (the engine is loaded and warm)."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "engine did not become ready"
+            time.sleep(0.1)
+
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)

@@ -1,9 +1,7 @@
 """End to end: a tiny model trained in the test emits reasoning + a tool call; the client gets both parsed."""
 
 import json
-import time
 
-import httpx
 import openai
 import pytest
 
@@ -26,10 +24,7 @@ def tool_server(tmp_path_factory):
 
     app = build_app(ServeSettings(["tool-tiny"]), engine_factory=engine)
     with ServerThread(app) as server:
-        deadline = time.monotonic() + 120
-        while httpx.get(server.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "engine did not become ready"
-            time.sleep(0.1)
+        server.wait_healthy(120)
         yield server
 
 

@@ -43,7 +43,8 @@ class _TrainableOps:
         return getattr(self._ops, name)
 
     @staticmethod
-    def store_kv(k, v, kv_cache, slot_mapping):
+    def store_kv(k, v, kv_cache, slot_mapping, kv_scale=None):
+        assert kv_scale is None, "training keeps KV in the model dtype"
         for i, x in enumerate((k, v)):  # a fresh view after each write keeps autograd's view tracking valid
             kv_cache[i].view(-1, *kv_cache.shape[-2:])[slot_mapping] = x.to(kv_cache.dtype)
 
@@ -95,7 +96,7 @@ def train_tool_model(out_dir: Path, max_steps: int = 600) -> Path:
         h, r = _run_layers(model, layers[split:split + 1], h0, r0, batch, cache)
         h, r = _run_layers(model, layers[split + 1:], h[first:], r[first:], None, None)
         h, _ = ops.rms_norm(h, model.backbone.norm_f.weight, eps, r)
-        logits = model.lm_head(h).float()
+        logits = model.lm_head(h, ops).float()
         target = logits.gather(1, labels[:, None])
         others = logits.scatter(1, labels[:, None], float("-inf")).max(-1, keepdim=True).values
         if bool((target - others > MARGIN).all()):

@@ -4,6 +4,7 @@ against its twin here."""
 
 from hybridserve.ops.reference.attention import paged_attention, store_kv
 from hybridserve.ops.reference.conv import causal_conv1d, causal_conv1d_update
+from hybridserve.ops.reference.fp8 import fp8_linear, quantize_fp8
 from hybridserve.ops.reference.mamba_step import mamba_decode_step
 from hybridserve.ops.reference.moe import fused_moe, moe_route
 from hybridserve.ops.reference.norm import gated_rms_norm, rms_norm
@@ -12,11 +13,13 @@ from hybridserve.ops.reference.ssd import selective_state_update, ssd_varlen
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
+    "fp8_linear",
     "fused_moe",
     "gated_rms_norm",
     "mamba_decode_step",
     "moe_route",
     "paged_attention",
+    "quantize_fp8",
     "rms_norm",
     "selective_state_update",
     "ssd_varlen",

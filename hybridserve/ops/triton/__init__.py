@@ -4,6 +4,7 @@ tensors. Only this package imports triton, so the rest of hybridserve imports on
 
 from hybridserve.ops.triton.attention import paged_attention, store_kv
 from hybridserve.ops.triton.conv import causal_conv1d, causal_conv1d_update
+from hybridserve.ops.triton.fp8 import fp8_linear, quantize_fp8
 from hybridserve.ops.triton.mamba_step import mamba_decode_step
 from hybridserve.ops.triton.moe import fused_moe, moe_route
 from hybridserve.ops.triton.norm import gated_rms_norm, rms_norm
@@ -14,11 +15,13 @@ __all__ = [
     "apply_token_bitmask",
     "causal_conv1d",
     "causal_conv1d_update",
+    "fp8_linear",
     "fused_moe",
     "gated_rms_norm",
     "mamba_decode_step",
     "moe_route",
     "paged_attention",
+    "quantize_fp8",
     "rms_norm",
     "sample_tokens",
     "selective_state_update",

@@ -23,9 +23,14 @@ Triton:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
+
+from hybridserve.ops.triton.fp8 import FP8_DTYPE, _quantize_tile, _scale_tile, quantize_fp8
 
 
 @triton.jit
@@ -59,13 +64,18 @@ def _route_kernel(
 def _moe_tile(
     a_ptr, w_ptr, out_ptr, sorted_ptr, e, row0, pid_n,
     N, K, num_pairs, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e, ws_stride_n, out_scale_ptr,
     TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The BLOCK_M x BLOCK_N output tile of expert e at sorted rows row0.. and columns pid_n * BLOCK_N..
     UP: a = x (rows gathered by token), out = relu(a w^T)^2 at sorted rows.
     not UP: a = h (sorted rows), out[pair] = a w^T.
-    PAIR_MODE: the tile is pair row0 // BLOCK_M alone (its row 0). EVEN_K: K % BLOCK_K == 0 (no k mask)."""
+    PAIR_MODE: the tile is pair row0 // BLOCK_M alone (its row 0). EVEN_K: K % BLOCK_K == 0 (no k mask).
+    FP8: w is e4m3 with scales w_scale[e * ws_stride_e + col * ws_stride_n]; a is e4m3 with scales
+    a_scale[row * a_scale_stride] (per token for UP, per sorted row for the down projection; stride 0:
+    one static scale), or any float quantized here with the static a_scale; an e4m3 `out` (UP) is
+    quantized with the static out_scale. ACT: the activation dtype each matmul is rounded to."""
     rows = row0 + tl.arange(0, BLOCK_M)
     if PAIR_MODE:
         pair = tl.where(tl.arange(0, BLOCK_M) == 0, row0 // BLOCK_M, num_pairs)
@@ -81,21 +91,31 @@ def _moe_tile(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + arow[:, None] * stride_am + ks[None, :]
     w_ptrs = w_ptr + e * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    if FP8 and a_ptr.dtype.element_ty != tl.float8e4nv:
+        a_static = tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (ks < K - k0) | EVEN_K  # all-true masks compile away
         a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if FP8 and a_ptr.dtype.element_ty != tl.float8e4nv:
+            a = _quantize_tile(a, a_static)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+    if FP8:
+        acc = _scale_tile(acc, a_scale_ptr, arow, a_scale_stride, w_scale_ptr + e * ws_stride_e, cols, ws_stride_n,
+                          valid, nmask)
     # the reference rounds each matmul to the activation dtype
-    acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+    acc = acc.to(ACT).to(tl.float32)
     omask = valid[:, None] & nmask[None, :]
     if UP:
         acc = tl.maximum(acc, 0.0)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
-                 (acc * acc).to(out_ptr.dtype.element_ty), mask=omask)
+        h = (acc * acc).to(ACT)
+        if out_ptr.dtype.element_ty == tl.float8e4nv:
+            h = _quantize_tile(h, tl.load(out_scale_ptr))
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty),
+                 mask=omask)
     else:
         tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=omask)
@@ -106,7 +126,9 @@ def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr,
     N, K, num_pairs, num_experts,
     stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e, ws_stride_n, out_scale_ptr,
     TOP_K: tl.constexpr, UP: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+    FP8: tl.constexpr, ACT: tl.constexpr,
     MIXED: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program = (tile, N block). Not MIXED: tile t has BLOCK_M rows from t * BLOCK_M. MIXED: tile_row[t] =
@@ -122,13 +144,19 @@ def _moe_gemm_kernel(
         info = tl.load(tile_row_ptr + tile)
         if info % 2 == 1:
             _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
-                      stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, SMALL_M, BLOCK_N, BLOCK_K)
+                      stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
+                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                      SMALL_M, BLOCK_N, BLOCK_K)
         else:
             _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, info // 2, pid_n, N, K, num_pairs, stride_am, stride_we,
-                      stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                      stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
+                      ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _moe_tile(a_ptr, w_ptr, out_ptr, sorted_ptr, e, tile * BLOCK_M, pid_n, N, K, num_pairs, stride_am, stride_we,
-                  stride_wn, stride_wk, stride_om, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                  stride_wn, stride_wk, stride_om, a_scale_ptr, a_scale_stride, w_scale_ptr, ws_stride_e,
+                  ws_stride_n, out_scale_ptr, TOP_K, UP, PAIR_MODE, DOT_PREC, EVEN_K, FP8, ACT,
+                  BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -171,26 +199,21 @@ def moe_route(
 
 PAIR_MODE_MAX_PAIRS = 32  # up to here every pair is its own block (no sort; few repeated experts)
 
-
-def _config(num_tokens: int) -> dict:
-    """Block shapes for H100/H200 (small batches: narrow tiles, many programs streaming weights).
-    Measured on H100 (bench/ops.py --sweep, --moe-sweep): these beat the alternatives tried."""
-    if num_tokens <= 2:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if num_tokens <= 128:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
-    if num_tokens <= 512:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if num_tokens <= 1024:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(PREFILL_CANDIDATES[0])
+# Launch shapes per (token count, weight dtype): a small table shipped with the code, regenerated on
+# the GPU by `bench/ops.py --moe-sweep --write-table` (each candidate checked against the default).
+CONFIG_FILE = Path(__file__).with_name("moe_configs.json")
+CONFIGS: dict[str, list[dict]] = {k: v for k, v in json.loads(CONFIG_FILE.read_text()).items() if k in ("bf16", "fp8")}
 
 
-# prefill launch shapes, swept by bench/ops.py --moe-sweep and checked by tests/gpu; the first is the
-# default. SMALL_M: that many rows of an expert's run past its last full BLOCK_M tile get one smaller
-# tile in the same launch. Also tried on H100 (docs/performance.md): a second launch for the small
-# tiles (streams the weights twice), 64-row tiles only, 3 stages, 128-wide N tiles, unmasked row and
-# column loads (more memory traffic); all slower.
+def _config(num_tokens: int, fp8: bool = False) -> dict:
+    """The launch shape for this many tokens: the first table entry whose max_tokens (None: any) covers it.
+    Small batches: narrow tiles and many programs streaming weights; prefill: two tile heights."""
+    return next(c for c in CONFIGS["fp8" if fp8 else "bf16"] if c["max_tokens"] is None or num_tokens <= c["max_tokens"])
+
+
+# Prefill launch shapes also tried on H100 (docs/performance.md), all slower than the table's: a
+# second launch for the small tiles (streams the weights twice), 64-row tiles only, 3 stages,
+# 128-wide N tiles, unmasked row and column loads (more memory traffic).
 PREFILL_CANDIDATES = [
     dict(BLOCK_M=128, SMALL_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
@@ -285,23 +308,41 @@ def fused_moe(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    w_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+    a_up_scale: torch.Tensor | None = None,
+    a_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts for every token.
 
     x: [T, hidden]; w_up: [E, I, hidden]; w_down: [E, hidden, I]; topk_weights: [T, K] float32;
     topk_ids: [T, K] int. Returns [T, hidden] in x's dtype: sum_k w[t,k] * expert_{id[t,k]}(x[t]),
-    each expert's two matmuls in x's dtype, the weighted sum accumulated in float32.
+    each expert's two matmuls rounded to x's dtype, the weighted sum accumulated in float32.
+    FP8 experts (w_up, w_down float8_e4m3fn): w_*_scale float32 [E] (per expert) or [E, N] (per
+    output channel); each matmul is `fp8_linear` (its input quantized with the static a_*_scale []
+    float32, or per row when None).
     """
-    return _fused_moe(x, w_up, w_down, topk_weights, topk_ids, _config(x.shape[0]))
+    fp8 = w_up_scale is not None
+    return _fused_moe(x, w_up, w_down, topk_weights, topk_ids, _config(x.shape[0], fp8),
+                      w_up_scale, w_down_scale, a_up_scale, a_down_scale)
 
 
-def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tensor:
+_ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=None, w_down_scale=None,
+               a_up_scale=None, a_down_scale=None) -> torch.Tensor:
     """cfg: BLOCK_M/N/K, num_warps, num_stages, optional SMALL_M (see PREFILL_CANDIDATES)."""
     t, hidden = x.shape
     e, inter, _ = w_up.shape
     assert w_up.shape == (e, inter, hidden) and w_down.shape == (e, hidden, inter)
     assert w_up.stride(-1) == 1 and w_down.stride(-1) == 1 and x.stride(-1) == 1
-    assert w_up.dtype == w_down.dtype == x.dtype, "weights and activations share one dtype"
+    fp8 = w_up_scale is not None
+    if fp8:
+        assert w_up.dtype == w_down.dtype == FP8_DTYPE and w_down_scale is not None
+        assert w_up_scale.shape in ((e,), (e, inter)) and w_down_scale.shape in ((e,), (e, hidden))
+    else:
+        assert w_up.dtype == w_down.dtype == x.dtype, "weights and activations share one dtype"
     top_k = topk_ids.shape[1]
     assert topk_ids.shape == topk_weights.shape == (t, top_k)
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
@@ -317,16 +358,28 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict) -> torch.Tens
     else:
         sorted_pairs, tile_expert, tile_row = align_by_expert(topk_ids, e, bm, sm)
         rows = sorted_pairs.shape[0]
-    h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+    # fp8 with a static scale for the down projection: the up kernel writes h in e4m3 directly
+    h = torch.empty((rows, inter), dtype=FP8_DTYPE if fp8 and a_down_scale is not None else x.dtype, device=x.device)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    for a, w, dst, n, k, up in ((x, w_up, h, inter, hidden, True), (h, w_down, y, hidden, inter, False)):
+    a_up, s_up = (quantize_fp8(x) if a_up_scale is None else (x, a_up_scale)) if fp8 else (x, x)
+    for up in (True, False):
+        if up:
+            a, w, dst, n, k, s_a, s_w = a_up, w_up, h, inter, hidden, s_up, w_up_scale
+        else:
+            a, w, dst, n, k, s_w = h, w_down, y, hidden, inter, w_down_scale
+            s_a = a_down_scale
+            if fp8 and a_down_scale is None:  # per-row scales of h need all of its row: one more pass
+                a, s_a = quantize_fp8(h)
+        scales = (s_a, int(s_a.dim() > 0), s_w, s_w.stride(0), int(s_w.dim() > 1), a_down_scale if up else x) if fp8 \
+            else (x, 0, x, 0, 0, x)
         _moe_gemm_kernel[(tile_expert.shape[0] * triton.cdiv(n, bn),)](
             a, w, dst, sorted_pairs, tile_expert, tile_row,
             n, k, pairs, e,
-            a.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0),
-            TOP_K=top_k, UP=up, PAIR_MODE=pair_mode, DOT_PREC=prec, EVEN_K=k % bk == 0, MIXED=sm < bm,
-            BLOCK_M=bm, SMALL_M=sm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            a.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0), *scales,
+            TOP_K=top_k, UP=up, PAIR_MODE=pair_mode, DOT_PREC=prec, EVEN_K=k % bk == 0, FP8=fp8, ACT=_ACT[x.dtype],
+            MIXED=sm < bm, BLOCK_M=bm, SMALL_M=sm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     tw = topk_weights.float().contiguous()
     block = min(1024, triton.next_power_of_2(hidden))
