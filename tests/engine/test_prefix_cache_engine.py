@@ -205,3 +205,19 @@ def test_a_hit_gives_the_logprobs_of_a_full_recompute(make_core):
         assert [[t for t, _ in row] for row in cached] == [[t for t, _ in row] for row in fresh]
         assert [v for row in cached for _, v in row] == pytest.approx([v for row in fresh for _, v in row], abs=1e-4)
     assert on.stats().prefix_cache_hits_total == 32 + 41
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt(make_core):
+    """prompt_logprobs score every prompt position, so such a request never resumes from the cache."""
+    prompt = mixed_prompts()[7][:40]
+    core = make_core()
+    generate(core, [prompt], GREEDY, tag="a")
+    core.add_request("b", prompt + [5, 6], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1))
+    scored, cached = None, set()
+    while core.has_unfinished():
+        for out in core.step():
+            cached.add(out.num_cached_tokens)
+            scored = out.prompt_logprobs or scored
+    assert cached == {0} and len(scored) == 42 and scored[0] is None and all(scored[1:])
+    (_,), (hit,) = generate(core, [prompt + [5, 6]], GREEDY, tag="c")  # the same prompt without: a hit
+    assert hit == 32
