@@ -110,10 +110,18 @@ def ceilings():
 
 
 def ssm_params():
-    A = -torch.exp(torch.randn(MH, device=DEV) * 0.5)
+    A_log = torch.randn(MH, device=DEV) * 0.5
     D = torch.randn(MH, device=DEV)
     dtb = torch.randn(MH, device=DEV) * 0.5 - 1
-    return A, D, dtb
+    return A_log, D, dtb
+
+
+# (state dtype, stochastic rounding seed): the engine's float32 default and the 16-bit options
+STATE_FORMATS = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 7), (torch.float16, 7)]
+
+
+def state_label(sdt, seed) -> str:
+    return f"state={str(sdt)[6:]}{' SR' if seed is not None else ''}"
 
 
 def bench_norms(tb, quick):
@@ -167,11 +175,14 @@ def bench_conv(tb, quick):
 
 
 def bench_ssm(tb, quick):
-    A, D, dtb = ssm_params()
+    """Decode: the state update alone and the fused step per state format and batch (the state is
+    read and written once per step, so time grows with B x state bytes: the step-time-vs-batch
+    curve of issue 13.5). Prefill: the chunked SSD, and the one-pass kernel beside it (A/B)."""
+    A_log, D, dtb = ssm_params()
     conv_w = torch.randn(CONV_C, KW, device=DEV, dtype=BF)
     conv_b = torch.randn(CONV_C, device=DEV, dtype=BF)
-    for sdt in (torch.float32, torch.bfloat16):
-        for b in (1, 64, 256) if not quick else (256,):
+    for sdt, seed in STATE_FORMATS:
+        for b in (1, 64, 256, 1024) if not quick else (256,):
             state_bytes = b * MH * MP * MN * sdt.itemsize
             nbytes = 2 * state_bytes + b * (MH * MP + 2 * MG * MN + MH) * 2 + b * MH * MP * 2
             conv_bytes = b * CONV_C * 2 * KW  # K-1 ring rows read, one written
@@ -185,40 +196,48 @@ def bench_ssm(tb, quick):
                         torch.randint(1, 5000, (b,), dtype=torch.int32, device=DEV))
 
             sets, n = rotating(make, nbytes + conv_bytes)
-            ms_ssu = timed(lambda: [K.selective_state_update(x, dt, A, Bm, Cm, D, dtb, s, sl)
-                                    for _, x, Bm, Cm, dt, s, sl, _, _ in sets]) / n
-            tb.add("selective_state_update", f"B={b} state={str(sdt)[6:]}", ms_ssu, nbytes, b * MH * MP * MN * 5,
-                   ">=70% bw" if b >= 64 else None)
+            tag = state_label(sdt, seed)
+            ms_ssu = timed(lambda: [K.selective_state_update(x, dt, A_log, Bm, Cm, D, dtb, ln, s, sl, seed)
+                                    for _, x, Bm, Cm, dt, s, sl, _, ln in sets]) / n
+            tb.add("selective_state_update", f"B={b} {tag}", ms_ssu, nbytes, b * MH * MP * MN * 5,
+                   ">=85% bw" if b >= 64 else None)
             variants = [{}] if not SWEEP else [{}, dict(state_elems=8192, num_warps=8),
                                                dict(state_elems=8192, num_warps=4), dict(state_elems=2048)]
             for v in variants:
                 with tuned(KMS.STEP_TUNE, **v):
-                    ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A, D, dtb, ln, cs, s, sl)
+                    ms = timed(lambda: [K.mamba_decode_step(xbc, dt, conv_w, conv_b, A_log, D, dtb, ln, cs, s, sl, seed)
                                         for xbc, _, _, _, dt, s, sl, cs, ln in sets]) / n
                 # the conv update's own cost inside the fused kernel: the time it adds to the state update
                 extra_us = 1000 * (ms - ms_ssu)
-                tb.add("mamba_decode_step (conv+SSU)", f"B={b} state={str(sdt)[6:]} conv adds {extra_us:.1f} us {label(v)}",
+                tb.add("mamba_decode_step (conv+SSU)", f"B={b} {tag} conv adds {extra_us:.1f} us {label(v)}",
                        ms, nbytes + conv_bytes, b * MH * MP * MN * 5,
-                       ">=70% bw (conv update)" if b >= 64 and not v else None)
-    for lens in ([4096], [1024] * 4, [256] * 16):
+                       ">=85% bw" if b >= 64 and not v else None)
+    impls = [("chunked", K.ssd_varlen), ("one pass", KS.ssd_varlen_one_pass)]
+    for lens in ([4096], [1024] * 4, [256] * 16, [8192]):
         t, nb = sum(lens), len(lens)
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        seq_lens = cu[1:] - cu[:-1]
         x = torch.randn(t, MH, MP, device=DEV, dtype=BF)
         dt = torch.randn(t, MH, device=DEV, dtype=BF)
         Bm = torch.randn(t, MG, MN, device=DEV, dtype=BF)
         Cm = torch.randn(t, MG, MN, device=DEV, dtype=BF)
-        st = torch.randn(nb, MH, MP, MN, device=DEV) * 0.1
         sl = torch.arange(nb, device=DEV)
         init = torch.ones(nb, dtype=torch.bool, device=DEV)
-        variants = [{}] if not SWEEP or nb > 1 else [{}, dict(BLOCK_P=16), dict(BLOCK_T=64, BLOCK_P=16),
-                                                 dict(num_stages=3), dict(BLOCK_T=16, BLOCK_P=32)]
-        for v in variants:
-            with tuned(KS.SSD_TUNE, **v):
-                ms = timed(lambda: K.ssd_varlen(x, dt, A, Bm, Cm, D, dtb, cu, st, sl, init, 128))
-                q = KS.SSD_TUNE["BLOCK_T"]  # the kernel's chunk
-            flops = t * MH * (2 * q * MN + 2 * q * MP + 4 * MP * MN)
-            nbytes = t * (2 * MH * MP + 2 * MG * MN + MH) * 2 + 2 * nb * MH * MP * MN * 4
-            tb.add("ssd_varlen (prefill)", f"T={t} seqs={nb} {label(v)}", ms, nbytes, flops)
+        for sdt, seed in (STATE_FORMATS[0], STATE_FORMATS[2]):
+            st = (torch.randn(nb, MH, MP, MN, device=DEV) * 0.1).to(sdt)
+            for name, fn in impls:
+                variants = [{}] if not SWEEP or nb > 1 or name != "chunked" else [
+                    {}, dict(CHUNK=64), dict(CHUNK=256), dict(SCAN_BLOCK_M=128, scan_warps=8),
+                    dict(SCAN_BLOCK_K=32), dict(scan_stages=3), dict(BLOCK_T=16)]
+                for v in variants:
+                    with tuned(KS.SSD_TUNE, **v):
+                        ms = timed(lambda: fn(x, dt, A_log, Bm, Cm, D, dtb, cu, seq_lens, st, sl, init, 128, seed))
+                    # the model's arithmetic (chunk 128, as the reference), whatever the kernel's blocking
+                    q = 128
+                    flops = t * MH * (2 * q * MN + 2 * q * MP + 4 * MP * MN)
+                    nbytes = t * (2 * MH * MP + 2 * MG * MN + MH) * 2 + 2 * nb * MH * MP * MN * sdt.itemsize
+                    tb.add(f"ssd_varlen {name}", f"T={t} seqs={nb} {state_label(sdt, seed)} {label(v)}", ms, nbytes,
+                           flops)
 
 
 def moe_inputs(t):
@@ -435,7 +454,7 @@ def bench_attention_prefill(tb, quick):
 def bench_sampling(tb, quick):
     from hybridserve.ops.reference import sampling as S
 
-    for rows in (1, 64, 256):
+    for rows in (1, 64, 256, 1024):
         logits = torch.randn(rows, V, device=DEV)
         temp = torch.full((rows,), 0.8, device=DEV)
         seeds = torch.arange(rows, device=DEV)

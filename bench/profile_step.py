@@ -2,6 +2,7 @@
 step and one decode step, under torch.profiler. Prints the top kernels of each.
 
     python bench/profile_step.py [--prefill-seqs 8] [--prompt-len 1024] [--decode-batch 64]
+                                 [--state-dtype float32|bfloat16|float16] [--no-stochastic-rounding]
 """
 
 from __future__ import annotations
@@ -45,17 +46,21 @@ def main() -> None:
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--no-stochastic-rounding", action="store_true", help="a 16-bit state rounded to nearest")
     args = ap.parse_args()
     cfg = ModelConfig.from_hf("nemotron-3-nano-30b-a3b")
     model = load_model(cfg, load_format="dummy", device="cuda")
     bs = 16
     n = max(args.prefill_seqs, args.decode_batch)
-    cache = HybridCache.allocate(cfg, n, n * (-(-(args.prompt_len + 1) // bs)), bs, torch.bfloat16, torch.float32, "cuda")
+    cache = HybridCache.allocate(cfg, n, n * (-(-(args.prompt_len + 1) // bs)), bs, torch.bfloat16,
+                                 getattr(torch, args.state_dtype), "cuda",
+                                 rounding_seed=None if args.no_stochastic_rounding else 0)
     with torch.inference_mode():
         profile_step(model, packed_batch([args.prompt_len] * args.prefill_seqs, 0, bs), cache,
                      f"prefill {args.prefill_seqs} x {args.prompt_len} tokens")
         profile_step(model, packed_batch([1] * args.decode_batch, args.prompt_len, bs), cache,
-                     f"decode batch {args.decode_batch} (eager)")
+                     f"decode batch {args.decode_batch} (eager, SSM state {args.state_dtype})")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hybridserve.config_flags import flag_name
+from hybridserve.config_flags import flag_name, option_strings
 
 logger = logging.getLogger("hybridserve")
 
@@ -66,7 +66,7 @@ COMPAT_FLAGS = (
 
 def add_compat_flags(parser: argparse.ArgumentParser, serve: bool) -> list[CompatFlag]:
     """Add the table's flags the parser does not have yet (a real setting of that name wins)."""
-    known = {s for action in parser._actions for s in action.option_strings}
+    known = option_strings(parser)
     group = parser.add_argument_group("accepted for vLLM compatibility (see docs/serving.md)")
     added = []
     for flag in COMPAT_FLAGS:
@@ -74,10 +74,10 @@ def add_compat_flags(parser: argparse.ArgumentParser, serve: bool) -> list[Compa
             continue
         if flag.kind is bool:
             group.add_argument(flag_name(flag.name), dest=flag.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=flag.effect)
+                               default=None, help=flag.effect.replace("%", "%%"))
         else:
             group.add_argument(flag_name(flag.name), dest=flag.name, type=flag.kind, default=None,
-                               metavar=flag.metavar, help=flag.effect or None)
+                               metavar=flag.metavar, help=flag.effect.replace("%", "%%") or None)
         added.append(flag)
     parser.set_defaults(compat_flags=tuple(f.name for f in added))
     return added

@@ -278,6 +278,10 @@ class EngineConfig:
         "per-layer k/v scales (the checkpoint's k_scale / v_scale, else 1.0)")})
     mamba_ssm_cache_dtype: str = field(default="auto", metadata={"choices": MAMBA_SSM_CACHE_DTYPES, "help": (
         "Mamba SSM state dtype (auto: the config's, float32 for Nemotron-3-Nano)")})
+    mamba_cache_stochastic_rounding: bool = field(default=True, metadata={
+        "aliases": ("--enable-mamba-cache-stochastic-rounding",), "help": (
+            "round a 16-bit SSM state stochastically on every write (keeps long generations close to the "
+            "float32 state, bench/state_rounding.py measures it); off: to nearest. No effect on float32")})
     enforce_eager: bool = False  # no CUDA graphs
     max_cudagraph_capture_size: int | None = field(default=None, metadata={"help": (
         "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "

@@ -22,12 +22,14 @@ import dataclasses
 import inspect
 import os
 import re
+import sys
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 _COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
 
 def token_count(text: str) -> int:
     """A positive integer, optionally with a k / m suffix (1024-based, as vLLM reads `32k`)."""
@@ -41,6 +43,7 @@ def token_count(text: str) -> int:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
 
+
 def limit_or_unbounded(text: str) -> int | None:
     """An integer limit, or -1 / none for no limit (None)."""
     if text.strip().lower() in ("-1", "none"):
@@ -49,6 +52,7 @@ def limit_or_unbounded(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer (or -1 for no limit): {text!r}") from None
+
 
 def normalize_flag_spelling(argv: Iterable[str]) -> list[str]:
     """`--foo_bar[=v]` -> `--foo-bar[=v]` (values are left alone)."""
@@ -60,14 +64,14 @@ def normalize_flag_spelling(argv: Iterable[str]) -> list[str]:
         out.append(arg)
     return out
 
+
 class FlexibleArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser (and its subparsers) that accepts vLLM's underscore flag spellings."""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        import sys
-
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(normalize_flag_spelling(args), namespace)
+
 
 def field_comments(cls: type) -> dict[str, str]:
     """Trailing `# comment` of each field line in the class source ({} if the source is unavailable)."""
@@ -77,6 +81,7 @@ def field_comments(cls: type) -> dict[str, str]:
         return {}
     return {m.group(1): m.group(2) for line in source.splitlines() if (m := _COMMENT.match(line))}
 
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(the type without None, whether None is allowed)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -84,8 +89,10 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
         return (args[0] if len(args) == 1 else str), True
     return annotation, False
 
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
 
 def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
                      skip: Iterable[str] = ()) -> list[str]:
@@ -124,10 +131,11 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             kwargs["metavar"] = meta.get("metavar")
         hidden = default in (None, "", [], ()) or (kind is bool and default is False) or "env" in meta  # no secrets
         shown = "" if hidden else f" (default: {default})"
-        kwargs["help"] = (help_text + shown).strip() or None
+        kwargs["help"] = (help_text + shown).strip().replace("%", "%%") or None  # argparse formats help with %
         parser.add_argument(*names, **kwargs)
         added.append(f.name)
     return added
+
 
 def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     """An instance of `cls` from the parsed flags of its fields (plus `fixed` values)."""
@@ -135,8 +143,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
               if f.init and hasattr(args, f.name) and f.name not in fixed}
     return cls(**values, **fixed)
 
+
 def option_strings(parser: argparse.ArgumentParser) -> set[str]:
     """Every `--flag` spelling the parser (and its argument groups) knows."""
     return {s for action in parser._actions for s in action.option_strings}
-
-ParseFn = Callable[[str], Any]

@@ -75,6 +75,7 @@ class ModelRunner:
         self.ssm_dtype = _DTYPES[ssm_name]
         # fp8 KV pages: store_kv quantizes with each layer's kv_scale, attention dequantizes
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        self.state_rounding_seed = config.seed % 2**31 if config.mamba_cache_stochastic_rounding else None
         self.block_size = config.block_size
         self.max_model_len = resolve_max_model_len(config, model_config)
         if model is None:
@@ -98,7 +99,7 @@ class ModelRunner:
         # state rows: the slots, one padding slot, then the prefix cache's snapshots (CacheLayout.snapshot_row)
         self.cache = HybridCache.allocate(
             model_config, num_slots + 1 + num_snapshots, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype,
-            self.device, self.kv_dtype,
+            self.device, kv_dtype=self.kv_dtype, rounding_seed=self.state_rounding_seed,
         )
         self.pad_slot, self.pad_block = num_slots, num_blocks
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
@@ -240,7 +241,7 @@ class ModelRunner:
         """Run a plan on a scratch cache, through the same packer and sampler as real steps."""
         scratch = HybridCache.allocate(
             self.model_config, num_slots, num_blocks, self.block_size, self.dtype, self.ssm_dtype, self.device,
-            self.kv_dtype,
+            kv_dtype=self.kv_dtype, rounding_seed=self.state_rounding_seed,
         )
         packer = InputPacker(num_slots, width, self.block_size, 0, self.device)
         logits = self.model(packer.pack(plan), scratch)

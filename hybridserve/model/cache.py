@@ -10,6 +10,10 @@ P head dim, N state size, Hkv kv heads, D head dim):
   ssm_state  [L_mamba, S, H, P, N]       float32 by default (bfloat16 / float16 allowed)
   kv         [L_attn, 2, NB, BS, Hkv, D] model dtype, or float8_e4m3fn (--kv-cache-dtype fp8: the
                                         layers' kv_scale dequantize); [:, 0] keys, [:, 1] values
+
+A 16-bit SSM state is rounded on every write (decode step, prefill's final state): stochastically
+when `rounding_seed` is set (each Mamba layer passes its ops `state_seed(layer)`), else to nearest.
+Slot copies keep the dtype and so are exact.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class HybridCache:
     ssm_state: torch.Tensor
     kv: torch.Tensor
     block_size: int
+    rounding_seed: int | None = None  # stochastic rounding of a 16-bit SSM state; None: to nearest
 
     @classmethod
     def allocate(
@@ -39,6 +44,7 @@ class HybridCache:
         ssm_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         kv_dtype: torch.dtype | None = None,
+        rounding_seed: int | None = None,
     ) -> HybridCache:
         """kv_dtype: the KV pages' dtype (default: `dtype`)."""
         n_mamba = len(config.layers_of("M"))
@@ -52,7 +58,7 @@ class HybridCache:
             n_attn, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
             dtype=kv_dtype or dtype, device=device,
         )
-        return cls(conv_state=conv, ssm_state=ssm, kv=kv, block_size=block_size)
+        return cls(conv_state=conv, ssm_state=ssm, kv=kv, block_size=block_size, rounding_seed=rounding_seed)
 
     @staticmethod
     def bytes_per_slot(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
@@ -65,6 +71,12 @@ class HybridCache:
     def bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
         """KV bytes of one page over all attention layers (1 byte per element for an fp8 cache)."""
         return HybridCache.allocate(config, 0, 1, block_size, kv_dtype, device="meta").kv.nbytes
+
+    def state_seed(self, layer: int) -> int | None:
+        """The SSM-state rounding seed of one Mamba layer (each layer draws its own bits), or None."""
+        if self.rounding_seed is None or self.ssm_state.dtype == torch.float32:
+            return None
+        return (self.rounding_seed * 1_000_003 + layer) % 2**31
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Mamba states of rows src [C] int64 into rows dst [C] (forks, prefix-cache snapshots); every

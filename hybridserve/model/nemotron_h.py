@@ -59,19 +59,19 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(x, ops).split([cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads], dim=-1)
         conv_w = self.conv1d.weight.view(cfg.conv_dim, cfg.conv_kernel)
         conv_state, ssm_state = cache.conv_state[self.index], cache.ssm_state[self.index]
-        A = -torch.exp(self.A_log.float())
+        seed = cache.state_seed(self.index)
         if batch.is_decode:
-            y = ops.mamba_decode_step(xbc, dt, conv_w, self.conv1d.bias, A, self.D, self.dt_bias, batch.seq_lens,
-                                      conv_state, ssm_state, batch.state_slots)
+            y = ops.mamba_decode_step(xbc, dt, conv_w, self.conv1d.bias, self.A_log, self.D, self.dt_bias,
+                                      batch.seq_lens, conv_state, ssm_state, batch.state_slots, seed)
         else:
             xbc = ops.causal_conv1d(xbc, conv_w, self.conv1d.bias, batch.cu_seqlens, batch.seq_lens, conv_state,
                                     batch.state_slots, batch.has_initial_state)
             xs, B, C = xbc.split([cfg.d_inner, gn, gn], dim=-1)
             y = ops.ssd_varlen(
-                xs.reshape(t, cfg.mamba_num_heads, cfg.mamba_head_dim), dt, A,
+                xs.reshape(t, cfg.mamba_num_heads, cfg.mamba_head_dim), dt, self.A_log,
                 B.reshape(t, cfg.n_groups, cfg.ssm_state_size), C.reshape(t, cfg.n_groups, cfg.ssm_state_size),
-                self.D, self.dt_bias, batch.cu_seqlens, ssm_state, batch.state_slots, batch.has_initial_state,
-                cfg.chunk_size,
+                self.D, self.dt_bias, batch.cu_seqlens, batch.seq_lens, ssm_state, batch.state_slots,
+                batch.has_initial_state, cfg.chunk_size, seed,
             )
         y = ops.gated_rms_norm(y.reshape(t, cfg.d_inner), z, self.norm.weight, cfg.d_inner // cfg.n_groups,
                                cfg.layer_norm_epsilon)

@@ -9,9 +9,8 @@ structured-output fields.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi.responses import Response
@@ -21,25 +20,22 @@ from hybridserve.sampling_params import SamplingParams
 from hybridserve.serve.chat import THINKING_GRACE_TOKENS, RenderedChat, thinking_tokens
 from hybridserve.serve.chat_output import ChatOutputParser, ChoiceAccumulator, ChoiceDelta
 from hybridserve.serve.context import ServerContext, engine_outputs
-from hybridserve.serve.errors import APIError, bad_request
+from hybridserve.serve.errors import bad_request
 from hybridserve.serve.protocol import ChatCompletionRequest
 from hybridserve.serve.request_checks import warn_unknown_fields
 from hybridserve.serve.responses import (
-    SSE_DONE,
+    Chunk,
     TokenText,
     chat_logprobs,
     new_id,
     now,
     reported_stop_reason,
     respond,
-    sse,
-    sse_error,
+    sse_stream,
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
 from hybridserve.serve.structured_outputs import structured_spec
-
-logger = logging.getLogger("hybridserve.serve")
 
 
 class _ToolPolicy:
@@ -197,13 +193,6 @@ class _ChatRun:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
 
-    def _chunk(self, choices: list[dict[str, Any]], usage_now: bool) -> bytes:
-        payload: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model, "choices": choices}
-        if usage_now:
-            payload["usage"] = self._usage()
-        return sse(payload)
-
     def _chunk_choice(self, o: Any) -> dict[str, Any] | None:
         """One choice's entry in a stream chunk; None only before the choice's first visible text (no
         empty first chunk). Later steps always send one, empty or not: one chunk per token, which is
@@ -227,23 +216,17 @@ class _ChatRun:
         stop_reason = reported_stop_reason(o.stop_reason, self.params) if self.finished[i] else None
         return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason}
 
-    async def sse(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
-        opts = self.req.stream_options
-        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
-        try:
-            out = first
-            while out is not None:
-                self.cached_tokens = out.num_cached_tokens
-                live = [o for o in out.outputs if not self.finished[o.index]]
-                for choice in map(self._chunk_choice, live):  # one chunk per choice, as OpenAI and vLLM send n > 1
-                    if choice is not None:
-                        yield self._chunk([choice], continuous)
-                out = await anext(stream, None)
-            if opts and opts.include_usage:
-                yield self._chunk([], True)
-        except APIError as e:
-            yield sse_error(e)
-        except Exception as e:  # the stream is already 200: report in-band, never hang
-            logger.exception("chat stream %s failed", self.id)
-            yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
-        yield SSE_DONE
+    def sse(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        return sse_stream(head, self._chunks(first, stream), self.req.stream_options)
+
+    async def _chunks(self, first: Any, stream: AsyncIterator[Any]) -> AsyncGenerator[Chunk, None]:
+        out = first
+        while out is not None:
+            self.cached_tokens = out.num_cached_tokens
+            live = [o for o in out.outputs if not self.finished[o.index]]
+            for choice in map(self._chunk_choice, live):  # one chunk per choice, as OpenAI and vLLM send n > 1
+                if choice is not None:
+                    yield Chunk([choice], self._usage())
+            out = await anext(stream, None)
+        yield Chunk([], self._usage())

@@ -7,9 +7,8 @@ merges the prompts' outputs as they arrive, one chunk per step; the output is ra
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi.responses import Response
@@ -17,25 +16,22 @@ from starlette.requests import Request
 
 from hybridserve.sampling_params import SamplingParams
 from hybridserve.serve.context import ServerContext, engine_outputs
-from hybridserve.serve.errors import APIError, bad_request
+from hybridserve.serve.errors import bad_request
 from hybridserve.serve.protocol import CompletionRequest
 from hybridserve.serve.request_checks import warn_unknown_fields
 from hybridserve.serve.responses import (
-    SSE_DONE,
+    Chunk,
     TokenText,
     completion_logprobs,
     new_id,
     now,
     reported_stop_reason,
     respond,
-    sse,
-    sse_error,
+    sse_stream,
     usage,
 )
 from hybridserve.serve.sampling import build_sampling_params, resolve_max_tokens
 from hybridserve.serve.structured_outputs import structured_spec
-
-logger = logging.getLogger("hybridserve.serve")
 
 
 def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -165,48 +161,36 @@ class _CompletionRun:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}
 
-    async def sse(self, first: tuple[int, Any], merged: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[bytes]:
+    def sse(self, first: tuple[int, Any], merged: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[bytes]:
+        head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+        return sse_stream(head, self._chunks(first, merged), self.req.stream_options)
+
+    async def _chunks(self, first: tuple[int, Any], merged: AsyncIterator[tuple[int, Any]]) -> AsyncGenerator[Chunk, None]:
         """One chunk per choice per step (as OpenAI and vLLM send n > 1 and several prompts)."""
-        opts = self.req.stream_options
-        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         started: set[int] = set()
         offsets: dict[int, int] = {}  # next logprobs text_offset per choice, counted per token
         finished: set[int] = set()
-        try:
-            item: tuple[int, Any] | None = first
-            while item is not None:
-                k, out = item
-                self.cached_tokens[k] = out.num_cached_tokens
-                for o in out.outputs:
-                    index = k * self.req.n + o.index
-                    if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
-                        continue
-                    self.completion_tokens[index] = len(o.token_ids)
-                    prefix = self._echo(k) if self.req.echo and index not in started else ""
-                    if index not in started:
-                        started.add(index)
-                        offsets[index] = len(prefix)  # offsets count the echoed prompt too
-                    lp = None
-                    if self.text_of is not None and o.logprobs_delta:
-                        lp, offsets[index] = completion_logprobs(o.logprobs_delta, self.text_of,
-                                                                 self.req.logprobs or 0, offsets[index])
-                    if o.finish_reason:
-                        finished.add(index)
-                    choice = {"index": index, "text": prefix + o.text_delta, "logprobs": lp,
+        item: tuple[int, Any] | None = first
+        while item is not None:
+            k, out = item
+            self.cached_tokens[k] = out.num_cached_tokens
+            for o in out.outputs:
+                index = k * self.req.n + o.index
+                if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):
+                    continue
+                self.completion_tokens[index] = len(o.token_ids)
+                prefix = self._echo(k) if self.req.echo and index not in started else ""
+                if index not in started:
+                    started.add(index)
+                    offsets[index] = len(prefix)  # offsets count the echoed prompt too
+                lp = None
+                if self.text_of is not None and o.logprobs_delta:
+                    lp, offsets[index] = completion_logprobs(o.logprobs_delta, self.text_of,
+                                                             self.req.logprobs or 0, offsets[index])
+                if o.finish_reason:
+                    finished.add(index)
+                yield Chunk([{"index": index, "text": prefix + o.text_delta, "logprobs": lp,
                               "finish_reason": o.finish_reason,
-                              "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])}
-                    payload: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
-                                               "model": self.model, "choices": [choice]}
-                    if continuous:
-                        payload["usage"] = self._usage()
-                    yield sse(payload)
-                item = await anext(merged, None)
-            if opts and opts.include_usage:
-                yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                           "choices": [], "usage": self._usage()})
-        except APIError as e:
-            yield sse_error(e)
-        except Exception as e:  # the stream is already 200: report in-band, never hang
-            logger.exception("completion stream %s failed", self.id)
-            yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
-        yield SSE_DONE
+                              "stop_reason": reported_stop_reason(o.stop_reason, self.params[k])}], self._usage())
+            item = await anext(merged, None)
+        yield Chunk([], self._usage())

@@ -1,6 +1,7 @@
 """Response plumbing shared by chat and completions: usage, logprobs, SSE framing, disconnects.
 
-`respond` turns one generation into a JSON body or an SSE stream and releases the admission ticket
+`sse_stream` is the one SSE writer: chunk framing, usage (continuous or final), in-band error
+frames and `[DONE]`, the same for chat and completions. `respond` turns one generation into a JSON body or an SSE stream and releases the admission ticket
 and the engine request however the response ends (finished, client gone before or during the
 body, server shutdown) — `ManagedStreamingResponse` runs the cleanup for streams, and
 `until_disconnected` cancels non-streaming work when the client goes away (aborting its request).
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -20,6 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hybridserve.engine.outputs import TokenLogprob
 from hybridserve.serve.errors import APIError, error_body
+
+logger = logging.getLogger("hybridserve.serve")
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -38,6 +43,38 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 def sse_error(err: APIError) -> bytes:
     return sse(error_body(err.status, err.message, err.param, err.type))
+
+
+@dataclass
+class Chunk:
+    """One stream chunk's choices and the usage so far; empty choices: the stream's totals, last."""
+
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any]
+
+
+async def sse_stream(head: dict[str, Any], chunks: AsyncGenerator[Chunk, None],
+                     stream_options: Any) -> AsyncIterator[bytes]:
+    """Frame `chunks` as SSE: `head` (id, object, created, model) + choices, usage on every chunk with
+    `continuous_usage_stats` and in a last choice-less chunk with `include_usage`; a failure after
+    the 200 is an in-band error frame (never a hang); `[DONE]` ends every stream exactly once."""
+    include = bool(stream_options and stream_options.include_usage)
+    continuous = include and bool(stream_options.continuous_usage_stats)
+    try:
+        try:
+            async for chunk in chunks:
+                if chunk.choices:
+                    yield sse({**head, "choices": chunk.choices, **({"usage": chunk.usage} if continuous else {})})
+                elif include:
+                    yield sse({**head, "choices": [], "usage": chunk.usage})
+        except APIError as e:
+            yield sse_error(e)
+        except Exception as e:
+            logger.exception("stream %s failed", head["id"])
+            yield sse_error(APIError(500, f"generation failed ({type(e).__name__})"))
+        yield SSE_DONE
+    finally:  # a client gone mid-stream closes this writer: close the chunk source with it
+        await chunks.aclose()
 
 
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,

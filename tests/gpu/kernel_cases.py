@@ -15,7 +15,6 @@ import torch
 
 from hybridserve.ops import reference as R
 from hybridserve.ops import triton as K  # noqa: N812
-from hybridserve.ops.reference.ssd import ssd_recurrent
 
 C_TOL = 2.0
 EPS = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
@@ -119,119 +118,6 @@ def test_causal_conv1d(device, big, dtype, with_bias):
         out_g = R.causal_conv1d_update(*f32(xu, w, bias), seq_lens, s_g, slots)
         check(out_k, out_r, out_g, dtype, "conv update out")
         torch.testing.assert_close(s_k, s_r, rtol=0, atol=0)
-
-
-# ------------------------------------------------------------------------------------------- ssd
-
-
-def _ssm_dims(big):
-    return (64, 64, 8, 128) if big else (4, 16, 2, 16)  # H, P, G, N
-
-
-def _ssm_params(device, h):
-    A = -torch.exp(torch.randn(h, device=device) * 0.5)
-    D = torch.randn(h, device=device)
-    dt_bias = torch.randn(h, device=device) * 0.5 - 1.0
-    return A, D, dt_bias
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_ssd_varlen(device, big, dtype, state_dtype):
-    h, p, g, n = _ssm_dims(big)
-    chunk = 128 if big else 16
-    lens = [1, 64, 65, 130, 3] if not big else [1, 127, 129, 600, 2]
-    nseq = len(lens)
-    t = sum(lens)
-    cu = packed(lens, device)
-    slots = torch.randperm(nseq + 2, device=device)[:nseq]
-    init = torch.tensor([True, False, True, True, False], device=device)
-    A, D, dt_bias = _ssm_params(device, h)
-    x = torch.randn(t, h, p, device=device).to(dtype)
-    dt_raw = torch.randn(t, h, device=device).to(dtype)
-    bc = torch.randn(t, 2, g, n, device=device).to(dtype)
-    B, C = bc[:, 0], bc[:, 1]  # strided views
-    state = (torch.randn(nseq + 2, h, p, n, device=device) * 0.5).to(state_dtype)
-    s_k, s_r, s_g = state.clone(), state.clone(), state.float()
-    y_k = K.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, cu, s_k, slots, init, chunk)
-    y_r = R.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, cu, s_r, slots, init, chunk)
-    y_g = R.ssd_varlen(*f32(x, dt_raw), A, *f32(B, C), D, dt_bias, cu, s_g, slots, init, chunk)
-    check(y_k, y_r, y_g, dtype, "ssd y")
-    check(s_k, s_r, s_g, state_dtype if dtype == torch.float32 else dtype, "ssd state")
-    # untouched slots stay bit-identical
-    used = torch.zeros(nseq + 2, dtype=torch.bool, device=device)
-    used[slots] = True
-    assert torch.equal(s_k[~used], state[~used])
-
-
-def test_ssd_matches_recurrence(device, big):
-    """The chunked kernel against the token-by-token oracle, on one sequence over several chunks."""
-    h, p, g, n = _ssm_dims(False)
-    length = 150
-    A, D, dt_bias = _ssm_params(device, h)
-    x = torch.randn(length, h, p, device=device)
-    dt_raw = torch.randn(length, h, device=device)
-    B, C = torch.randn(length, g, n, device=device), torch.randn(length, g, n, device=device)
-    state0 = torch.randn(1, h, p, n, device=device)
-    s_k = state0.clone()
-    one = torch.ones(1, dtype=torch.bool, device=device)
-    y_k = K.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, packed([length], device), s_k,
-                       torch.zeros(1, dtype=torch.int64, device=device), one, 16)
-    y_o, s_o = ssd_recurrent(x, dt_raw, A, B, C, D, dt_bias, state0[0])
-    torch.testing.assert_close(y_k, y_o, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(s_k[0], s_o, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_selective_state_update(device, big, dtype, state_dtype):
-    h, p, g, n = _ssm_dims(big)
-    nb = 5
-    A, D, dt_bias = _ssm_params(device, h)
-    slots = torch.randperm(nb + 3, device=device)[:nb]
-    state = (torch.randn(nb + 3, h, p, n, device=device) * 0.5).to(state_dtype)
-    s_k, s_r, s_g = state.clone(), state.clone(), state.float()
-    for _ in range(2):
-        conv_out = torch.randn(nb, h * p + 2 * g * n, device=device).to(dtype)  # x | B | C, as sliced
-        x = conv_out[:, : h * p].view(nb, h, p)
-        B = conv_out[:, h * p : h * p + g * n].view(nb, g, n)
-        C = conv_out[:, h * p + g * n :].view(nb, g, n)
-        dt_raw = torch.randn(nb, h, device=device).to(dtype)
-        y_k = K.selective_state_update(x, dt_raw, A, B, C, D, dt_bias, s_k, slots)
-        y_r = R.selective_state_update(x, dt_raw, A, B, C, D, dt_bias, s_r, slots)
-        y_g = R.selective_state_update(*f32(x, dt_raw), A, *f32(B, C), D, dt_bias, s_g, slots)
-        check(y_k, y_r, y_g, dtype, "ssu y")
-        worst = state_dtype if state_dtype != torch.float32 else dtype
-        check(s_k, s_r, s_g, worst, "ssu state")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_mamba_decode_step(device, big, dtype, state_dtype, with_bias):
-    """The fused conv update + state update against the two reference ops, over several steps, so a
-    ring row written too early (read by another program of the same step) shows up in y."""
-    h, p, g, n = _ssm_dims(big)
-    nb, kw, c = 5, 4, h * p + 2 * g * n
-    A, D, dt_bias = _ssm_params(device, h)
-    slots = torch.randperm(nb + 3, device=device)[:nb]
-    ssm = (torch.randn(nb + 3, h, p, n, device=device) * 0.5).to(state_dtype)
-    conv = torch.randn(nb + 3, kw, c, device=device).to(dtype)
-    w = (torch.randn(c, kw, device=device) * 0.5).to(dtype)
-    bias = torch.randn(c, device=device).to(dtype) if with_bias else None
-    seq_lens = torch.tensor([1, 2, 3, 7, 40][:nb], dtype=torch.int32, device=device)
-    st_k, st_r, st_g = (ssm.clone(), conv.clone()), (ssm.clone(), conv.clone()), (ssm.float(), conv.float())
-    for _ in range(3):
-        proj = torch.randn(nb, c + h + 9, device=device).to(dtype)
-        xbc, dt_raw = proj[:, :c], proj[:, c : c + h]  # strided views, as split from in_proj's output
-        y_k = K.mamba_decode_step(xbc, dt_raw, w, bias, A, D, dt_bias, seq_lens, st_k[1], st_k[0], slots)
-        y_r = R.mamba_decode_step(xbc, dt_raw, w, bias, A, D, dt_bias, seq_lens, st_r[1], st_r[0], slots)
-        y_g = R.mamba_decode_step(*f32(xbc, dt_raw, w, bias), A, D, dt_bias, seq_lens, st_g[1], st_g[0], slots)
-        check(y_k, y_r, y_g, dtype, "fused step y")
-        worst = state_dtype if state_dtype != torch.float32 else dtype
-        check(st_k[0], st_r[0], st_g[0], worst, "fused step ssm state")
-        torch.testing.assert_close(st_k[1], st_r[1], rtol=0, atol=0)  # raw rows, copied
-        seq_lens = seq_lens + 1
 
 
 # ------------------------------------------------------------------------------------------- fp8
@@ -564,14 +450,48 @@ def test_sample_tokens(device, big, filt):
     assert torch.isfinite(kk).all(), "the kernel picked a filtered-out token"
     assert ((tok_k == tok_r) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()
     assert (tok_k == tok_r).float().mean() >= 0.9
-    if filt:  # the fast top-k path (every row 1 <= top_k <= 1024) against the sort path
-        top_k2 = torch.randint(1, 40, (rows,), device=device, dtype=torch.int32)
-        args2 = (logits, temperature, top_k2, top_p, min_p, seeds, positions, True)
-        tk, tr = K.sample_tokens(*args2), S.sample_tokens(*args2)
-        keys2 = _gumbel_keys(*args2)
-        kk, kr = keys2.gather(1, tk[:, None])[:, 0], keys2.gather(1, tr[:, None])[:, 0]
-        assert torch.isfinite(kk).all()
-        assert ((tk == tr) | ((kr - kk).abs() <= 1e-5 * kr.abs().clamp_min(1))).all()
+
+
+def _check_kept(thresh, scaled, top_k, top_p, min_p):
+    """The finite values at or above each row's threshold are exactly those the reference keeps."""
+    from hybridserve.ops.reference import sampling as S
+
+    kept = torch.isfinite(S.filter_logits(scaled, top_k, top_p, min_p))
+    assert torch.equal((scaled >= thresh[:, None]) & torch.isfinite(scaled), kept)
+
+
+def test_filter_thresholds(device, big):
+    """The radix-select threshold search against the reference's sort: on distinct values it keeps
+    the same tokens; a top-k cut inside a run of equal values keeps the whole run; top_k >= V,
+    tiny top_p, min_p and -inf entries (masked tokens) are handled; greedy rows keep everything."""
+    from hybridserve.ops.triton.sampling import filter_thresholds
+
+    rows, vocab = (64, 131072) if big else (10, 3000)
+    # distinct values (a permutation scaled), so no threshold falls between equal keys
+    logits = torch.stack([torch.randperm(vocab, device=device) for _ in range(rows)]).float() * (8.0 / vocab)
+    logits[3, ::2] = float("-inf")
+    temperature = torch.rand(rows, device=device) + 0.5
+    top_k = torch.randint(1, 200, (rows,), device=device, dtype=torch.int32)
+    top_k[0], top_k[1], top_k[2] = 0, vocab, vocab + 5
+    top_p = torch.rand(rows, device=device) * 0.9 + 0.05
+    top_p[4], top_p[5] = 1.0, 1e-6
+    min_p = torch.rand(rows, device=device) * 0.3
+    min_p[6] = 0.0
+    scaled = logits / temperature[:, None]
+    _check_kept(filter_thresholds(logits, temperature, top_k, top_p, min_p), scaled, top_k, top_p, min_p)
+    # one filter at a time, so each search is checked on its own
+    none_k, none_p, none_m = torch.zeros_like(top_k), torch.ones_like(top_p), torch.zeros_like(min_p)
+    for args in ((top_k, none_p, none_m), (none_k, top_p, none_m), (none_k, none_p, min_p)):
+        _check_kept(filter_thresholds(logits, temperature, *args), scaled, *args)
+    # ties: values 0..9, each 300 times (small case); top_k = 450 cuts the run of 8s
+    tied = (torch.arange(vocab, device=device) % 10).float()[None, :].repeat(2, 1)
+    one = torch.ones(2, device=device)
+    k450 = torch.full((2,), 450, dtype=torch.int32, device=device)
+    thr = filter_thresholds(tied, one, k450, torch.ones(2, device=device), torch.zeros(2, device=device))
+    assert thr.tolist() == [8.0, 8.0] if not big else thr.tolist() == [9.0, 9.0]
+    # greedy rows are not filtered
+    thr = filter_thresholds(logits[:2], torch.zeros(2, device=device), top_k[:2] + 1, top_p[:2], min_p[:2])
+    assert torch.isinf(thr).all() and (thr < 0).all()
 
 
 def test_same_names_signatures_and_docstrings():

@@ -19,23 +19,25 @@ def randn(*shape, scale=1.0):
 def _ssd_inputs(length, h=4, p=3, g=2, n=5):
     x, dt_raw = randn(length, h, p), randn(length, h)
     B, C = randn(length, g, n), randn(length, g, n)
-    A = -torch.rand(h, generator=GEN) * 4 - 0.1
+    A_log = torch.log(torch.rand(h, generator=GEN) * 4 + 0.1)  # A = -exp(A_log)
     D, dt_bias = randn(h), randn(h, scale=0.5) - 1
-    return x, dt_raw, A, B, C, D, dt_bias
+    return x, dt_raw, A_log, B, C, D, dt_bias
 
 
 def test_chunked_ssd_equals_recurrence_over_ragged_batch_with_carried_state():
     lengths, chunk = [1, 7, 8, 9, 30], 8
     slots, has_init = [4, 0, 2, 5, 1], [False, True, False, True, True]
-    x, dt_raw, A, B, C, D, dt_bias = _ssd_inputs(sum(lengths))
+    x, dt_raw, A_log, B, C, D, dt_bias = _ssd_inputs(sum(lengths))
     state0 = randn(6, 4, 3, 5)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor([n + 4 * init for n, init in zip(lengths, has_init)], dtype=torch.int32)
     state = state0.clone()
-    y = ops.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, cu, state, torch.tensor(slots), torch.tensor(has_init), chunk)
+    y = ops.ssd_varlen(x, dt_raw, A_log, B, C, D, dt_bias, cu, seq_lens, state, torch.tensor(slots),
+                       torch.tensor(has_init), chunk)
     for b, (slot, init) in enumerate(zip(slots, has_init)):
         s, e = cu[b].item(), cu[b + 1].item()
         start = state0[slot] if init else torch.zeros_like(state0[slot])
-        y_ref, final = ssd_recurrent(x[s:e], dt_raw[s:e], A, B[s:e], C[s:e], D, dt_bias, start)
+        y_ref, final = ssd_recurrent(x[s:e], dt_raw[s:e], A_log, B[s:e], C[s:e], D, dt_bias, start)
         torch.testing.assert_close(y[s:e], y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(state[slot], final, atol=1e-5, rtol=1e-5)
     untouched = [i for i in range(6) if i not in slots]
@@ -44,9 +46,10 @@ def test_chunked_ssd_equals_recurrence_over_ragged_batch_with_carried_state():
 
 def test_ssd_recurrence_is_the_spec_formula():
     """ssd_recurrent itself against the spec's per-head loop (dt softplus, no clamp, D skip on x)."""
-    x, dt_raw, A, B, C, D, dt_bias = _ssd_inputs(6)
+    x, dt_raw, A_log, B, C, D, dt_bias = _ssd_inputs(6)
+    A = -torch.exp(A_log)
     state = randn(4, 3, 5)
-    y, final = ssd_recurrent(x, dt_raw, A, B, C, D, dt_bias, state)
+    y, final = ssd_recurrent(x, dt_raw, A_log, B, C, D, dt_bias, state)
     s = state.clone()
     for t in range(6):
         for h in range(4):
@@ -167,11 +170,12 @@ def test_conv_update_equals_one_token_varlen_conv():
 
 
 def test_state_update_equals_one_token_chunked_ssd():
-    x, dt_raw, A, B, C, D, dt_bias = _ssd_inputs(3)
+    x, dt_raw, A_log, B, C, D, dt_bias = _ssd_inputs(3)
     state0, slots = randn(4, 4, 3, 5), torch.tensor([3, 1, 0])
+    seq_lens = torch.tensor([9, 1, 6], dtype=torch.int32)
     a, b = state0.clone(), state0.clone()
-    y1 = ops.selective_state_update(x, dt_raw, A, B, C, D, dt_bias, a, slots)
-    y2 = ops.ssd_varlen(x, dt_raw, A, B, C, D, dt_bias, torch.arange(4, dtype=torch.int32), b, slots,
+    y1 = ops.selective_state_update(x, dt_raw, A_log, B, C, D, dt_bias, seq_lens, a, slots)
+    y2 = ops.ssd_varlen(x, dt_raw, A_log, B, C, D, dt_bias, torch.arange(4, dtype=torch.int32), seq_lens, b, slots,
                         torch.ones(3, dtype=torch.bool), 8)
     torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -76,3 +76,25 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def start_stream(url: str, body: dict):
+    """Send a streaming completion from a background thread; return (thread, chunks) once the first
+    chunk has arrived (or the stream ended), so a test can act while the request is in flight."""
+    import json
+    import threading
+    import time
+
+    import httpx
+
+    chunks: list[dict] = []
+
+    def stream():
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            chunks.extend(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while not chunks and t.is_alive():
+        time.sleep(0.02)
+    return t, chunks

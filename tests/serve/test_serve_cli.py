@@ -2,7 +2,6 @@
 checks before listening, and a real server process that drains on SIGTERM and Ctrl-C and exits 0."""
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from hybridserve.hub import HubOptions
 from hybridserve.serve.cli import main as serve_main
 from hybridserve.serve.cli import plan
 from hybridserve.serve.context import ServeSettings
+from tests.serve.helpers import start_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ("serve nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8 --host 0.0.0.0 --port 8000 --served-model-name nano "
@@ -75,6 +75,7 @@ def test_a_field_added_to_a_config_gets_its_flag():
     @dataclasses.dataclass(frozen=True)
     class Later:
         speculative_tokens: int = 0  # draft tokens per step
+        headroom: float = 0.1  # memory kept free (10% by default)
         overlap: bool = True
         mode: typing.Literal["a", "b"] = "a"
         hidden: int = dataclasses.field(default=1, metadata={"flag": False})
@@ -82,12 +83,20 @@ def test_a_field_added_to_a_config_gets_its_flag():
     parser = FlexibleArgumentParser()
     add_config_flags(parser, Later)
     args = parser.parse_args(["--speculative_tokens", "3", "--no-overlap", "--mode", "b"])
-    assert config_from_args(Later, args) == Later(3, False, "b")
+    assert config_from_args(Later, args) == Later(speculative_tokens=3, overlap=False, mode="b")
     assert "draft tokens per step (default: 0)" in parser.format_help()
+    assert "memory kept free (10% by default) (default: 0.1)" in parser.format_help()  # a % is text, not a format
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--hidden", "2"])
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate"], ["bench", "serve"], ["bench", "sweep"]])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0 and "--help" in capsys.readouterr().out
 
 
 def test_vllm_underscore_spellings_and_compat_flags_parse():
@@ -202,17 +211,7 @@ def test_real_server_process_drains_on_sigterm_and_exits_zero():
             time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the engine core should run in its own process"
-        chunks: list[dict] = []
-
-        def stream():
-            body = {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                chunks.extend(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
-
-        t = threading.Thread(target=stream)
-        t.start()
-        while not chunks and t.is_alive():
-            time.sleep(0.02)
+        t, chunks = start_stream(url, {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True})
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert httpx.get(url + "/health").status_code == 503

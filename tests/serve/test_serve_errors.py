@@ -131,6 +131,17 @@ def test_engine_failure_mid_request(fake_server, fake):
     assert sum('"delta"' in ln for ln in lines) == 3
 
 
+def test_completions_stream_fails_in_band_like_chat(fake_server, fake):
+    """Both endpoints share one SSE writer: the error frame, then `[DONE]` exactly once."""
+    fake.fail_after = 3
+    body = {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", fake_server.url + "/v1/completions", json=body) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+    assert '"error"' in lines[-2] and '"code":500' in lines[-2] and "Traceback" not in lines[-2]
+    assert sum('"text_completion"' in ln for ln in lines) == 3  # no usage chunk after a failure
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tokenizer):
     app = build_app(ServeSettings(["tiny"], api_key="sekret"), engine=FakeEngineClient(tokenizer))

@@ -29,6 +29,7 @@ import pytest
 from hybridserve.config import ModelConfig
 from hybridserve.model.loader import load_model, save_checkpoint
 from hybridserve.tokenizer import load_tokenizer
+from tests.serve.helpers import start_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_ID = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8"
@@ -128,17 +129,7 @@ def test_ctrl_c_drains_in_flight_requests(hub_env):
                      "--shutdown-timeout", "60"], hub_env)
     try:
         url = server.wait_ready()
-        chunks: list[dict] = []
-
-        def stream():
-            body = {"prompt": "Once", "max_tokens": 60, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                chunks.extend(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
-
-        t = threading.Thread(target=stream)
-        t.start()
-        while not chunks and t.is_alive():
-            time.sleep(0.02)
+        t, chunks = start_stream(url, {"prompt": "Once", "max_tokens": 1000, "ignore_eos": True})
         os.killpg(server.proc.pid, signal.SIGINT)
         time.sleep(0.3)
         assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 503
@@ -147,5 +138,5 @@ def test_ctrl_c_drains_in_flight_requests(hub_env):
     finally:
         server.kill()
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(1 for c in chunks if c["choices"]) == 60
+    assert sum(1 for c in chunks if c["choices"]) == 1000
     assert "Traceback" not in server.log and "EngineDeadError" not in server.log, server.log

@@ -16,20 +16,22 @@ def mamba_decode_step(
     dt_raw: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    A: torch.Tensor,
+    A_log: torch.Tensor,
     D: torch.Tensor,
     dt_bias: torch.Tensor,
     seq_lens: torch.Tensor,
     conv_state: torch.Tensor,
     ssm_state: torch.Tensor,
     state_slots: torch.Tensor,
+    state_seed: int | None = None,
 ) -> torch.Tensor:
     """causal_conv1d_update on xbc, split into x [B, H, P], B and C [B, G, N], then
     selective_state_update; the conv output is rounded to xbc's dtype in between.
 
     xbc: [B, H*P + 2*G*N] raw conv input (x, B, C channels); dt_raw: [B, H]; conv_weight: [C, K];
-    conv_bias: [C] or None; A, D, dt_bias: [H]; seq_lens: [B] int32; conv_state: [S, K, C];
-    ssm_state: [S, H, P, N]; state_slots: [B] int64. Returns y [B, H, P] in xbc's dtype.
+    conv_bias: [C] or None; A_log, D, dt_bias: [H] (A = -exp(A_log)); seq_lens: [B] int32;
+    conv_state: [S, K, C]; ssm_state: [S, H, P, N]; state_slots: [B] int64; state_seed: int in
+    [0, 2^31) for stochastic rounding of a 16-bit SSM state, or None. Returns y [B, H, P] in xbc's dtype.
     """
     nb, h = dt_raw.shape
     p, n = ssm_state.shape[-2:]
@@ -37,5 +39,6 @@ def mamba_decode_step(
     conv = causal_conv1d_update(xbc, conv_weight, conv_bias, seq_lens, conv_state, state_slots)
     x, B, C = conv.split([h * p, g * n, g * n], dim=-1)
     return selective_state_update(
-        x.reshape(nb, h, p), dt_raw, A, B.reshape(nb, g, n), C.reshape(nb, g, n), D, dt_bias, ssm_state, state_slots
+        x.reshape(nb, h, p), dt_raw, A_log, B.reshape(nb, g, n), C.reshape(nb, g, n), D, dt_bias, seq_lens,
+        ssm_state, state_slots, state_seed,
     )

@@ -78,27 +78,18 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     top_p: [R] float32 (keep the smallest set of most likely tokens whose mass reaches top_p);
     min_p: [R] float32 (drop tokens with probability < min_p * the largest probability).
     """
+    vocab = logits.shape[1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_logits, drop = drop_sorted(sorted_logits, top_k, top_p, min_p, logits.shape[1])
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-
-
-def drop_sorted(
-    sorted_vals: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The filter rules on each row's values in descending order (all of them, or a prefix that holds
-    every token top_k keeps). Returns (the values with top-k drops at -inf, the [R, W] drop mask);
-    the first value is never dropped. Shared with the Triton sampler's threshold search."""
-    rank = torch.arange(sorted_vals.shape[1], device=sorted_vals.device)[None, :]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).to(torch.int64)
     drop = rank >= k[:, None]
-    sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(sorted_vals, dim=-1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
     drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
     drop |= probs < min_p[:, None] * probs[:, :1]
-    drop[:, 0] = False
-    return sorted_vals, drop
+    drop[:, 0] = False  # the most likely token always survives
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -7,11 +7,14 @@ Same tokens as the reference for the same (seed, position): the counter-based no
 One kernel per step streams each row once, split over (row, vocabulary chunk) programs so a single
 row still fills the GPU: temperature, noise, Gumbel key and the chunk's argmax (greedy rows: argmax of
 the raw logits) — no [R, V] noise, key or scatter tensors; a [R, chunks] argmax picks the winner
-(the first chunk on ties, so the lowest index wins). Filtering keeps a
-*prefix* of the sorted distribution (top-k, top-p and min-p all cut the descending order), so it
-reduces to one threshold per row: the smallest kept value. The threshold comes from
-`torch.topk(max top_k)` when every row has 1 <= top_k <= 1024 (one small host read of top_k's range),
-else from a values-only sort. Ties at the threshold are all kept.
+(the first chunk on ties, so the lowest index wins). Filtering keeps a *prefix* of the sorted
+distribution (top-k, top-p and min-p all cut the descending order), so it reduces to one threshold
+per row, the smallest kept value; ties at the threshold are all kept. A first kernel finds it
+without sorting and without a host read: a radix select, one program per row, over the values'
+order-preserving 32-bit keys, 4 bits per pass over the row — counting elements for top-k (the k-th
+largest value) and summing their probabilities for top-p (the largest value whose upper tail holds
+top_p of the top-k mass); min-p is max + log(min_p). At most 17 passes over the row (max, 8 for
+top-k, 8 for top-p), each skipped when its filter is off.
 """
 
 from __future__ import annotations
@@ -20,10 +23,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-
-from hybridserve.ops.reference.sampling import drop_sorted
-
-TOPK_FAST_MAX = 1024
 
 
 @triton.jit
@@ -88,17 +87,110 @@ def _sample_kernel(
     tl.store(idx_ptr + r * n_chunks + chunk, idx.to(tl.int64))
 
 
-def _thresholds(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """The smallest value each row keeps under the reference's top_k / top_p / min_p rules."""
-    vocab = scaled.shape[1]
-    kmin, kmax = torch.stack([top_k.min(), top_k.max()]).tolist()
-    if 1 <= kmin and kmax <= TOPK_FAST_MAX:
-        vals = torch.topk(scaled, int(kmax), dim=-1, sorted=True).values  # [R, kmax]
+@triton.jit
+def _scaled(row, cols, m, t_div, PRECISE: tl.constexpr):
+    """logits / temperature for the given columns (-inf outside the row), as the sampling kernel has them."""
+    lg = tl.load(row + cols, mask=m, other=-float("inf"))
+    if PRECISE:
+        return libdevice.div_rn(lg, t_div)
     else:
-        vals = torch.sort(scaled, dim=-1, descending=True).values
-    vals, drop = drop_sorted(vals, top_k, top_p, min_p, vocab)
-    kept = (~drop).sum(-1)  # a prefix of the descending order
-    return vals.gather(1, (kept - 1)[:, None]).squeeze(1).contiguous()
+        return lg / t_div
+
+
+@triton.jit
+def _order_key(s):
+    """float32 -> uint32 in the same order (a larger value has a larger key)."""
+    b = s.to(tl.uint32, bitcast=True)
+    return tl.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
+
+
+@triton.jit
+def _key_value(key):
+    """The float32 of an order key (inverse of _order_key)."""
+    return tl.where((key >> 31) != 0, key ^ 0x80000000, key ^ 0xFFFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _radix_select(row, V, t_div, vmax, floor_key, want, MASS: tl.constexpr, PRECISE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The largest key u among the row's elements with key >= floor_key such that those with key >= u
+    count at least `want` (MASS: weigh each by exp(value - vmax), and `want` is a fraction of their
+    total). Eight passes, one 4-bit digit of the key each, most significant first."""
+    bins = tl.arange(0, 16)
+    prefix = tl.zeros((), dtype=tl.uint32)
+    for level in tl.static_range(8):
+        shift = 28 - 4 * level
+        hist = tl.zeros((16,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            m = cols < V
+            s = _scaled(row, cols, m, t_div, PRECISE)
+            key = _order_key(s)
+            ok = m & (key >= floor_key)
+            if level > 0:  # the digits chosen so far
+                ok = ok & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
+            digit = (key >> shift) & 15
+            if MASS:
+                w = tl.where(ok, tl.exp(s - vmax), 0.0)
+            else:
+                w = ok.to(tl.float32)
+            hist += tl.sum(tl.where(digit[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
+        total = tl.sum(hist, axis=0)
+        if MASS and level == 0:
+            want = want * total
+        suffix = total - tl.cumsum(hist, axis=0) + hist  # weight of digits >= d
+        # the largest non-empty digit whose suffix reaches `want`; the lowest non-empty one if rounding
+        # left every suffix short (keep everything below)
+        lowest = tl.min(tl.where(hist > 0, bins, 16), axis=0)
+        d = tl.max(tl.where(((suffix >= want) & (hist > 0)) | (bins == lowest), bins, 0), axis=0)
+        want -= tl.sum(tl.where(bins == d, suffix - hist, 0.0), axis=0)
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    return prefix
+
+
+@triton.jit
+def _threshold_kernel(
+    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, thresh_ptr, V, stride_l,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The smallest value row r keeps under top_k, then top_p, then min_p (-inf: keep all)."""
+    r = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + r * stride_l
+    temp = tl.load(temp_ptr + r)
+    t_div = tl.where(temp == 0.0, 1.0, temp)
+    k = tl.load(topk_ptr + r)
+    top_p = tl.load(topp_ptr + r)
+    min_p = tl.load(minp_ptr + r)
+    thr = -float("inf")
+    if temp != 0.0:  # greedy rows take the argmax; no filter
+        vmax = -float("inf")
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            vmax = tl.maximum(vmax, tl.max(_scaled(row, cols, cols < V, t_div, PRECISE), axis=0))
+        floor_key = tl.zeros((), dtype=tl.uint32)
+        if (k > 0) & (k < V):  # the k-th largest value (duplicates counted)
+            floor_key = _radix_select(row, V, t_div, vmax, floor_key, k.to(tl.float32), False, PRECISE, BLOCK)
+            thr = _key_value(floor_key)
+        if top_p < 1.0:  # of the top-k mass, the smallest prefix holding top_p
+            thr = tl.maximum(thr, _key_value(_radix_select(row, V, t_div, vmax, floor_key, top_p, True, PRECISE,
+                                                           BLOCK)))
+        if min_p > 0.0:  # probability >= min_p x the largest one
+            thr = tl.maximum(thr, vmax + tl.log(min_p))
+    tl.store(thresh_ptr + r, thr)
+
+
+def filter_thresholds(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """[R] float32: the smallest temperature-scaled logit each row keeps (-inf: all; greedy rows -inf)."""
+    rows, vocab = logits.shape
+    thresh = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _threshold_kernel[(rows,)](
+        logits, temperature.float().contiguous(), top_k.to(torch.int32).contiguous(), top_p.float().contiguous(),
+        min_p.float().contiguous(), thresh, vocab, logits.stride(0), PRECISE=not triton.knobs.runtime.interpret,
+        BLOCK=512, num_warps=8,  # 1024 or 4 warps spill (bench/compile_check.py)
+    )
+    return thresh
 
 
 def sample_tokens(
@@ -127,11 +219,8 @@ def sample_tokens(
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     temp = temperature.float().contiguous()
     seeds, positions = seeds.contiguous(), positions.contiguous()
-    thresh = None
-    if filter_needed:
-        greedy = temp == 0
-        scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
-        thresh = _thresholds(scaled, top_k, top_p, min_p)
+    precise = not triton.knobs.runtime.interpret
+    thresh = filter_thresholds(logits, temp, top_k, top_p, min_p) if filter_needed else None
     block = 1024
     chunk = min(8192, triton.cdiv(vocab, block) * block)
     n_chunks = triton.cdiv(vocab, chunk)
@@ -139,7 +228,7 @@ def sample_tokens(
     idx = torch.empty((rows, n_chunks), dtype=torch.int64, device=logits.device)
     _sample_kernel[(rows, n_chunks)](
         logits, temp, seeds, positions, thresh, best, idx, vocab, logits.stride(0), n_chunks,
-        HAS_THRESH=thresh is not None, PRECISE=not triton.knobs.runtime.interpret, BLOCK=block, CHUNK=chunk,
+        HAS_THRESH=thresh is not None, PRECISE=precise, BLOCK=block, CHUNK=chunk,
         num_warps=4,
     )
     return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
