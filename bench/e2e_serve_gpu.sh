@@ -8,7 +8,10 @@
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; bash bench/e2e_serve_gpu.sh
 # Env: MODEL (nemotron-3-nano-30b-a3b), LOAD_FORMAT (dummy; dummy-uniform to compare with vLLM's
 # dummy-weight numbers), MAX_NUM_SEQS (the largest concurrency), DEVICE (cuda), CONCURRENCY ("1 64"), PROMPTS_PER_LEVEL
-# (default: 2 x concurrency, at least 4), INPUT_LEN / OUTPUT_LEN (1024), PORT (8011).
+# (default: 2 x concurrency, at least 4), INPUT_LEN / OUTPUT_LEN (1024), PORT (8011),
+# MAX_MODEL_LEN (INPUT_LEN + OUTPUT_LEN + 16), SERVER_ARGS (more `serve` flags, e.g.
+# --no-enable-prefix-caching), DATASET_ARGS (the timed runs' dataset flags instead of the random
+# INPUT_LEN / OUTPUT_LEN ones, e.g. "--dataset-name multi_turn --multi-turn-num-turns 8").
 set -o pipefail
 OUT=${OUT:-/tmp/hybridserve_e2e_serve}
 MODEL=${MODEL:-nemotron-3-nano-30b-a3b}
@@ -24,7 +27,8 @@ max_c=$(echo $CONCURRENCY | tr ' ' '\n' | sort -n | tail -1)
 
 t0=$(date +%s.%N)
 python3 -m hybridserve.cli serve "$MODEL" --load-format "$LOAD_FORMAT" --device "$DEVICE" --port "$PORT" \
-  --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "${MAX_NUM_SEQS:-$max_c}" >"$OUT/server.log" 2>&1 &
+  --max-model-len "${MAX_MODEL_LEN:-$((INPUT_LEN + OUTPUT_LEN + 16))}" --max-num-seqs "${MAX_NUM_SEQS:-$max_c}" \
+  $SERVER_ARGS >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 
@@ -46,7 +50,7 @@ sys.exit(1)
 EOF
 t1=$(date +%s.%N)
 echo "server start-up: $(python3 -c "print(round($t1 - $t0, 1))") s"
-grep -iE "cache:|weights|memory|GiB" "$OUT/server.log" | head -5
+grep -iE "cache:|prefix cache|weights|memory|GiB" "$OUT/server.log" | head -6
 
 # warm-up at the largest level's shapes (kernel compiles, CUDA-graph captures), result discarded
 python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" --dataset-name random \
@@ -56,8 +60,8 @@ python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" --dat
 for c in $CONCURRENCY; do
   n=${PROMPTS_PER_LEVEL:-$(( c * 2 > 4 ? c * 2 : 4 ))}
   echo "=== concurrency $c, $n prompts ==="
-  python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" --dataset-name random \
-    --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" --num-prompts "$n" \
-    --max-concurrency "$c" --ignore-eos --save-result --result-dir "$OUT" \
+  python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" \
+    ${DATASET_ARGS:---dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN"} \
+    --num-prompts "$n" --max-concurrency "$c" --ignore-eos --save-result --result-dir "$OUT" \
     --result-filename "serve_c${c}.json" 2>&1 | tail -25
 done

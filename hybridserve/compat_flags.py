@@ -3,8 +3,8 @@
 A flag here is not a setting of ours. Each entry says its true effect; a value we cannot honour
 is refused with the reason (exit status 2, before anything starts), every other value is
 accepted and its effect logged once at start-up. An entry is left out when a config already has a
-field of that name (`add_compat_flags` skips flags the parser has): once the engine gains e.g.
-`enable_prefix_caching`, the real flag takes over with no change here. docs/serving.md lists the same
+field of that name (`add_compat_flags` skips flags the parser has): once the engine gains a
+setting of such a name, the real flag takes over with no change here. docs/serving.md lists the same
 effects; a test keeps the two in step.
 """
 
@@ -40,7 +40,6 @@ def _only(allowed: tuple[Any, ...], reason: str) -> Callable[[Any], str | None]:
 
 COMPAT_FLAGS = (
     CompatFlag("trust_remote_code", "no effect: NemotronH is built in, no code from the checkpoint is run"),
-    CompatFlag("enable_prefix_caching", "no effect: there is no prefix cache yet; every prompt is prefilled in full"),
     CompatFlag("enable_chunked_prefill", "no effect: long prompts are always prefilled in chunks of "
                                          "--max-num-batched-tokens",
                refuse=_only((True,), "prefill is always chunked; it cannot be turned off")),

@@ -289,6 +289,12 @@ class EngineConfig:
     async_scheduling: bool = field(default=True, metadata={"help": (
         "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
         "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": (
+        "reuse cached KV blocks and Mamba state snapshots of earlier prompts and answers (a hit resumes "
+        "at the deepest snapshot whose tokens prefix the new prompt)")})
+    prefix_cache_snapshots: int = field(default=32, metadata={"help": (
+        "Mamba state snapshots the prefix cache keeps (each costs one state slot of memory, about 47 MiB "
+        "for Nemotron-3-Nano with a float32 SSM state)")})
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",), "help": "GPUs per model; only 1 for now"})
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS, "help": (
         "fp8: quantize the BF16 projections (Mamba, MLP, experts) to FP8 at load, per-channel weight and "
@@ -315,4 +321,6 @@ class EngineConfig:
         _need(self.block_size >= 1, "block_size must be >= 1")
         _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
         _need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        _need(self.prefix_cache_snapshots >= 1, "prefix_cache_snapshots must be >= 1 (turn caching off with "
+              "enable_prefix_caching=False)")
         _need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet")

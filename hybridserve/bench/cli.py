@@ -48,13 +48,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wait up to this long for the server to answer a test request (0: no check)")
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset-name", choices=["random", "sharegpt", "custom"], default="random")
+    data.add_argument("--dataset-name", choices=["random", "prefix_repetition", "multi_turn", "sharegpt", "custom"],
+                      default="random")
     data.add_argument("--dataset-path", default=None, help="ShareGPT JSON or custom JSONL file")
     data.add_argument("--num-prompts", type=int, default=1000)
     data.add_argument("--random-input-len", "--input-len", type=int, default=1024)
     data.add_argument("--random-output-len", "--output-len", type=int, default=128)
     data.add_argument("--random-range-ratio", type=float, default=0.0)
     data.add_argument("--random-prefix-len", type=int, default=0)
+    data.add_argument("--prefix-repetition-prefix-len", type=int, default=256, help="tokens of each shared prefix")
+    data.add_argument("--prefix-repetition-suffix-len", type=int, default=256, help="tokens of each prompt's own suffix")
+    data.add_argument("--prefix-repetition-num-prefixes", type=int, default=10, help="distinct shared prefixes")
+    data.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    data.add_argument("--multi-turn-num-turns", type=int, default=8,
+                      help="turns per conversation (--num-prompts // this many conversations, turns sent in order, "
+                           "each resending the conversation so far)")
+    data.add_argument("--multi-turn-system-prompt-len", type=int, default=2048,
+                      help="tokens of the system prompt every conversation opens with")
+    data.add_argument("--multi-turn-user-len", type=int, default=64, help="tokens of each user message")
+    data.add_argument("--multi-turn-output-len", type=int, default=128, help="answer tokens per turn")
     data.add_argument("--sharegpt-output-len", type=int, default=None)
     data.add_argument("--custom-output-len", type=int, default=256)
     data.add_argument("--custom-skip-chat-template", action="store_true")

@@ -1,4 +1,5 @@
-"""Benchmark prompts: random (exact token lengths), ShareGPT JSON and custom JSONL.
+"""Benchmark prompts: random (exact token lengths), prefix repetition, multi-turn replays, ShareGPT
+JSON and custom JSONL.
 
 The random dataset follows `vllm bench serve`: lengths drawn uniformly around the nominal value,
 prompt ids a run of consecutive non-special vocabulary ids, then decoded to text and re-encoded
@@ -10,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 RANDOM_PROMPT_TRIES = 20
+SYNTHETIC = ("random", "prefix_repetition", "multi_turn")  # random token prompts (EOS is ignored, as vLLM does)
 
 
 @dataclass
@@ -26,6 +28,11 @@ class SampleRequest:
     prompt_len: int
     expected_output_len: int
     request_id: str = ""
+    # multi_turn: the conversation and turn this message belongs to; `prompt` is only the new user
+    # message, the driver prepends the conversation so far (previous prompts and answers)
+    conversation: int | None = None
+    turn: int = 0
+    messages: list[dict] | None = None  # chat backend: the whole conversation to send (set by the driver)
 
 
 class DatasetError(ValueError):
@@ -146,6 +153,67 @@ def sample_random(
     return requests
 
 
+def random_text(tokenizer, length: int, rng: np.random.Generator, allowed: np.ndarray) -> str:
+    """Text of about `length` tokens of random non-special ids (exact where re-encoding settles)."""
+    ids = allowed[rng.integers(0, len(allowed), size=length)].tolist()
+    return decode_to_target_len(tokenizer, ids, length, rng, allowed)[0]
+
+
+def sample_prefix_repetition(
+    tokenizer,
+    num_prompts: int,
+    prefix_len: int = 256,
+    suffix_len: int = 256,
+    num_prefixes: int = 10,
+    output_len: int = 128,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """vLLM's `prefix_repetition` dataset: `num_prefixes` shared random prefixes, each prompt one of
+    them followed by a random suffix of its own, in shuffled order."""
+    if min(prefix_len, num_prefixes) < 1 or suffix_len < 0:
+        raise DatasetError("--prefix-repetition-prefix-len and --prefix-repetition-num-prefixes must be >= 1, "
+                           "--prefix-repetition-suffix-len >= 0")
+    rng = np.random.default_rng(seed)
+    allowed = allowed_token_ids(tokenizer)
+    prefixes = [random_text(tokenizer, prefix_len, rng, allowed) for _ in range(num_prefixes)]
+    requests = []
+    for i in range(num_prompts):
+        suffix = " " + random_text(tokenizer, suffix_len, rng, allowed) if suffix_len else ""
+        prompt = prefixes[i % num_prefixes] + suffix
+        requests.append(SampleRequest(prompt, _count(tokenizer, prompt), output_len))
+    random.Random(seed).shuffle(requests)
+    return requests
+
+
+def sample_multi_turn(
+    tokenizer,
+    num_prompts: int,
+    num_turns: int = 8,
+    system_prompt_len: int = 2048,
+    user_len: int = 64,
+    output_len: int = 128,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """Multi-turn replays: num_prompts // num_turns conversations of `num_turns` turns, each opening
+    with the same system prompt of `system_prompt_len` tokens, then a random user message of
+    `user_len` tokens per turn. The driver sends a conversation's turns in order, each resending the
+    whole conversation so far with the previous answers (as a chat client does)."""
+    if num_turns < 1 or num_prompts < num_turns:
+        raise DatasetError(f"--multi-turn-num-turns must be in [1, --num-prompts], got {num_turns}")
+    if system_prompt_len < 0 or user_len < 1:
+        raise DatasetError("--multi-turn-system-prompt-len must be >= 0 and --multi-turn-user-len >= 1")
+    rng = np.random.default_rng(seed)
+    allowed = allowed_token_ids(tokenizer)
+    system = random_text(tokenizer, system_prompt_len, rng, allowed) if system_prompt_len else ""
+    requests = []
+    for c in range(num_prompts // num_turns):
+        for t in range(num_turns):
+            message = random_text(tokenizer, user_len, rng, allowed)
+            prompt = f"{system} {message}" if t == 0 and system else message
+            requests.append(SampleRequest(prompt, _count(tokenizer, prompt), output_len, conversation=c, turn=t))
+    return requests
+
+
 def _is_valid_sharegpt_pair(prompt_len: int, output_len: int, fixed_output: bool) -> bool:
     """vLLM's filter: drop tiny turns and anything past 1024 prompt / 2048 total tokens."""
     too_short = prompt_len < 4 or (not fixed_output and output_len < 4)
@@ -212,10 +280,11 @@ def _cycle_to(requests: list[SampleRequest], num_prompts: int) -> list[SampleReq
 
 def _check_without_tokenizer(args) -> None:
     """--skip-tokenizer-init: only datasets that need no client-side token counts."""
-    why = {"random": "builds prompts of exact token lengths",
+    why = {"random": "builds prompts of exact token lengths", "prefix_repetition": "builds random prompts",
+           "multi_turn": "builds random prompts",
            "sharegpt": "counts the replies' tokens for the budgets (give --sharegpt-output-len)",
            "custom": "applies the chat template (give --custom-skip-chat-template)"}[args.dataset_name]
-    if (args.dataset_name == "random" or (args.dataset_name == "sharegpt" and args.sharegpt_output_len is None)
+    if (args.dataset_name in SYNTHETIC or (args.dataset_name == "sharegpt" and args.sharegpt_output_len is None)
             or (args.dataset_name == "custom" and not args.custom_skip_chat_template)):
         raise DatasetError(f"--skip-tokenizer-init: the {args.dataset_name} dataset {why} with a tokenizer")
 
@@ -243,6 +312,16 @@ def sample_requests(args, tokenizer) -> list[SampleRequest]:
             prefix_len=args.random_prefix_len,
             seed=args.seed,
         )
+    elif args.dataset_name == "prefix_repetition":
+        requests = sample_prefix_repetition(
+            tokenizer, args.num_prompts, args.prefix_repetition_prefix_len, args.prefix_repetition_suffix_len,
+            args.prefix_repetition_num_prefixes, args.prefix_repetition_output_len, args.seed,
+        )
+    elif args.dataset_name == "multi_turn":
+        requests = sample_multi_turn(
+            tokenizer, args.num_prompts, args.multi_turn_num_turns, args.multi_turn_system_prompt_len,
+            args.multi_turn_user_len, args.multi_turn_output_len, args.seed,
+        )
     elif not args.dataset_path:
         raise DatasetError(f"--dataset-name {args.dataset_name} needs --dataset-path")
     elif args.dataset_name == "sharegpt":
@@ -258,7 +337,4 @@ def sample_requests(args, tokenizer) -> list[SampleRequest]:
             args.custom_skip_chat_template,
             args.seed,
         )
-    return [
-        SampleRequest(r.prompt, r.prompt_len, r.expected_output_len, f"{args.request_id_prefix}{i}")
-        for i, r in enumerate(requests)
-    ]
+    return [replace(r, request_id=f"{args.request_id_prefix}{i}") for i, r in enumerate(requests)]

@@ -59,7 +59,7 @@ def build_payload(backend: str, model: str, request: SampleRequest, ignore_eos: 
     if backend == "openai-chat":
         payload = {
             "model": model,
-            "messages": [{"role": "user", "content": request.prompt}],
+            "messages": request.messages or [{"role": "user", "content": request.prompt}],
             "max_completion_tokens": request.expected_output_len,
         }
     else:

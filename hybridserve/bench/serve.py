@@ -24,7 +24,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from hybridserve.bench.datasets import DatasetError, SampleRequest, load_tokenizer, sample_requests
+from hybridserve.bench.datasets import SYNTHETIC, DatasetError, SampleRequest, load_tokenizer, sample_requests
 from hybridserve.bench.metrics import GOODPUT_METRICS, calculate_metrics
 from hybridserve.bench.report import DETAIL_FIELDS, format_report, result_fields, result_filename
 from hybridserve.bench.request import error_text, send_request
@@ -231,8 +231,28 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
                 raise BenchError(f"{len(failed)} of {len(warmups)} warmup requests failed: {failed[0].error}")
             print("Warmup run completed.")
 
+        async def converse(turns: list[SampleRequest], arrival: float, progress: tqdm | None):
+            """A conversation's turns in order, each resending the conversation so far (one turn
+            for every dataset but multi_turn); the arrival process spaces conversations."""
+            history, messages, outputs = "", [], []
+            for turn in turns:
+                messages.append({"role": "user", "content": turn.prompt})
+                sent = replace(turn, prompt=f"{history} {turn.prompt}" if history else turn.prompt,
+                               messages=list(messages))
+                output = await limited(sent, arrival, progress)
+                history = sent.prompt + output.generated_text
+                messages.append({"role": "assistant", "content": output.generated_text})
+                outputs.append(output)
+                arrival = time.perf_counter()
+            return outputs
+
+        conversations: list[list[SampleRequest]] = []
+        for request in requests:
+            if request.turn == 0 or not conversations:
+                conversations.append([])
+            conversations[-1].append(request)
         rng = np.random.default_rng(args.seed)
-        offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, rng)
+        offsets = arrival_offsets(len(conversations), args.request_rate, args.burstiness, rng)
         print(f"Traffic request rate: {args.request_rate}")
         process = "Poisson process" if args.burstiness == 1.0 else "Gamma distribution"
         print(f"Burstiness factor: {args.burstiness} ({process})")
@@ -240,14 +260,32 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
         progress = tqdm(total=len(requests), disable=args.disable_tqdm)
         start = time.perf_counter()
         tasks = []
-        for request, offset in zip(requests, offsets):
+        for turns, offset in zip(conversations, offsets):
             if (wait := start + offset - time.perf_counter()) > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(limited(request, time.perf_counter(), progress)))
-        outputs = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(converse(turns, time.perf_counter(), progress)))
+        outputs = [output for turns in await asyncio.gather(*tasks) for output in turns]
         duration = time.perf_counter() - start
         progress.close()
     return outputs, duration
+
+
+async def prefix_cache_counters(base_url: str, headers: dict[str, str]) -> tuple[float, float] | None:
+    """(queried, hit) prompt tokens from the server's /metrics (vLLM's counters); None without them."""
+    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=headers) as session:
+            async with session.get(f"{base_url}/metrics") as resp:
+                text = await resp.text() if resp.status == 200 else ""
+    except aiohttp.ClientError:
+        return None
+    found = False
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[-1])
+            found = True
+    return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
 
 
 def validate(args) -> None:
@@ -291,15 +329,21 @@ async def run_benchmark(args) -> dict:
             requests = await align_to_server_tokenizer(session, base_url, model, requests)
 
     ignore_eos = args.ignore_eos
-    if args.dataset_name == "random" and not ignore_eos:
-        print("Note: the random dataset ignores EOS (as vLLM does) so outputs reach their requested length.")
+    if args.dataset_name in SYNTHETIC and not ignore_eos:
+        print(f"Note: the {args.dataset_name} dataset ignores EOS (as vLLM's random one does) so outputs reach "
+              "their requested length.")
         ignore_eos = True
     if args.temperature is None:
         print("Note: no --temperature given; the server's default sampling applies (as in vLLM).")
 
     if args.ready_check_timeout_sec > 0:
         await ready_check(args, api_url, model, requests[0], ignore_eos, deadline, sampling_fields(args), headers)
+    cache_before = await prefix_cache_counters(base_url, headers)
     outputs, duration = await run_requests(args, api_url, model, requests, ignore_eos)
+    cache_after = await prefix_cache_counters(base_url, headers)
+    hit_rate = None
+    if cache_before and cache_after and cache_after[0] > cache_before[0]:
+        hit_rate = (cache_after[1] - cache_before[1]) / (cache_after[0] - cache_before[0])
     metrics = calculate_metrics(
         outputs,
         duration,
@@ -310,6 +354,8 @@ async def run_benchmark(args) -> dict:
         request_rate=args.request_rate,
     )
     print(format_report(metrics, duration, selected_metrics, args.max_concurrency, args.request_rate, bool(goodput_slos)))
+    if hit_rate is not None:
+        print(f"Prefix cache hit rate (server, prompt tokens): {100 * hit_rate:.1f}%")
     errors = [o.error for o in outputs if not o.success]
     if errors:
         print(f"Failed requests: {len(errors)} of {len(outputs)}. First errors (up to 10):")
@@ -336,7 +382,8 @@ async def run_benchmark(args) -> dict:
         "server_model": server_model,
         "first_errors": errors[:10],
     }
-    result = setup | result_fields(outputs, metrics, duration, selected_metrics, bool(goodput_slos)) | provenance
+    measured = result_fields(outputs, metrics, duration, selected_metrics, bool(goodput_slos))
+    result = setup | measured | {"prefix_cache_hit_rate": hit_rate} | provenance
     if not args.save_detailed:
         result = {k: v for k, v in result.items() if k not in DETAIL_FIELDS}
     if args.save_result or args.append_result:

@@ -12,20 +12,26 @@ hands out Mamba state slots, one per running sequence. Glossary: a "slot" is a M
 position of a token is its `slot_mapping` entry, which is something else.
 
 The manager also records what the device must do before / after the next step: block-table
-entries that changed and the state and block copies of forks (`take_step_changes`). A block
-shared by several owners is never written again: only full prompt blocks are shared; the partial
-tail block of a fork is copied. Prefix caching will add content hashes, `match` and state
-snapshots here. Pure Python, no torch; the scheduler is its only caller.
+entries that changed and the state and block copies of forks and of the prefix cache
+(`take_step_changes`). A block shared by several owners, or keyed by its content, is never
+written again: only full blocks are shared; the partial tail block of a fork or a hit is copied.
+
+Prefix caching (on when the layout has snapshot rows): full blocks are keyed by content as they
+fill and stay cached (LRU) once unreferenced; Mamba state snapshots are taken where a prompt
+leaves a prefix other sequences computed, at its last full block, and at a sequence's end; a new
+prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix caching").
+Pure Python, no torch; the scheduler is its only caller.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 
+from hybridserve.engine.prefix_cache import ROOT, Snapshot, SnapshotPool, content_key
 from hybridserve.engine.request import Request
 
 
@@ -38,6 +44,12 @@ class CacheLayout(msgspec.Struct, frozen=True, array_like=True):
     max_model_len: int  # prompt + generated tokens of one sequence
     kv_dtype: str  # e.g. "bfloat16"
     state_dtype: str  # the SSM state's dtype, e.g. "float32"
+    num_snapshots: int = 0  # Mamba state snapshot rows of the prefix cache (0: prefix caching off)
+
+    def snapshot_row(self, index: int) -> int:
+        """The state row of snapshot `index`: rows are the sequence slots, the runner's padding
+        slot, then the snapshots."""
+        return self.num_slots + 1 + index
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -71,33 +83,67 @@ class CacheLayout(msgspec.Struct, frozen=True, array_like=True):
 
 
 class BlockPool:
-    """KV block ids with reference counts; a block is free exactly when its count is 0."""
+    """KV block ids with reference counts. A block with no reference is either plain free or, when
+    its content has a key (prefix caching), cached: kept resident in an LRU and found by its key,
+    and reused (oldest first, its key dropped) only once no plain free block is left."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.refcounts = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
+        self.keys: list[int | None] = [None] * num_blocks  # content key of each keyed block
+        self.by_key: dict[int, int] = {}  # content key -> block
+        self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced keyed blocks, least recent first
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks `take` can hand out: plain free ones and unreferenced cached ones."""
+        return len(self.free) + len(self.cached)
 
     def take(self, n: int) -> list[int]:
-        """n free blocks, each with one reference (the caller checked `num_free`)."""
-        blocks = [self.free.popleft() for _ in range(n)]
-        for b in blocks:
+        """n blocks, each with one reference (the caller checked `num_free`)."""
+        blocks = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:
+                b, _ = self.cached.popitem(last=False)
+                del self.by_key[self.keys[b]]
+                self.keys[b] = None
             self.refcounts[b] = 1
+            blocks.append(b)
         return blocks
 
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
+            if self.refcounts[b] == 0:
+                del self.cached[b]
             self.refcounts[b] += 1
 
     def release(self, blocks: list[int]) -> None:
         for b in blocks:
             self.refcounts[b] -= 1
             if self.refcounts[b] == 0:
-                self.free.append(b)
+                if self.keys[b] is None:
+                    self.free.append(b)
+                else:
+                    self.cached[b] = None
+
+    def set_key(self, block: int, key: int) -> None:
+        """Name a referenced block by its content, unless that content is already cached."""
+        if self.keys[block] is None and key not in self.by_key:
+            self.keys[block] = key
+            self.by_key[key] = block
+
+    def check_invariants(self, owners: Counter) -> None:
+        """Reference counts = owners; free = unreferenced and keyless; cached = unreferenced and keyed."""
+        for b in range(self.num_blocks):
+            assert self.refcounts[b] == owners.get(b, 0), f"block {b}: refcount {self.refcounts[b]}, {owners.get(b, 0)} owners"
+        assert len(self.free) == len(set(self.free)), "a block is free twice"
+        unreferenced = {b for b in range(self.num_blocks) if self.refcounts[b] == 0}
+        assert set(self.free) | set(self.cached) == unreferenced, "free + cached != unreferenced"
+        assert all(self.keys[b] is None for b in self.free) and all(self.keys[b] is not None for b in self.cached)
+        assert {k: b for b, k in enumerate(self.keys) if k is not None} == self.by_key, "key index out of step"
 
 
 class SlotPool:
@@ -120,23 +166,46 @@ class SlotPool:
 
 @dataclass
 class StepChanges:
-    """Device work the cache decisions of one schedule() imply (numpy, int64)."""
+    """Device work the cache decisions of one schedule() imply (numpy, int64). Each copy list is
+    applied as one gather-then-scatter (every source is read before any destination is written)."""
 
     table_updates: np.ndarray  # [K, 3] (row = slot, column, block): block_table[row, column] = block
-    slot_copies: np.ndarray  # [C, 2] (src, dst) Mamba state slots, copied after the step's forward
-    block_copies: np.ndarray  # [D, 2] (src, dst) KV blocks, copied after the step's forward
+    slot_copies_before: np.ndarray  # [C, 2] (src, dst) state rows, before the forward: snapshot saves and restores
+    block_copies_before: np.ndarray  # [D, 2] (src, dst) KV blocks, before the forward: a hit's partial tail block
+    slot_copies: np.ndarray  # [C, 2] (src, dst) state rows, after the forward: forks, prompt snapshots
+    block_copies: np.ndarray  # [D, 2] (src, dst) KV blocks, after the forward: a fork's tail block
+
+    @classmethod
+    def none(cls) -> StepChanges:
+        return cls(*(np.zeros((0, cols), dtype=np.int64) for cols in (3, 2, 2, 2, 2)))
+
+
+@dataclass
+class Hit:
+    """A prefix-cache match: resume from `snapshot`, sharing the full blocks it covers."""
+
+    snapshot: Snapshot
+    blocks: list[int]  # the cached full blocks of the covered tokens, in order
+    tail_block: int | None  # the cached partial block after them (copied, never shared), if any
 
 
 class CacheManager:
-    """Admission, growth, fork and free over one BlockPool and one SlotPool."""
+    """Admission, growth, fork, free and prefix caching over the block, slot and snapshot pools."""
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
         self.block_pool = BlockPool(layout.num_blocks)
         self.slot_pool = SlotPool(layout.num_slots)
+        self.snapshots = SnapshotPool(layout.num_snapshots)
+        self.caching = layout.num_snapshots > 0  # prefix caching on
+        self.queries_total = 0  # prompt tokens of first admissions
+        self.hits_total = 0  # of those, tokens resumed from the prefix cache
         self._table_updates: list[tuple[int, int, int]] = []
+        self._slot_copies_before: list[tuple[int, int]] = []
+        self._block_copies_before: list[tuple[int, int]] = []
         self._slot_copies: list[tuple[int, int]] = []
         self._block_copies: list[tuple[int, int]] = []
+        self._pending_saves: dict[int, int] = {}  # state row -> slot it is saved from before the next forward
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -151,17 +220,43 @@ class CacheManager:
 
     def chunk_size(self, request: Request, budget: int) -> int:
         """How many of the request's pending tokens to feed this step, within `budget` (> 0)."""
-        return min(request.num_pending_tokens, budget)
+        return self._chunk(request, request.num_computed_tokens, budget)
 
     # ---- ownership -----------------------------------------------------------------------------
-    def admit(self, request: Request, num_tokens: int) -> bool:
-        """Give a waiting request a slot and the blocks for its first `num_tokens`; all or nothing."""
-        need = self.layout.blocks_for(num_tokens)
-        if self.slot_pool.num_free == 0 or need > self.block_pool.num_free:
-            return False
+    def admit(self, request: Request, budget: int) -> int:
+        """Give a waiting request a slot and the blocks for its first chunk, resuming from the prefix
+        cache where it can (`num_computed_tokens` jumps to the hit's depth). All or nothing: returns
+        the chunk's size, or 0 (nothing changed) when no slot or too few blocks are free."""
+        # prompt_logprobs score every prompt position, so such a prompt is computed in full
+        resumable = self.caching and request.prompt_logprobs is None
+        hit, num_cached_blocks = self.match(request) if resumable else (None, 0)
+        start = hit.snapshot.depth if hit else 0
+        request.prefix_branch = self._branch_point(request, start, num_cached_blocks)
+        n = self._chunk(request, start, budget)
+        shared = hit.blocks if hit else []
+        held = shared + ([hit.tail_block] if hit and hit.tail_block is not None else [])
+        need = self.layout.blocks_for(start + n) - len(shared)
+        reclaimed = sum(1 for b in held if self.block_pool.refcounts[b] == 0)  # cached blocks the hit takes out
+        if self.slot_pool.num_free == 0 or need > self.block_pool.num_free - reclaimed:
+            return 0
         request.state_slot = self.slot_pool.take()
-        self._append_blocks(request, self.block_pool.take(need))
-        return True
+        self.block_pool.share(held)  # held while `take` may evict cached blocks
+        self._append_blocks(request, shared)
+        fresh = self.block_pool.take(need)
+        if hit:
+            if hit.tail_block is not None:  # copy-on-write: the request writes the rest of that block
+                self._block_copies_before.append((hit.tail_block, fresh[0]))
+                self.block_pool.release([hit.tail_block])
+            row = self.layout.snapshot_row(hit.snapshot.row)
+            self._slot_copies_before.append((self._pending_saves.get(row, row), request.state_slot))
+            self.snapshots.touch(hit.snapshot, pin=True)  # read by this step: not evicted in it
+            request.num_computed_tokens = start
+        self._append_blocks(request, fresh)
+        if request.num_preemptions == 0:  # a first admission (a preempted request is recomputed)
+            request.num_cached_tokens = start
+            self.queries_total += request.num_tokens
+            self.hits_total += start
+        return n
 
     def grow(self, request: Request, num_tokens: int) -> bool:
         """Grow a running request's blocks to hold `num_tokens`; all or nothing."""
@@ -190,6 +285,7 @@ class CacheManager:
             self._block_copies.append((parent.block_ids[num_full], copy))
             self._append_blocks(child, [copy])
         self._slot_copies.append((parent.state_slot, child.state_slot))
+        child.num_cached_tokens = parent.num_cached_tokens
         return True
 
     def free(self, request: Request) -> None:
@@ -201,16 +297,160 @@ class CacheManager:
             request.state_slot = None
 
     def take_step_changes(self) -> StepChanges:
-        """The table updates and copies recorded since the last call."""
+        """The table updates and copies recorded since the last call (the next step's)."""
+        def arr(rows: list[tuple], cols: int) -> np.ndarray:
+            return np.array(rows, dtype=np.int64).reshape(-1, cols)
+
         changes = StepChanges(
-            table_updates=np.array(self._table_updates, dtype=np.int64).reshape(-1, 3),
-            slot_copies=np.array(self._slot_copies, dtype=np.int64).reshape(-1, 2),
-            block_copies=np.array(self._block_copies, dtype=np.int64).reshape(-1, 2),
+            table_updates=arr(self._table_updates, 3),
+            slot_copies_before=arr(self._slot_copies_before, 2),
+            block_copies_before=arr(self._block_copies_before, 2),
+            slot_copies=arr(self._slot_copies, 2),
+            block_copies=arr(self._block_copies, 2),
         )
         self._table_updates, self._slot_copies, self._block_copies = [], [], []
+        self._slot_copies_before, self._block_copies_before = [], []
+        self._pending_saves.clear()
+        self.snapshots.end_step()
         return changes
 
+    # ---- prefix caching ------------------------------------------------------------------------
+    def match(self, request: Request) -> tuple[Hit | None, int]:
+        """The deepest snapshot whose tokens are a strict prefix of the request's (one token at
+        least is left to feed, for its logits) and whose KV blocks are all still cached; and how
+        many of the request's leading full blocks are cached (where it leaves cached content)."""
+        bs = self.layout.block_size
+        limit = request.num_tokens - 1
+        keys = self._keys(request, limit // bs)[: limit // bs]
+        blocks = []
+        for key in keys:
+            block = self.block_pool.by_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        tokens = request.token_ids
+        for j in range(len(blocks), 0, -1):
+            for snap in self.snapshots.anchored_at(keys[j - 1]):
+                if snap.depth > limit or tokens[j * bs : j * bs + len(snap.tail)] != list(snap.tail):
+                    continue
+                tail_block = self.block_pool.by_key.get(snap.key) if snap.tail else None
+                if snap.tail and tail_block is None:  # its partial block was evicted: useless now
+                    if snap.row not in self.snapshots.pinned_rows:
+                        self.snapshots.drop(snap)
+                    continue
+                return Hit(snap, blocks[:j], tail_block), len(blocks)
+        return None, len(blocks)
+
+    def computed(self, request: Request, n: int) -> None:
+        """The step being planned feeds the request's next `n` tokens: key the blocks it fills,
+        and snapshot the state after it if it ends at one of the prompt's snapshot points."""
+        if not self.caching:
+            return
+        bs = self.layout.block_size
+        start, end = request.num_computed_tokens, request.num_computed_tokens + n
+        # a block is keyed once its tokens are known on the host: with a sampled token still in
+        # flight (async scheduling), the block it completes is keyed by the next step, hence "- 1"
+        first, last = max(0, start // bs - 1), min(end, len(request.token_ids)) // bs
+        if last > first:
+            keys = self._keys(request, last)
+            for j in range(first, last):
+                self.block_pool.set_key(request.block_ids[j], keys[j])
+        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
+            if start < point == end:
+                key = self._keys(request, point // bs)[point // bs - 1]
+                self._snapshot(request, key, key, (), point, before=False)
+
+    def finished(self, request: Request) -> None:
+        """A request ends normally: snapshot its final state (every fed token), keyed by its last
+        full block and the tokens after it, and keep its partial tail block cached with it. Skipped
+        when it would evict a snapshot of its own chain (that one serves every continuation)."""
+        if not self.caching:
+            return
+        bs = self.layout.block_size
+        depth = request.num_computed_tokens
+        j = depth // bs
+        if j == 0 or depth > len(request.token_ids):  # (a state over tokens the host does not know)
+            return
+        keys = self._keys(request, j)[:j]
+        for col in range(max(0, j - 2), j):  # the blocks its last steps filled (maybe not keyed yet)
+            self.block_pool.set_key(request.block_ids[col], keys[col])
+        tail = tuple(request.token_ids[j * bs : depth])
+        key = content_key(keys[-1], tail) if tail else keys[-1]
+        victim = self.snapshots.victim()
+        if key not in self.snapshots and victim is not None and victim.anchor in set(keys):
+            return
+        if tail:
+            self.block_pool.set_key(request.block_ids[j], key)
+        self._snapshot(request, key, keys[-1], tail, depth, before=True)
+
+    @property
+    def num_snapshots(self) -> int:
+        return len(self.snapshots)
+
+    def check_invariants(self, owners: Counter) -> None:
+        """Block references, keys and the cached LRU (`BlockPool`), and the snapshot pool."""
+        self.block_pool.check_invariants(owners)
+        self.snapshots.check_invariants(self.layout.block_size)
+        assert self.caching or not (self.block_pool.by_key or len(self.snapshots)), "caching off, yet things cached"
+
     # ---- internals -----------------------------------------------------------------------------
+    def _chunk(self, request: Request, start: int, budget: int) -> int:
+        """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
+        next snapshot point (unless that snapshot exists), so the state there can be snapshotted."""
+        n = min(request.num_tokens - start, budget)
+        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
+            if start < point < start + n:
+                j = point // self.layout.block_size
+                if self._keys(request, j)[j - 1] not in self.snapshots:
+                    return point - start
+        return n
+
+    def _snapshot_points(self, request: Request) -> tuple[int, ...]:
+        """Where the request's prompt is snapshotted, in order: where it leaves content another
+        sequence computed before (`prefix_branch`, so the next prompt sharing that prefix hits), and
+        the end of its last full block before its last token (so the same prompt again, or one
+        extending it, hits). Empty with caching off; no point below one block."""
+        if not self.caching:
+            return ()
+        bs = self.layout.block_size
+        boundary = (request.num_prompt_tokens - 1) // bs * bs
+        return tuple(sorted({p for p in (request.prefix_branch, boundary) if p}))
+
+    def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
+        """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
+        (0: none): the divergence from an earlier sequence (a shared system prompt)."""
+        point = num_cached_blocks * self.layout.block_size
+        if point <= start or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
+            return 0
+        return point
+
+    def _keys(self, request: Request, num_blocks: int) -> list[int]:
+        """The content keys of the request's full blocks, at least its first `num_blocks` (memoised
+        on it, not copied: index it)."""
+        keys, bs = request.block_keys, self.layout.block_size
+        while len(keys) < num_blocks:
+            j = len(keys)
+            keys.append(content_key(keys[-1] if keys else ROOT, request.token_ids[j * bs : (j + 1) * bs]))
+        return keys
+
+    def _snapshot(self, request: Request, key: int, anchor: int, tail: tuple[int, ...], depth: int,
+                  *, before: bool) -> None:
+        """Copy the request's state into a snapshot row, before the next forward (its state is
+        final now) or after this step's forward."""
+        existing = self.snapshots.entries.get(key)
+        if existing is not None:
+            self.snapshots.touch(existing)
+            return
+        if not self.snapshots.has_room():
+            return
+        snap = self.snapshots.add(key, anchor, tail, depth)
+        row, slot = self.layout.snapshot_row(snap.row), request.state_slot
+        if before:
+            self._slot_copies_before.append((slot, row))
+            self._pending_saves[row] = slot
+        else:
+            self._slot_copies.append((slot, row))
+
     def _append_blocks(self, request: Request, blocks: list[int]) -> None:
         start = len(request.block_ids)
         request.block_ids += blocks

@@ -182,6 +182,9 @@ class EngineCore:
             num_slots=self.layout.num_slots,
             iteration_tokens_counts=list(self.iteration_tokens.counts),
             iteration_tokens_sum=self.iteration_tokens.sum,
+            prefix_cache_queries_total=s.cache.queries_total,
+            prefix_cache_hits_total=s.cache.hits_total,
+            num_snapshots=s.cache.num_snapshots,
         )
 
 
@@ -196,7 +199,7 @@ class _ThroughputLog:
     def __init__(self, core: EngineCore, interval: float = 10.0) -> None:
         self.core, self.interval = core, interval
         self.last = time.monotonic()
-        self.prompt = self.generated = 0
+        self.prompt = self.generated = self.queries = self.hits = 0
 
     def maybe_log(self) -> None:
         now = time.monotonic()
@@ -206,11 +209,14 @@ class _ThroughputLog:
         dt, self.last = now - self.last, now
         prompt, generated = st.prompt_tokens_total - self.prompt, st.generation_tokens_total - self.generated
         self.prompt, self.generated = st.prompt_tokens_total, st.generation_tokens_total
+        queries, hits = st.prefix_cache_queries_total - self.queries, st.prefix_cache_hits_total - self.hits
+        self.queries, self.hits = st.prefix_cache_queries_total, st.prefix_cache_hits_total
         if prompt or generated or st.num_running or st.num_waiting:
             logger.info(
                 "running %d, waiting %d, KV %.0f%%, slots %.0f%%, prompt %.1f tok/s, generation %.1f tok/s, "
-                "preemptions %d", st.num_running, st.num_waiting, 100 * st.kv_cache_usage, 100 * st.state_slot_usage,
-                prompt / dt, generated / dt, st.num_preemptions_total,
+                "preemptions %d, prefix cache hit rate %.1f%% (%d snapshots)", st.num_running, st.num_waiting,
+                100 * st.kv_cache_usage, 100 * st.state_slot_usage, prompt / dt, generated / dt,
+                st.num_preemptions_total, 100 * hits / queries if queries else 0.0, st.num_snapshots,
             )
 
 

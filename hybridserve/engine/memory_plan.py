@@ -52,6 +52,7 @@ class MemoryPlan:
     graph_batch: int
     num_slots: int
     slot_bytes: int
+    num_snapshots: int  # prefix-cache Mamba state snapshots (slot_bytes each)
     num_blocks: int
     block_bytes: int
     max_num_seqs: int
@@ -65,6 +66,7 @@ class MemoryPlan:
                      f"activations {self.step_peak / _GIB:.2f} ({self.sample_rows} sample rows)",
                      f"decode graphs {self.graphs / _GIB:.2f} (batch <= {self.graph_batch})"]
         parts += [f"Mamba state {state / _GIB:.2f} ({self.num_slots} slots)",
+                  f"prefix-cache snapshots {self.num_snapshots * self.slot_bytes / _GIB:.2f} ({self.num_snapshots})",
                   f"KV {kv / _GIB:.2f} ({self.num_blocks} blocks)"]
         return (f"memory plan (GiB): {self.budget / _GIB:.2f} = {' + '.join(parts)}; {self.num_slots} sequences of "
                 f"up to {self.max_model_len} tokens fit (max_num_seqs {self.max_num_seqs})")

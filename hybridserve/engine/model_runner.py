@@ -3,14 +3,15 @@
 Start-up: load the weights, make the memory plan (`memory_plan.py`; GPU: `gpu_memory_utilization`
 of the card minus what is in use, the activation peak of a warm-up step at `max_num_batched_tokens`
 and the decode graphs' pool, both measured with no more rows than the sequences that can fit; CPU:
-`cpu_cache_bytes`), give up to `max_num_seqs` Mamba state slots their share and the rest to KV
-blocks, and log the plan. One extra slot and one extra block are kept out of the pools as
+`cpu_cache_bytes`), set aside the prefix cache's state snapshot rows, give up to `max_num_seqs`
+Mamba state slots their share and the rest to KV blocks, and log the plan. One extra slot and one extra block are kept out of the pools as
 padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
 `CacheLayout` (`self.layout`), never written into a config. The sampler runs
 `SAMPLER_CHUNK_ROWS` rows at a time, so its scratch memory does not grow with the batch.
 
 Per step, in two calls so that host work (grammar masks) can run while the GPU computes:
-`forward(plan)`: InputPacker -> ForwardBatch -> the model or a decode CUDA graph -> fork copies;
+`forward(plan)`: prefix-cache copies -> InputPacker -> ForwardBatch -> the model or a decode CUDA
+graph -> fork and snapshot copies;
 `sample(plan, logits)`: the sampler -> tokens into the device token buffer -> a `SamplerOutput`
 whose `to_host()` is the step's one device->host copy. The runner never sees a Request.
 """
@@ -87,16 +88,18 @@ class ModelRunner:
         self.sampler_chunk_rows = SAMPLER_CHUNK_ROWS
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        plan = self._plan_memory()
+        num_snapshots = config.prefix_cache_snapshots if config.enable_prefix_caching else 0
+        plan = self._plan_memory(num_snapshots)
         num_slots, num_blocks = plan.num_slots, plan.num_blocks
         self.max_graph_batch = min(self._graph_limit, num_slots)  # no decode batch is bigger than the slots
         self.layout = CacheLayout(
             block_size=self.block_size, num_blocks=num_blocks, num_slots=num_slots, max_model_len=self.max_model_len,
-            kv_dtype=_dtype_name(self.kv_dtype), state_dtype=ssm_name,
+            kv_dtype=_dtype_name(self.kv_dtype), state_dtype=ssm_name, num_snapshots=num_snapshots,
         )
+        # state rows: the slots, one padding slot, then the prefix cache's snapshots (CacheLayout.snapshot_row)
         self.cache = HybridCache.allocate(
-            model_config, num_slots + 1, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype, self.device,
-            kv_dtype=self.kv_dtype, rounding_seed=self.state_rounding_seed,
+            model_config, num_slots + 1 + num_snapshots, num_blocks + 1, self.block_size, self.dtype, self.ssm_dtype,
+            self.device, kv_dtype=self.kv_dtype, rounding_seed=self.state_rounding_seed,
         )
         self.pad_slot, self.pad_block = num_slots, num_blocks
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
@@ -112,14 +115,15 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Run the plan's forward (and its post-forward copies); returns the logits of its sample
-        rows [R, V] on the device, without waiting for them."""
+        """Run the plan's forward (and its copies before and after it); returns the logits of its
+        sample rows [R, V] on the device, without waiting for them."""
+        self._copy_states(plan.slot_copies_before, plan.block_copies_before)  # prefix cache saves / restores
         batch = self.packer.pack(plan)
         if self.decode_graphs is not None and self._graph_ready(plan):
             logits = self.decode_graphs.run(batch)
         else:
             logits = self.model(batch, self.cache)
-        self._copy_states(plan)
+        self._copy_states(plan.slot_copies, plan.block_copies)  # forks, prompt snapshots
         return logits
 
     @torch.inference_mode()
@@ -153,13 +157,13 @@ class ModelRunner:
         """A pure decode of continuing sequences, one sample each, within the captured sizes."""
         return plan.num_seqs <= self.max_graph_batch and plan.is_decode and plan.samples_each_sequence_once
 
-    def _copy_states(self, plan: StepPlan) -> None:
-        """n > 1 forks: Mamba slots and KV tail blocks copied after the forward that computed them."""
-        if len(plan.slot_copies):
-            src, dst = to_device(plan.slot_copies.T.copy(), self.device)
+    def _copy_states(self, slot_copies, block_copies) -> None:
+        """State rows and KV blocks [C, 2] (src, dst), each list as one gather-then-scatter."""
+        if len(slot_copies):
+            src, dst = to_device(slot_copies.T.copy(), self.device)
             self.cache.copy_slots(src, dst)
-        if len(plan.block_copies):
-            src, dst = to_device(plan.block_copies.T.copy(), self.device)
+        if len(block_copies):
+            src, dst = to_device(block_copies.T.copy(), self.device)
             self.cache.copy_blocks(src, dst)
 
     # ---- start-up ------------------------------------------------------------------------------
@@ -167,25 +171,27 @@ class ModelRunner:
     def _graph_limit(self) -> int:
         return self.config.max_cudagraph_capture_size or self.config.max_num_seqs
 
-    def _plan_memory(self) -> MemoryPlan:
-        """Split the memory budget (see memory_plan.py). GPU: the reserves are measured by a
-        warm-up step at max_num_batched_tokens and an eager decode at the largest graph batch,
-        each with no more rows than the sequences that could fit with no reserve at all."""
+    def _plan_memory(self, num_snapshots: int) -> MemoryPlan:
+        """Split the memory budget (see memory_plan.py), the prefix cache's `num_snapshots` state
+        rows set aside first. GPU: the reserves are measured by a warm-up step at
+        max_num_batched_tokens and an eager decode at the largest graph batch, each with no more
+        rows than the sequences that could fit with no reserve at all."""
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
         block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.kv_dtype)
         fit = partial(fit_cache, slot_bytes=slot_bytes, block_bytes=block_bytes, max_blocks_per_seq=self.max_blocks_per_seq,
                       max_num_seqs=self.config.max_num_seqs, fixed_blocks=self.config.num_kv_blocks)
+        snapshots = num_snapshots * slot_bytes
         budget = in_use = weights = step_peak = graphs = rows = graph_batch = 0
         if self.device.type != "cuda":
             budget = self.config.cpu_cache_bytes
-            available = budget
+            available = budget - snapshots
         else:
             weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * self.config.gpu_memory_utilization)
-            can_run = fit(budget - (total - free))[0]  # an upper bound: no reserve taken yet
+            can_run = fit(budget - (total - free) - snapshots)[0]  # an upper bound: no reserve taken yet
             rows = min(self.config.max_num_batched_tokens, can_run + PROMPT_LOGPROB_ROWS_PER_STEP)  # logits rows
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -199,11 +205,11 @@ class ModelRunner:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             in_use = total - free  # weights, the CUDA context, library workspaces, other processes
-            available = budget - in_use - step_peak - graphs
+            available = budget - in_use - step_peak - graphs - snapshots
         num_slots, num_blocks = fit(available)
         return MemoryPlan(
             budget=budget, in_use=in_use, weights=weights, step_peak=step_peak, sample_rows=rows, graphs=graphs,
-            graph_batch=graph_batch, num_slots=num_slots, slot_bytes=slot_bytes,
+            graph_batch=graph_batch, num_slots=num_slots, slot_bytes=slot_bytes, num_snapshots=num_snapshots,
             num_blocks=num_blocks, block_bytes=block_bytes, max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
         )

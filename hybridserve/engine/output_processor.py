@@ -114,6 +114,7 @@ class OutputProcessor:
             error=engine_output.error,
             num_preemptions=engine_output.num_preemptions,
             queue_time=engine_output.queue_time,
+            num_cached_tokens=engine_output.num_cached_tokens,
             prompt_logprobs=state.prompt_logprobs,
         )
         return result, stopped

@@ -35,6 +35,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     finished: bool  # every sequence of the request has finished
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited before its first step
+    num_cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (choice 0's first admission)
     error: str | None = None  # set when the engine failed this request
     # prompt_logprobs, once per request (with its first tokens): per prompt token, its entry then
     # the top alternatives; the first prompt token has None
@@ -69,6 +70,7 @@ class RequestOutput:
     error: str | None = None
     num_preemptions: int = 0
     queue_time: float | None = None  # seconds the request waited in the engine before its first step
+    num_cached_tokens: int = 0  # prompt tokens the engine resumed from the prefix cache instead of computing
     # prompt_logprobs (SamplingParams.prompt_logprobs): per prompt token, its entry then the top
     # alternatives, the first token None; set from the output with the first tokens on
     prompt_logprobs: list[list[TokenLogprob] | None] | None = None

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hybridserve.engine.cache_manager import CacheLayout, CacheManager
+from hybridserve.engine.cache_manager import CacheLayout, CacheManager, StepChanges
 from hybridserve.engine.outputs import EngineOutput, SequenceDelta, TokenLogprob
 from hybridserve.engine.request import Request, RequestStatus
 from hybridserve.engine.step_plan import FROM_DEVICE, PROMPT_LOGPROB_ROWS_PER_STEP, SamplingInputs, StepPlan
@@ -143,8 +143,9 @@ class Scheduler:
 
         while self.waiting and left.tokens > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = self._chunk(req, left)
-            if n == 0 or not self.cache.admit(req, n):
+            limit = self._limit(req, left)
+            n = self.cache.admit(req, limit) if limit > 0 else 0  # may resume from the prefix cache
+            if n == 0:
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -201,8 +202,9 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Every slot is owned by one running request or free; every block's reference count is
-        its number of owners, and 0 exactly for free blocks; a shared block is full (never written
-        again) for each owner; waiting sequences and unforked siblings own nothing; siblings
+        its number of owners, and 0 exactly for free or cached blocks (the cache manager's check,
+        with the snapshot pool's); a shared or cached block is full (never written again) for each
+        owner; waiting sequences and unforked siblings own nothing; siblings
         belong to their group. Raises AssertionError."""
         pool, slots = self.cache.block_pool, self.cache.slot_pool
         bs = self.layout.block_size
@@ -215,14 +217,11 @@ class Scheduler:
         assert len(owned_slots) == len(set(owned_slots)), "a state slot has two owners"
         assert sorted(owned_slots + list(slots.free)) == list(range(slots.num_slots)), "state slots leaked"
         owners = Counter(b for r in self.running for b in r.block_ids)
-        assert len(pool.free) == len(set(pool.free)), "a block is free twice"
-        for b in range(pool.num_blocks):
-            assert pool.refcounts[b] == owners.get(b, 0), f"block {b}: refcount {pool.refcounts[b]}, {owners.get(b, 0)} owners"
-        assert set(pool.free) == {b for b in range(pool.num_blocks) if pool.refcounts[b] == 0}, "free list != unreferenced"
+        self.cache.check_invariants(owners)
         for r in self.running:
             assert len(r.block_ids) >= self.layout.blocks_for(r.num_computed_tokens), f"{r} lacks blocks"
             for col, b in enumerate(r.block_ids):
-                if owners[b] > 1:
+                if owners[b] > 1 or pool.keys[b] is not None:  # shared or cached content: never written again
                     assert (col + 1) * bs <= r.num_computed_tokens, f"{r} may still write shared block {b}"
         live = {id(r) for g in self.groups.values() for r in g if not r.is_finished}
         assert {id(r) for r in self.running + self.waiting} <= live
@@ -276,7 +275,10 @@ class Scheduler:
                 for seq in (req, *forked.get(req, ())):
                     sample_indices.append(end - 1)
                     sample_requests.append(seq)
-        changes = self.cache.take_step_changes()
+        for req, n in scheduled.items():
+            self.cache.computed(req, n)  # prefix caching: key filled blocks, snapshot at the prompt's last one
+        # an empty step never runs: the cache work recorded so far waits for the next one that does
+        changes = self.cache.take_step_changes() if scheduled else StepChanges.none()
         plan = StepPlan(
             slots=np.array([r.state_slot for r in requests], dtype=np.int64),
             num_cached=np.array([r.num_computed_tokens for r in requests], dtype=np.int64),
@@ -285,6 +287,8 @@ class Scheduler:
             sample_token_indices=np.array(sample_indices, dtype=np.int64),
             sampling=SamplingInputs.of(sample_requests, [r.state_slot for r in sample_requests]),
             table_updates=changes.table_updates,
+            slot_copies_before=changes.slot_copies_before,
+            block_copies_before=changes.block_copies_before,
             slot_copies=changes.slot_copies,
             block_copies=changes.block_copies,
             prompt_logprob_indices=np.array(scored_indices, dtype=np.int64),
@@ -300,12 +304,17 @@ class Scheduler:
 
     def _chunk(self, req: Request, left: _StepBudget) -> int:
         """Tokens the request feeds this step (0: none) within what the step has left."""
+        limit = self._limit(req, left)
+        return self.cache.chunk_size(req, limit) if limit > 0 else 0
+
+    def _limit(self, req: Request, left: _StepBudget) -> int:
+        """The most tokens the request may feed this step, of what the step has left."""
         limit = left.tokens
         if _prefills(req):
             limit = min(limit, left.prefill)
         if self._scores_prompt(req):
             limit = min(limit, left.scored)
-        return self.cache.chunk_size(req, limit) if limit > 0 else 0
+        return limit
 
     def _take(self, req: Request, n: int, left: _StepBudget) -> None:
         left.tokens -= n
@@ -329,6 +338,7 @@ class Scheduler:
         delta = SequenceDelta(index=req.index, token_ids=[token], logprobs=None if lp is None else [lp])
         deltas.setdefault(req.request_id, []).append(delta)
         if finished:
+            self.cache.finished(req)  # prefix caching: snapshot its final state
             self._remove(req)
             self._finish(req, req.finish_reason)
             delta.finish_reason, delta.stop_reason = req.finish_reason, req.stop_reason
@@ -368,7 +378,8 @@ class Scheduler:
             del self.groups[first.request_id]
             self._prompt_logprobs_due.discard(first.request_id)
         return EngineOutput(first.request_id, deltas, finished, num_preemptions=sum(r.num_preemptions for r in group),
-                            queue_time=first.queue_time, prompt_logprobs=prompt_logprobs)
+                            queue_time=first.queue_time, num_cached_tokens=first.num_cached_tokens,
+                            prompt_logprobs=prompt_logprobs)
 
 
 @dataclass

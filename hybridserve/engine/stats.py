@@ -39,3 +39,6 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_slots: int = 0
     iteration_tokens_counts: list[int] = msgspec.field(default_factory=list)  # per ITERATION_TOKEN_BUCKETS, +Inf
     iteration_tokens_sum: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens of admitted requests (first admissions)
+    prefix_cache_hits_total: int = 0  # of those, tokens resumed from the prefix cache
+    num_snapshots: int = 0  # Mamba state snapshots the prefix cache holds

@@ -8,7 +8,9 @@ how many tokens it already has in the caches and how many it feeds, the fed toke
 row, so a decode never needs the host to know its last token), the block-table entries that
 changed, the R rows to sample (which token's logits, which slot receives the token, the sampling
 scalars), the L prompt-logprob rows (which fed prompt token's logits score which next prompt
-token) and the state / KV block copies to do after the forward (n > 1 forks).
+token), the state / KV block copies to do before the forward (prefix caching: saving a finished
+sequence's state into a snapshot row, restoring a snapshot into a slot on a hit, copying a hit's
+partial tail block) and after it (n > 1 forks, the snapshot at a prompt's last full block).
 
 Letters: B sequences, T tokens, R sample rows, L prompt-logprob rows, K block-table updates.
 """
@@ -140,7 +142,10 @@ class StepPlan:
     sample_token_indices: np.ndarray  # [R] int64: index into the T tokens of the logits each sample reads
     sampling: SamplingInputs  # [R] rows
     table_updates: np.ndarray = field(default_factory=lambda: _empty(3))  # [K, 3] row, column, block
-    slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward
+    # prefix caching: state rows (snapshot saves, restores on a hit) and a hit's tail block, before the forward
+    slot_copies_before: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst state rows
+    block_copies_before: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst KV blocks
+    slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward (forks, snapshots)
     block_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst: after the forward
     # prompt logprobs: L fed prompt tokens whose logits score the prompt token after them
     prompt_logprob_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] into T

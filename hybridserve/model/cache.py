@@ -79,10 +79,13 @@ class HybridCache:
         return (self.rounding_seed * 1_000_003 + layer) % 2**31
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Mamba states of slots src [C] int64 into slots dst [C] (n > 1: the prompt is prefilled once)."""
-        self.conv_state[:, dst] = self.conv_state[:, src]
-        self.ssm_state[:, dst] = self.ssm_state[:, src]
+        """Mamba states of rows src [C] int64 into rows dst [C] (forks, prefix-cache snapshots); every
+        source is read before any destination is written. Layer by layer, so the gathered temporary
+        is C rows of one layer, not C whole states (≈ 47 MiB each for Nemotron-3-Nano)."""
+        for conv, ssm in zip(self.conv_state, self.ssm_state):
+            conv[dst] = conv[src]
+            ssm[dst] = ssm[src]
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """KV pages src [D] int64 into pages dst [D] (n > 1: a fork's partial tail block)."""
+        """KV pages src [D] int64 into pages dst [D] (a fork's or a prefix-cache hit's partial tail block)."""
         self.kv[:, :, dst] = self.kv[:, :, src]

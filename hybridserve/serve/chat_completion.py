@@ -140,6 +140,7 @@ class _ChatRun:
         self.reasoning_tokens = [0] * req.n
         self.held_tokens = [0] * req.n  # generated while the parser held undecided text
         self.completion_tokens = [0] * req.n
+        self.cached_tokens = 0  # prompt tokens from the prefix cache
         self.finished = [False] * req.n
         self.started = [False] * req.n  # streaming: role sent
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs else None
@@ -166,7 +167,7 @@ class _ChatRun:
         return reason
 
     def _usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, sum(self.completion_tokens), sum(self.reasoning_tokens))
+        return usage(self.prompt_tokens, sum(self.completion_tokens), sum(self.reasoning_tokens), self.cached_tokens)
 
     async def collect(self, stream: AsyncIterator[Any]) -> dict[str, Any]:
         accs = [ChoiceAccumulator() for _ in range(self.req.n)]
@@ -174,6 +175,7 @@ class _ChatRun:
         reasons: list[Any] = [None] * self.req.n
         stop_reasons: list[Any] = [None] * self.req.n
         async for out in stream:
+            self.cached_tokens = out.num_cached_tokens
             for o in out.outputs:
                 if self.finished[o.index]:
                     continue
@@ -221,6 +223,7 @@ class _ChatRun:
     async def _chunks(self, first: Any, stream: AsyncIterator[Any]) -> AsyncGenerator[Chunk, None]:
         out = first
         while out is not None:
+            self.cached_tokens = out.num_cached_tokens
             live = [o for o in out.outputs if not self.finished[o.index]]
             for choice in map(self._chunk_choice, live):  # one chunk per choice, as OpenAI and vLLM send n > 1
                 if choice is not None:

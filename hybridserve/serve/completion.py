@@ -141,6 +141,7 @@ class _CompletionRun:
         self.prompts, self.params = prompts, params
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
         self.completion_tokens: dict[int, int] = {}
+        self.cached_tokens: dict[int, int] = {}  # per prompt: tokens from the prefix cache
         self.text_of = TokenText(ctx.tokenizer) if req.logprobs is not None else None
 
     def _echo(self, k: int) -> str:
@@ -169,12 +170,14 @@ class _CompletionRun:
         return {"prompt_logprobs": vllm_prompt_logprobs(entries, TokenText(self.ctx.tokenizer))}
 
     def _usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+        return usage(self.prompt_tokens, sum(self.completion_tokens.values()),
+                     cached_tokens=sum(self.cached_tokens.values()))
 
     async def collect(self, merged: AsyncIterator[tuple[int, Any]]) -> dict[str, Any]:
         finals: dict[int, Any] = {}
         async for k, out in merged:
             finals[k] = out
+            self.cached_tokens[k] = out.num_cached_tokens
         choices = []
         for k, final in sorted(finals.items()):
             prefix = self._echo(k) if self.req.echo else ""
@@ -201,6 +204,7 @@ class _CompletionRun:
         item: tuple[int, Any] | None = first
         while item is not None:
             k, out = item
+            self.cached_tokens[k] = out.num_cached_tokens
             for o in out.outputs:
                 index = k * self.req.n + o.index
                 if index in finished or not (o.text_delta or o.token_ids_delta or o.finish_reason):

@@ -94,6 +94,12 @@ class _EngineCollector:
         yield self._counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield self._counter("vllm:num_preemptions", "Preemptions (a request recomputed later).",
                             s.num_preemptions_total)
+        yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                            getattr(s, "prefix_cache_queries_total", 0))
+        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens resumed from the prefix cache.",
+                            getattr(s, "prefix_cache_hits_total", 0))
+        yield self._gauge("hybridserve:num_prefix_cache_snapshots", "Mamba state snapshots the prefix cache holds.",
+                          getattr(s, "num_snapshots", 0))
         counts = getattr(s, "iteration_tokens_counts", None)
         if counts:
             h = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens per engine step (prompt + generated).",
@@ -183,5 +189,5 @@ def cache_config_info(engine: Any) -> dict[str, str] | None:
     ssm = config.mamba_ssm_cache_dtype
     return {"block_size": str(config.block_size), "cache_dtype": config.kv_cache_dtype,
             "gpu_memory_utilization": str(config.gpu_memory_utilization), "num_gpu_blocks": str(stats.num_blocks),
-            "num_state_slots": str(stats.num_slots), "enable_prefix_caching": "False",
+            "num_state_slots": str(stats.num_slots), "enable_prefix_caching": str(bool(getattr(config, "enable_prefix_caching", False))),
             "mamba_ssm_cache_dtype": engine.model_config.mamba_ssm_cache_dtype if ssm == "auto" else ssm}

@@ -77,9 +77,12 @@ async def sse_stream(head: dict[str, Any], chunks: AsyncGenerator[Chunk, None],
         await chunks.aclose()
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
+          cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache supplied."""
     u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
+                         "total_tokens": prompt_tokens + completion_tokens,
+                         "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if reasoning_tokens is not None:
         u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return u

@@ -146,3 +146,29 @@ def test_random_lengths_are_exact_for_byte_level_bpe(byte_level_bpe, monkeypatch
     # vLLM's fix-up alone (one run of ids per prompt) leaves some prompts off by a few tokens
     monkeypatch.setattr("hybridserve.bench.datasets.RANDOM_PROMPT_TRIES", 1)
     assert exact(sample_random(byte_level_bpe, 60, input_len=48, output_len=4)) < 60
+
+
+def test_prefix_repetition_shares_each_prefix_among_its_prompts(tokenizer):
+    from hybridserve.bench.datasets import sample_prefix_repetition
+
+    requests = sample_prefix_repetition(tokenizer, 12, prefix_len=20, suffix_len=7, num_prefixes=3, output_len=5, seed=2)
+    ids = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in requests]
+    assert all(len(i) == 27 == r.prompt_len and r.expected_output_len == 5 for i, r in zip(ids, requests))
+    prefixes = [tuple(i[:20]) for i in ids]
+    assert len(set(prefixes)) == 3 and all(prefixes.count(p) == 4 for p in set(prefixes))
+    assert len({tuple(i[20:]) for i in ids}) == 12  # every suffix its own
+    assert prefixes != sorted(prefixes, key=prefixes.index)  # shuffled, not grouped by prefix
+    with pytest.raises(DatasetError):
+        sample_prefix_repetition(tokenizer, 4, num_prefixes=0)
+
+
+def test_multi_turn_conversations_share_the_system_prompt(tokenizer):
+    from hybridserve.bench.datasets import sample_multi_turn
+
+    requests = sample_multi_turn(tokenizer, 10, num_turns=3, system_prompt_len=30, user_len=4, output_len=6, seed=1)
+    assert [(r.conversation, r.turn) for r in requests] == [(c, t) for c in range(3) for t in range(3)]
+    firsts = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in requests if r.turn == 0]
+    assert all(len(f) == 34 for f in firsts) and len({tuple(f[:30]) for f in firsts}) == 1
+    assert all(r.prompt_len == 4 for r in requests if r.turn)  # later turns: the new message only
+    with pytest.raises(DatasetError):
+        sample_multi_turn(tokenizer, 2, num_turns=3)

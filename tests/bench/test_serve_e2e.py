@@ -181,3 +181,30 @@ def test_failed_warmup_aborts_before_the_run(fake_server, tokenizer_dir, tmp_pat
         assert len(server.record.payloads) == 2
     assert_clean_failure(code, out, err, "2 of 2 warmup requests failed")
     assert "Serving Benchmark Result" not in out
+
+
+def test_multi_turn_resends_each_conversation_in_order(fake_server, tokenizer_dir, tmp_path, capsys):
+    """Each turn's prompt is the previous turn's prompt + its answer + the new message, turns of one
+    conversation never overlap, and the chat backend sends the whole conversation as messages."""
+    for backend in ("openai", "openai-chat"):
+        with fake_server() as server:
+            code, out, err = run_cli(
+                serve_argv(server, tokenizer_dir, tmp_path, "--backend", backend, "--dataset-name", "multi_turn",
+                           "--num-prompts", "6", "--multi-turn-num-turns", "3", "--multi-turn-system-prompt-len",
+                           "12", "--multi-turn-user-len", "3", "--multi-turn-output-len", "4"),
+                capsys,
+            )  # fmt: skip
+            record = server.record
+        assert code == 0, err
+        assert load_result(tmp_path)["completed"] == 6
+        if backend == "openai":
+            prompts = sorted((p["prompt"] for p in record.payloads), key=lambda p: len(p.split()))
+            assert len({" ".join(p.split()[:12]) for p in prompts}) == 1  # one system prompt for all
+            assert [len(p.split()) for p in prompts] == [15, 15, 22, 22, 29, 29]  # + 4 answer + 3 message a turn
+            for turn in (1, 2):  # each later turn extends one of the previous turn's prompts
+                assert all(any(p.startswith(q + " ") or p.startswith(q) for q in prompts[2 * turn - 2:2 * turn])
+                           for p in prompts[2 * turn:2 * turn + 2])
+        else:
+            roles = sorted([m["role"] for m in p["messages"]] for p in record.payloads)
+            assert roles[-1] == ["user", "assistant", "user", "assistant", "user"]
+            assert [len(r) for r in roles] == [1, 1, 3, 3, 5, 5]

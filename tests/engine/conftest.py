@@ -25,24 +25,29 @@ def tiny_model(tiny_config):
     return load_model(tiny_config, load_format="dummy", dtype=torch.float32, device="cpu")
 
 
-def cache_bytes(config: ModelConfig, num_slots: int, num_blocks: int, block_size: int = 16) -> int:
-    """A cpu_cache_bytes that yields exactly this many slots and blocks (plus the padding pair)."""
+def cache_bytes(config: ModelConfig, num_slots: int, num_blocks: int, block_size: int = 16, num_snapshots: int = 0) -> int:
+    """A cpu_cache_bytes that yields exactly this many slots and blocks (plus the padding pair and
+    the prefix cache's snapshot rows)."""
     slot = HybridCache.bytes_per_slot(config, torch.float32, torch.float32)
     block = HybridCache.bytes_per_block(config, block_size, torch.float32)
-    return (num_slots + 1) * slot + (num_blocks + 1) * block
+    return (num_slots + 1 + num_snapshots) * slot + (num_blocks + 1) * block
 
 
 @pytest.fixture
 def make_core(tiny_config, tiny_model):
-    """EngineCore factory over the shared tiny model: make_core(num_blocks=..., max_num_seqs=..., ...)."""
+    """EngineCore factory over the shared tiny model: make_core(num_blocks=..., max_num_seqs=..., ...)
+    (prefix caching on, as by default, unless enable_prefix_caching=False; model: another model of
+    the tiny preset's shape)."""
 
-    def make(num_blocks: int = 256, max_num_seqs: int = 32, **fields) -> EngineCore:
+    def make(num_blocks: int = 256, max_num_seqs: int = 32, model=None, **fields) -> EngineCore:
         fields.setdefault("max_model_len", 256)
+        snapshots = fields.get("prefix_cache_snapshots", EngineConfig.prefix_cache_snapshots)
+        snapshots = snapshots if fields.get("enable_prefix_caching", True) else 0
         config = EngineConfig(
-            model="tiny", device="cpu", max_num_seqs=max_num_seqs,
-            cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks), num_kv_blocks=num_blocks, **fields,
+            model="tiny", device="cpu", max_num_seqs=max_num_seqs, num_kv_blocks=num_blocks,
+            cpu_cache_bytes=cache_bytes(tiny_config, max_num_seqs, num_blocks, num_snapshots=snapshots), **fields,
         )
-        core = EngineCore(config, tiny_config, model=tiny_model)
+        core = EngineCore(config, tiny_config, model=model or tiny_model)
         assert (core.layout.num_slots, core.layout.num_blocks) == (max_num_seqs, num_blocks)
         return core
 

@@ -149,8 +149,10 @@ def test_n_choices_share_prompt_blocks_and_equal_separate_seeded_requests(make_c
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=10, n=3, ignore_eos=True)
     core = make_core()
     core.add_request("a", prompt, params)
-    core.step()  # prefills the prompt, forks choices 1 and 2, samples three first tokens
     seqs = core.scheduler.groups["a"]
+    core.step()  # prefills up to the last full block (the prefix cache snapshots the state there)
+    assert seqs[0].num_computed_tokens == 64 and core.scheduler.cache.num_snapshots == 1
+    core.step()  # the tail: forks choices 1 and 2, samples three first tokens
     refcounts = core.scheduler.cache.block_pool.refcounts
     full = seqs[0].block_ids[:4]
     assert all(s.block_ids[:4] == full for s in seqs) and [refcounts[b] for b in full] == [3] * 4
@@ -241,9 +243,11 @@ def test_eos_stops_unless_ignore_eos(make_core, tiny_config):
     assert run(core, [prompt], GREEDY)["r0"][0] == free
 
 
-def test_aborts_and_finishes_free_every_block_and_slot(make_core):
+@pytest.mark.parametrize("caching", [True, False])
+def test_aborts_and_finishes_free_every_block_and_slot(make_core, caching):
     prompts = mixed_prompts(20, seed=3)
-    core = make_core(num_blocks=28, max_num_seqs=8, max_num_batched_tokens=32)  # tight: preemptions
+    core = make_core(num_blocks=24, max_num_seqs=8, max_num_batched_tokens=32,  # tight: preemptions
+                     enable_prefix_caching=caching)
     params = [SamplingParams(temperature=0, max_tokens=random.Random(i).randint(1, 20), n=1 + i % 3, ignore_eos=True)
               for i in range(20)]
     aborts = {f"r{i}": i for i in range(0, 20, 3)}  # some waiting, some mid-prefill, some decoding
@@ -282,7 +286,7 @@ def test_16_bit_ssm_state_and_stats(tiny_config, tiny_model):
     from hybridserve.config import EngineConfig
 
     config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=4,
-                          mamba_ssm_cache_dtype="bfloat16", cpu_cache_bytes=4 << 20,
+                          mamba_ssm_cache_dtype="bfloat16", cpu_cache_bytes=4 << 20, enable_prefix_caching=False,
                           async_scheduling=False)  # the stats after exactly one applied step
     core = EngineCore(config, tiny_config, model=tiny_model)
     assert core.runner.cache.ssm_state.dtype == torch.bfloat16
@@ -309,10 +313,16 @@ def test_memory_split_lets_every_slot_reach_max_model_len(tiny_config, tiny_mode
     block = HybridCache.bytes_per_block(tiny_config, 16, torch.float32)
     per_seq = slot + (256 // 16) * block
     config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=32,
-                          cpu_cache_bytes=10 * per_seq + slot + block)
+                          cpu_cache_bytes=10 * per_seq + slot + block, enable_prefix_caching=False)
     runner = EngineCore(config, tiny_config, model=tiny_model).runner
-    assert runner.layout.num_slots == 10
+    assert runner.layout.num_slots == 10 and runner.layout.num_snapshots == 0
     assert runner.layout.num_blocks * 16 >= runner.layout.num_slots * 256
+    # prefix-cache snapshots are state rows too: counted like slots, before the split
+    config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_seqs=32, prefix_cache_snapshots=5,
+                          cpu_cache_bytes=10 * per_seq + 6 * slot + block)
+    runner = EngineCore(config, tiny_config, model=tiny_model).runner
+    assert (runner.layout.num_slots, runner.layout.num_snapshots) == (10, 5)
+    assert runner.cache.ssm_state.shape[1] == 10 + 1 + 5
 
 
 def test_outputs_report_how_long_a_request_queued(make_core):

@@ -98,3 +98,33 @@ def test_async_scheduling_matches_sync_with_graphs(tiny_config):
     sync = with_core(tiny_config, drive_core, max_num_seqs=48, async_scheduling=False)
     overlapped = with_core(tiny_config, drive_core, max_num_seqs=48, async_scheduling=True)
     assert overlapped[:2] == sync[:2] and overlapped[2] and not sync[2]
+
+
+def test_prefix_cache_on_the_gpu(tiny_config):
+    """Multi-turn replays and shared prefixes with decode graphs and the Triton kernels: the same
+    tokens with prefix caching on and off, and each turn hits at the previous turn's final state."""
+    from tests.engine.test_prefix_cache_engine import generate
+
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    system = PROMPTS[7] + PROMPTS[8]  # 154 tokens
+
+    def replay(core):
+        with torch.no_grad():  # make the context matter (see test_prefix_cache_engine.context_model)
+            for name, p in core.runner.model.named_parameters():
+                if name.endswith(("out_proj.weight", "o_proj.weight")):
+                    p.mul_(10.0)
+        answers, hits, history = [], [], list(system)
+        for turn in range(4):
+            history += PROMPTS[turn][:9]  # the user's next message
+            (choices,), (cached,) = generate(core, [list(history)], greedy, tag=f"t{turn}-")
+            hits.append((cached, len(history)))
+            answers.append(choices[0])
+            history += choices[0]
+        shared, _ = generate(core, [system + p[:20] for p in PROMPTS[10:26]], SAMPLED[:16], tag="s")
+        return answers, shared, hits
+
+    on = with_core(tiny_config, replay, max_num_seqs=16, dtype="float32")
+    off = with_core(tiny_config, replay, max_num_seqs=16, dtype="float32", enable_prefix_caching=False)
+    assert on[:2] == off[:2]
+    assert [c for c, _ in on[2]] == [0] + [n - 9 - 1 for _, n in on[2][1:]]  # all but the new message and one token
+    assert all(c == 0 for c, _ in off[2])

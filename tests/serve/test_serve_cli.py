@@ -100,19 +100,21 @@ def test_every_command_prints_its_help(command, capsys):
 
 
 def test_vllm_underscore_spellings_and_compat_flags_parse():
-    args = _args(["serve", "--mamba_ssm_cache_dtype", "float16", "--max_model_len=4k", "--enable-prefix-caching",
+    args = _args(["serve", "--mamba_ssm_cache_dtype", "float16", "--max_model_len=4k", "--no-enable-prefix-caching",
                   "--generation_config", "vllm", "--enable-log-requests", "--disable-log-requests",
                   "--tokenizer-mode", "auto", "--data-parallel-size", "1", "--max-cudagraph-capture-size", "256",
                   "--kv-cache-dtype", "fp8_e4m3", "--trust_remote_code", "--async-scheduling",
                   "--enable-chunked-prefill", "--reasoning-parser", "nemotron_v3", "-tp", "1"])
     assert (args.mamba_ssm_cache_dtype, args.max_model_len, args.generation_config) == ("float16", 4096, "vllm")
     assert args.enable_log_requests is True and args.kv_cache_dtype == "fp8_e4m3"
+    assert args.enable_prefix_caching is False  # a real setting now, not a compatibility flag
+    assert _args(["serve"]).enable_prefix_caching is True
     effects = compat_effects(args)
-    assert "--enable-prefix-caching: no effect: there is no prefix cache yet; every prompt is prefilled in full" in effects
+    assert not any("prefix" in e for e in effects)
     assert args.max_cudagraph_capture_size == 256  # a real engine setting
     assert not any(e.startswith(("--max-cudagraph-capture-size", "--async-scheduling")) for e in effects)
     assert any(e.startswith("--trust-remote-code: no effect") for e in effects)
-    assert not compat_effects(_args(["serve", "--no-enable-prefix-caching"]))[0].endswith("yet")
+    assert compat_effects(_args(["serve", "--no-disable-log-stats"]))[0].startswith("--no-disable-log-stats: no effect")
 
 
 @pytest.mark.parametrize("flag,reason", [

@@ -99,7 +99,7 @@ def test_vllm_metrics_and_models_without_paths(real_server):
     assert _sample(text, "vllm:iteration_tokens_total_count") >= 6  # prefill + 5 decode steps at least
     assert _sample(text, "vllm:iteration_tokens_total_sum") >= _sample(text, "vllm:generation_tokens_total")
     assert 'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny",reason="capacity"}' in text
-    assert 'vllm:cache_config_info{block_size="16"' in text and 'enable_prefix_caching="False"' in text
+    assert 'vllm:cache_config_info{block_size="16"' in text and 'enable_prefix_caching="True"' in text
     assert _sample(text, "process_resident_memory_bytes") > 0
     assert 'http_requests_total{handler="/v1/completions",method="POST",status="2xx"}' in text
     assert 'handler="/metrics"' not in text  # vLLM's exclusions

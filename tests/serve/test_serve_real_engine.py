@@ -22,7 +22,9 @@ def test_chat_usage_and_stream_equals_non_stream(real, real_server):
     count = httpx.post(real_server.url + "/tokenize", json={"messages": MSG}).json()["count"]
     assert r.usage.prompt_tokens == count and r.usage.total_tokens == count + 12
     chunks = list(real.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
-    assert chunks[-1].usage.model_dump() == r.usage.model_dump()
+    streamed = chunks[-1].usage.model_dump()
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == (count - 1) // 16 * 16  # the same prompt again
+    assert streamed == {k: v for k, v in r.usage.model_dump().items() if k != "prompt_tokens_details"}
     body = [c for c in chunks if c.choices]
     assert len(body) <= 12  # at most one chunk per token
     assert body[0].choices[0].delta.role == "assistant"
@@ -129,3 +131,29 @@ def test_thinking_budget_ends_reasoning(real):
     assert capped.choices[0].message.content  # the rest of the output became the answer
     if free.usage.completion_tokens_details.reasoning_tokens > budget_end:
         assert capped.choices[0].message.reasoning_content != free.choices[0].message.reasoning_content
+
+
+def test_prefix_cache_hits_in_usage_and_metrics(real, real_server):
+    """A prompt extending an earlier one reports the reused tokens in usage (vLLM's
+    prompt_tokens_details.cached_tokens), in completions and chat, streamed or not, and the
+    vllm:prefix_cache_* counters count them."""
+    import random
+
+    def counter(name: str) -> float:
+        text = httpx.get(real_server.url + "/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + "{")))
+
+    hits0 = counter("vllm:prefix_cache_hits_total")
+    prompt = [random.Random(16).randrange(10, 400) for _ in range(40)]
+    kw = dict(model="tiny", max_tokens=3, temperature=0)
+    first = real.completions.create(prompt=prompt, **kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    longer = real.completions.create(prompt=prompt + [7] * 20, **kw)
+    assert longer.usage.prompt_tokens_details.cached_tokens == 32  # the first prompt's last full block
+    assert counter("vllm:prefix_cache_hits_total") - hits0 == 32
+    assert counter("vllm:prefix_cache_queries_total") >= 40 + 60
+    system = [{"role": "system", "content": "You are a careful assistant. " * 12}, *MSG]
+    count = httpx.post(real_server.url + "/tokenize", json={"messages": system}).json()["count"]
+    assert real.chat.completions.create(messages=system, **kw).usage.prompt_tokens_details.cached_tokens in (0, (count - 1) // 16 * 16)
+    again = list(real.chat.completions.create(messages=system, stream=True, stream_options={"include_usage": True}, **kw))
+    assert again[-1].usage.prompt_tokens_details.cached_tokens == (count - 1) // 16 * 16 > 0  # the same prompt again

@@ -1,0 +1,204 @@
+"""Prefix caching in the scheduler and cache manager alone (no model): where snapshots are taken,
+which hit a new prompt gets and the copies its first step carries, eviction of cached blocks and of
+snapshots, and the invariants under a random workload with shared prefixes."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from test_scheduler import EOS, add, make_scheduler, num_free, step
+
+from hybridserve.engine.request import Request
+from hybridserve.sampling_params import SamplingParams
+
+
+def add_prompt(sched, rid: str, prompt: list[int], max_tokens: int = 4, n: int = 1) -> list[Request]:
+    params = SamplingParams(max_tokens=max_tokens, n=n, temperature=0)
+    seqs = [Request(rid, prompt, params, index=i, max_tokens=max_tokens, stop_token_ids=frozenset({EOS}))
+            for i in range(n)]
+    sched.add(seqs)
+    return seqs
+
+
+def run_to_end(sched, token: int = 7) -> list:
+    batches = []
+    while sched.has_unfinished():
+        batches.append(step(sched, token)[0])
+    return batches
+
+
+def rows(sched, *snapshots) -> list[int]:
+    return [sched.layout.snapshot_row(s.row) for s in snapshots]
+
+
+def test_a_prompt_chunk_stops_at_its_last_full_block_for_a_snapshot():
+    sched = make_scheduler(num_snapshots=4, block_size=4)
+    (a,) = add(sched, "a", 10, max_tokens=1)
+    batch, _ = step(sched)
+    assert batch.plan.num_new_tokens.tolist() == [8]  # cut at the end of block 2, not the 10 the budget allows
+    (snap,) = sched.cache.snapshots.entries.values()
+    assert snap.depth == 8 and not snap.tail
+    assert batch.plan.slot_copies.tolist() == [[a.state_slot, *rows(sched, snap)]]  # after that step's forward
+    batch, _ = step(sched)
+    assert batch.plan.num_new_tokens.tolist() == [2] and a.is_finished
+
+
+def test_a_prompt_extending_a_finished_requests_text_hits_at_its_final_state():
+    sched = make_scheduler(num_snapshots=4, block_size=4)
+    (a,) = add(sched, "a", 10, max_tokens=5)
+    run_to_end(sched)
+    text = list(a.token_ids)  # 10 prompt + 5 sampled tokens; the last one was never fed: 14 in the state
+    a_blocks = list(sched.cache.block_pool.by_key.values())
+    final = sched.cache.snapshots.entries[max(sched.cache.snapshots.entries, key=lambda k: sched.cache.snapshots.entries[k].depth)]
+    assert (final.depth, final.tail) == (14, (7, 7))
+    (b,) = add_prompt(sched, "b", text + [99])
+    batch = sched.schedule()
+    assert b.num_cached_tokens == 14 and batch.plan.num_cached.tolist() == [14]
+    assert batch.plan.input_ids.tolist() == text[14:] + [99]  # only the rest is fed
+    # a's final state is saved and restored before the forward; the restore reads a's (freed) slot,
+    # since the save into the snapshot row happens in the same copy
+    (save_src, save_dst), (restore_src, restore_dst) = batch.plan.slot_copies_before.tolist()
+    assert save_dst == rows(sched, final)[0] and restore_src == save_src and restore_dst == b.state_slot
+    (tail_src, tail_dst), = batch.plan.block_copies_before.tolist()  # the partial block: copy-on-write
+    assert tail_src in a_blocks and tail_dst == b.block_ids[3] and tail_src not in b.block_ids
+    assert all(blk in a_blocks for blk in b.block_ids[:3])  # the full blocks are shared, not copied
+    sched.update(batch, [7])
+    sched.check_invariants()
+    assert (sched.cache.queries_total, sched.cache.hits_total) == (10 + 16, 14)
+
+
+def test_a_prompt_extending_a_cached_prompt_by_a_block_hits_at_its_last_full_block():
+    sched = make_scheduler(num_snapshots=4, block_size=4)
+    (a,) = add(sched, "a", 10, max_tokens=2)
+    run_to_end(sched)
+    (b,) = add_prompt(sched, "b", a.token_ids[:10] + [40, 41, 42, 43])  # a's prompt + one more block, not a's answer
+    batch, _ = step(sched)
+    assert b.num_cached_tokens == 8 and batch.plan.input_ids.tolist()[:2] == [18, 19]
+    assert len(batch.plan.block_copies_before) == 0  # block-aligned: nothing to copy-on-write
+    # and a prompt of exactly a's 10 tokens hits at 8 too: at least one token is always fed
+    (c,) = add_prompt(sched, "c", a.token_ids[:10])
+    step(sched)
+    assert c.num_cached_tokens == 8
+
+
+def test_no_hit_below_one_block_or_for_a_different_first_block():
+    sched = make_scheduler(num_snapshots=4, block_size=4)
+    add(sched, "a", 3, max_tokens=3)  # 5 tokens fed: one block
+    run_to_end(sched)
+    (b,) = add_prompt(sched, "b", [10, 11, 12, 99, 5, 6])  # same first 3 tokens, then different
+    (c,) = add_prompt(sched, "c", [9, 11, 12, 7, 7, 5])
+    run_to_end(sched)
+    assert b.num_cached_tokens == 0 and c.num_cached_tokens == 0
+
+
+def test_evicted_blocks_invalidate_snapshots_and_plain_free_blocks_go_first():
+    sched = make_scheduler(num_snapshots=4, block_size=4, num_blocks=8)
+    (a,) = add(sched, "a", 12, max_tokens=1)
+    run_to_end(sched)
+    pool = sched.cache.block_pool
+    assert len(pool.cached) == 3 and len(pool.free) == 5  # a's 3 full blocks stay resident, unreferenced
+    add_prompt(sched, "b", [200 + i for i in range(20)], max_tokens=1)  # 5 blocks: only plain free ones
+    run_to_end(sched)
+    assert len(pool.cached) >= 3 and all(k in pool.by_key for k in a.block_keys)
+    add_prompt(sched, "c", [300 + i for i in range(28)], max_tokens=1)  # 7 blocks: must evict a's (oldest)
+    run_to_end(sched)
+    assert not any(k in pool.by_key for k in a.block_keys)
+    (d,) = add_prompt(sched, "d", a.token_ids[:12] + [1, 2])
+    run_to_end(sched)
+    assert d.num_cached_tokens == 0  # a's snapshot is still held, but its blocks are gone
+
+
+def test_the_snapshot_pool_is_lru_and_a_finish_never_evicts_its_own_chain():
+    sched = make_scheduler(num_snapshots=2, block_size=4)
+    snaps = sched.cache.snapshots
+    (a,) = add(sched, "a", 9, max_tokens=1)  # snapshots at 8 (its prompt's last full block) and 9 (its end)
+    run_to_end(sched)
+    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    (c,) = add_prompt(sched, "c", a.token_ids[:9] + [5], max_tokens=1)  # hits a's final state
+    run_to_end(sched)
+    assert c.num_cached_tokens == 9
+    # c's own end (10 tokens) would evict the snapshot at 8, an ancestor on its own chain: skipped
+    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    (d,) = add_prompt(sched, "d", [100 + i for i in range(9)], max_tokens=1)
+    step(sched)  # d's snapshot at 8 evicts the least recently used one: a's at 8 (the one at 9 was just hit)
+    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(a.block_keys[1], 9), (d.block_keys[1], 8)}
+
+
+def test_two_snapshots_in_one_step_never_share_a_row():
+    sched = make_scheduler(num_snapshots=1, block_size=4)
+    a = add_prompt(sched, "a", [10 + i for i in range(8)], max_tokens=1)[0]
+    b = add_prompt(sched, "b", [50 + i for i in range(8)], max_tokens=1)[0]
+    batch, _ = step(sched)
+    assert a.num_computed_tokens == b.num_computed_tokens == 4  # both reached their snapshot point in one step
+    assert len(batch.plan.slot_copies) == 1 and len(sched.cache.snapshots) == 1  # the second had no free row
+    run_to_end(sched)
+
+
+def test_caching_off_keys_nothing():
+    sched = make_scheduler(block_size=4)  # num_snapshots=0
+    (a,) = add(sched, "a", 10, max_tokens=3)
+    batch, _ = step(sched)
+    assert batch.plan.num_new_tokens.tolist() == [10]
+    run_to_end(sched)
+    (b,) = add_prompt(sched, "b", a.token_ids + [1])
+    run_to_end(sched)
+    assert b.num_cached_tokens == 0 and not sched.cache.block_pool.by_key and not sched.cache.block_pool.cached
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_with_shared_prefixes_keeps_invariants(seed):
+    """Prompts that extend earlier prompts and answers, n in 1..3, aborts, stop tokens, preemption
+    under a small block pool and a small snapshot pool: the invariants hold after every step, no
+    state row or KV block is written twice by one step's copies, hits happen, and at the end
+    every block is free or cached and every slot is free."""
+    rng = random.Random(seed)
+    sched = make_scheduler(num_blocks=24, block_size=4, max_num_batched_tokens=24, max_num_seqs=5, num_slots=5,
+                           num_snapshots=4)
+    texts: list[list[int]] = [[10 + i for i in range(6)]]
+    live, seqs = [], []
+    for i in range(300):
+        if rng.random() < 0.3:
+            base = rng.choice(texts)
+            base = base if len(base) < 32 and rng.random() < 0.5 else base[: rng.randint(1, 40)]  # a whole text, or a part
+            prompt = (base + [rng.randrange(3, 50) for _ in range(rng.randint(1, 9))])[:40]
+            group = add_prompt(sched, f"r{i}", prompt, max_tokens=rng.randint(1, 12), n=rng.randint(1, 3))
+            seqs += group
+            live.append(f"r{i}")
+        if live and rng.random() < 0.05:
+            sched.abort(live.pop(rng.randrange(len(live))), None if rng.random() < 0.5 else [rng.randrange(3)])
+            sched.check_invariants()
+        batch = sched.schedule()
+        plan = batch.plan
+        before, after = plan.slot_copies_before[:, 1].tolist(), plan.slot_copies[:, 1].tolist()
+        assert len(set(before)) == len(before) and len(set(after)) == len(after)
+        assert not set(before) & set(after)
+        assert len(set(plan.block_copies_before[:, 1].tolist())) == len(plan.block_copies_before)
+        sched.update(batch, [EOS if rng.random() < 0.1 else rng.randrange(3, 50) for _ in batch.sample_requests])
+        sched.check_invariants()
+        texts += [s.token_ids for s in reversed(seqs) if s.is_finished and s.token_ids not in texts][:2]
+    run_to_end(sched)
+    assert num_free(sched) == (24, 5)
+    assert sched.num_preemptions_total > 0 and sched.cache.hits_total > 0
+    assert np.all([s.num_cached_tokens < s.num_prompt_tokens for s in seqs])
+
+
+def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
+    """prefix_repetition: prompts = one shared prefix + their own suffixes. The first computes the
+    prefix; the second finds its blocks cached but no snapshot there, so it cuts its prefill where it
+    leaves them and snapshots that state; from the third on, every prompt hits at the prefix."""
+    sched = make_scheduler(num_snapshots=8, block_size=4)
+    prefix = [10 + i for i in range(12)]
+    suffixes = [[100 + 10 * k + i for i in range(7)] for k in range(4)]
+    seqs, cuts = [], []
+    for k in range(4):  # one after the other
+        seqs += add_prompt(sched, f"p{k}", prefix + suffixes[k], max_tokens=1)
+        while not seqs[k].is_finished:
+            batch, _ = step(sched)
+            if seqs[k] in batch.requests:
+                cuts.append((k, int(batch.plan.num_new_tokens[batch.requests.index(seqs[k])])))
+    assert [s.num_cached_tokens for s in seqs] == [0, 0, 12, 12]
+    assert cuts[:2] == [(0, 16), (0, 3)]  # p0: its own prompt snapshot at 16 (19 tokens), then the rest
+    assert cuts[2:5] == [(1, 12), (1, 4), (1, 3)]  # p1: cut at the shared prefix (12), then at 16
+    assert cuts[5:] == [(2, 4), (2, 3), (3, 4), (3, 3)]  # the others resume at 12
