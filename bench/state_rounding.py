@@ -74,21 +74,6 @@ class TopicCorpus:
 # ----------------------------------------------------------------------------------- training
 
 
-class _TrainableOps:
-    """The reference ops with the KV store written so that autograd can follow it."""
-
-    def __init__(self, ops):
-        self._ops = ops
-
-    def __getattr__(self, name):
-        return getattr(self._ops, name)
-
-    @staticmethod
-    def store_kv(k, v, kv_cache, slot_mapping):
-        for i, x in enumerate((k, v)):
-            kv_cache[i].view(-1, *kv_cache.shape[-2:])[slot_mapping] = x.to(kv_cache.dtype)
-
-
 def _prefill_batch(model, seqs: list[list[int]], device) -> tuple[ForwardBatch, HybridCache]:
     n = len(seqs)
     pages = max(len(s) for s in seqs) // BLOCK + 1
@@ -106,7 +91,6 @@ def train(corpus: TopicCorpus, steps: int, seq_len: int = 128, batch: int = 8, l
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    ops, model.ops = model.ops, _TrainableOps(model.ops)
     loss = float("nan")
     for _ in range(steps):
         data = corpus.sample(batch, seq_len + 1, gen)
@@ -117,7 +101,6 @@ def train(corpus: TopicCorpus, steps: int, seq_len: int = 128, batch: int = 8, l
         step_loss.backward()
         opt.step()
         loss = step_loss.item()
-    model.ops = ops
     for p in params:
         p.requires_grad_(False)
     return model.eval(), loss

@@ -33,22 +33,6 @@ MARGIN = 2.0  # target logit above every other logit, at every completion positi
 CONTEXT_GAIN = 10.0  # random init leaves mixer outputs tiny next to the embeddings: scale them up
 
 
-class _TrainableOps:
-    """The model's reference ops, with the KV store written so autograd can follow it."""
-
-    def __init__(self, ops):
-        self._ops = ops
-
-    def __getattr__(self, name):
-        return getattr(self._ops, name)
-
-    @staticmethod
-    def store_kv(k, v, kv_cache, slot_mapping, kv_scale=None):
-        assert kv_scale is None, "training keeps KV in the model dtype"
-        for i, x in enumerate((k, v)):  # a fresh view after each write keeps autograd's view tracking valid
-            kv_cache[i].view(-1, *kv_cache.shape[-2:])[slot_mapping] = x.to(kv_cache.dtype)
-
-
 def _batch(model, ids: list[int]) -> tuple[ForwardBatch, HybridCache]:
     blocks = len(ids) // BLOCK + 1
     cache = HybridCache.allocate(model.config, 1, blocks, BLOCK, model.dtype)
@@ -89,14 +73,13 @@ def train_tool_model(out_dir: Path, max_steps: int = 600) -> Path:
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.Adam(trained, lr=3e-3)
-    ops, model.ops = model.ops, _TrainableOps(model.ops)
     eps = model.config.layer_norm_epsilon
     for _ in range(max_steps):
         _, cache = _batch(model, ids[:-1])  # fresh: the attention layer writes its KV in place
         h, r = _run_layers(model, layers[split:split + 1], h0, r0, batch, cache)
         h, r = _run_layers(model, layers[split + 1:], h[first:], r[first:], None, None)
-        h, _ = ops.rms_norm(h, model.backbone.norm_f.weight, eps, r)
-        logits = model.lm_head(h, ops).float()
+        h, _ = model.ops.rms_norm(h, model.backbone.norm_f.weight, eps, r)
+        logits = model.lm_head(h, model.ops).float()
         target = logits.gather(1, labels[:, None])
         others = logits.scatter(1, labels[:, None], float("-inf")).max(-1, keepdim=True).values
         if bool((target - others > MARGIN).all()):
@@ -107,7 +90,6 @@ def train_tool_model(out_dir: Path, max_steps: int = 600) -> Path:
         opt.step()
     else:
         raise RuntimeError("the tiny model did not learn the completion")
-    model.ops = ops
     for p in model.parameters():
         p.requires_grad_(False)
     save_checkpoint(model.eval(), out_dir, tokenizer=tok)
