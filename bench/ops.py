@@ -401,11 +401,15 @@ def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8")
             best = min(range(len(cands)), key=total.__getitem__)
             rows.append(dict(max_tokens=bucket, **cands[best]))
             print(f"  best {dt} for T <= {bucket}: {KM.describe(cands[best])}")
-        table[dt] = rows
-        table["measured"][dt] = f"{torch.cuda.get_device_name()}, bench/ops.py --moe-sweep, {time.strftime('%Y-%m-%d')}"
+            # written after every bucket (the shipped rows past it), so a sweep cut short still leaves a table
+            later = [r for r in shipped[dt] if bucket is not None and (r["max_tokens"] is None or r["max_tokens"] > bucket)]
+            table[dt] = rows + later
+            table["measured"][dt] = f"{torch.cuda.get_device_name()}, bench/ops.py --moe-sweep, {time.strftime('%Y-%m-%d')}" + \
+                (f" (T <= {bucket}; shipped rows above)" if later else "")
+            if write_table:
+                with open(write_table, "w") as f:
+                    f.write(json.dumps(table, indent=1) + "\n")
     if write_table:
-        with open(write_table, "w") as f:
-            f.write(json.dumps(table, indent=1) + "\n")
         print(f"wrote {write_table}: copy it to {KM.CONFIG_FILE} to ship it")
 
 
