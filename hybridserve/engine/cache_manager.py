@@ -380,7 +380,10 @@ class CacheManager:
         tail = tuple(request.token_ids[j * bs : depth])
         key = content_key(keys[-1], tail) if tail else keys[-1]
         chain = set(keys)
-        keep = lambda s: s.anchor in chain and not s.final  # noqa: E731
+
+        def keep(snap: Snapshot) -> bool:  # a prompt snapshot on its own chain
+            return snap.anchor in chain and not snap.final
+
         if key not in self.snapshots and not self.snapshots.has_room(keep):
             return
         if tail:
