@@ -11,7 +11,9 @@
 # (default: 2 x concurrency, at least 4), INPUT_LEN / OUTPUT_LEN (1024), PORT (8011),
 # MAX_MODEL_LEN (INPUT_LEN + OUTPUT_LEN + 16), SERVER_ARGS (more `serve` flags, e.g.
 # --no-enable-prefix-caching), DATASET_ARGS (the timed runs' dataset flags instead of the random
-# INPUT_LEN / OUTPUT_LEN ones, e.g. "--dataset-name multi_turn --multi-turn-num-turns 8").
+# INPUT_LEN / OUTPUT_LEN ones, e.g. "--dataset-name multi_turn --multi-turn-num-turns 8"), WARMUP_ARGS
+# (the warm-up's dataset flags instead of max-concurrency random INPUT_LEN prompts with 4 output tokens,
+# e.g. the timed dataset with another --seed, so the kernels its shapes need compile before the timer).
 set -o pipefail
 OUT=${OUT:-/tmp/hybridserve_e2e_serve}
 MODEL=${MODEL:-nemotron-3-nano-30b-a3b}
@@ -53,9 +55,9 @@ echo "server start-up: $(python3 -c "print(round($t1 - $t0, 1))") s"
 grep -iE "cache:|prefix cache|weights|memory|GiB" "$OUT/server.log" | head -6
 
 # warm-up at the largest level's shapes (kernel compiles, CUDA-graph captures), result discarded
-python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" --dataset-name random \
-  --random-input-len "$INPUT_LEN" --random-output-len 4 --num-prompts "$max_c" --max-concurrency "$max_c" \
-  --ignore-eos >"$OUT/warmup.log" 2>&1 || { echo "warm-up failed"; tail -20 "$OUT/warmup.log"; }
+python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" \
+  ${WARMUP_ARGS:---dataset-name random --random-input-len "$INPUT_LEN" --random-output-len 4 --num-prompts "$max_c"} \
+  --max-concurrency "$max_c" --ignore-eos >"$OUT/warmup.log" 2>&1 || { echo "warm-up failed"; tail -20 "$OUT/warmup.log"; }
 
 for c in $CONCURRENCY; do
   n=${PROMPTS_PER_LEVEL:-$(( c * 2 > 4 ? c * 2 : 4 ))}
@@ -63,5 +65,5 @@ for c in $CONCURRENCY; do
   python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" \
     ${DATASET_ARGS:---dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN"} \
     --num-prompts "$n" --max-concurrency "$c" --ignore-eos --save-result --result-dir "$OUT" \
-    --result-filename "serve_c${c}.json" 2>&1 | tail -25
+    --result-filename "serve_c${c}.json" 2>&1 | tail -36
 done

@@ -16,9 +16,11 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -200,8 +202,10 @@ async def ready_check(args, api_url: str, model: str, request: SampleRequest, ig
             await asyncio.sleep(1.0)
 
 
-async def run_requests(args, api_url: str, model: str, requests: list[SampleRequest], ignore_eos: bool):
-    """Warmups, then the timed run. Returns (outputs in request order, duration in seconds)."""
+async def run_requests(args, api_url: str, model: str, requests: list[SampleRequest], ignore_eos: bool,
+                       before_timed_run: Callable[[], Awaitable[Any]] | None = None):
+    """Warmups, then `before_timed_run()` (e.g. a read of the server's counters), then the timed run.
+    Returns (outputs in request order, duration in seconds, what `before_timed_run` returned)."""
     limit = args.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60)
     semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
@@ -230,6 +234,7 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
             if failed := [w for w in warmups if not w.success]:
                 raise BenchError(f"{len(failed)} of {len(warmups)} warmup requests failed: {failed[0].error}")
             print("Warmup run completed.")
+        before = await before_timed_run() if before_timed_run is not None else None
 
         async def converse(turns: list[SampleRequest], arrival: float, progress: tqdm | None):
             """A conversation's turns in order, each resending the conversation so far (one turn
@@ -267,25 +272,72 @@ async def run_requests(args, api_url: str, model: str, requests: list[SampleRequ
         outputs = [output for turns in await asyncio.gather(*tasks) for output in turns]
         duration = time.perf_counter() - start
         progress.close()
-    return outputs, duration
+    return outputs, duration, before
 
 
-async def prefix_cache_counters(base_url: str, headers: dict[str, str]) -> tuple[float, float] | None:
-    """(queried, hit) prompt tokens from the server's /metrics (vLLM's counters); None without them."""
-    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+# the server's /metrics series a run reads (vLLM's names), each summed over its labels
+SERVER_SERIES = (
+    "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+    "vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count",
+    "vllm:iteration_tokens_total_sum", "vllm:iteration_tokens_total_count",
+)
+
+
+async def server_counters(base_url: str, headers: dict[str, str]) -> dict[str, float] | None:
+    """The `SERVER_SERIES` the server exports at /metrics (absent ones left out); None without any."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=headers) as session:
             async with session.get(f"{base_url}/metrics") as resp:
                 text = await resp.text() if resp.status == 200 else ""
     except aiohttp.ClientError:
         return None
-    found = False
+    totals: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[-1])
-            found = True
-    return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
+        if name in SERVER_SERIES:
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
+    return totals or None
+
+
+def server_side(before: dict[str, float] | None, after: dict[str, float] | None, duration: float) -> dict:
+    """What the server's counters say about the run (their change over it; None where absent): the
+    prefix cache hit rate (prompt tokens), the mean time to first token from the server's arrival
+    and its part spent queued in the engine, and the engine steps (the run's duration per step, which
+    is a step's mean length while the engine is busy throughout, and their mean tokens). The client's
+    TTFT less the server's is HTTP and the API front end; the server's is engine steps."""
+    def delta(name: str) -> float | None:
+        return after[name] - before.get(name, 0.0) if before is not None and after and name in after else None
+
+    def ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+        return scale * num / den if num is not None and den else None
+
+    steps = delta("vllm:iteration_tokens_total_count")
+    return {
+        "prefix_cache_hit_rate": ratio(delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")),
+        "server_mean_ttft_ms": ratio(delta("vllm:time_to_first_token_seconds_sum"),
+                                     delta("vllm:time_to_first_token_seconds_count"), 1000),
+        "server_mean_queue_time_ms": ratio(delta("vllm:request_queue_time_seconds_sum"),
+                                           delta("vllm:request_queue_time_seconds_count"), 1000),
+        "engine_steps": int(steps) if steps is not None else None,
+        "engine_ms_per_step": ratio(duration, steps, 1000),
+        "engine_mean_tokens_per_step": ratio(delta("vllm:iteration_tokens_total_sum"), steps),
+    }
+
+
+def format_server_side(side: dict) -> str:
+    """The report's lines for `server_side` (only what the server exported)."""
+    lines = []
+    if side["prefix_cache_hit_rate"] is not None:
+        lines.append(f"Prefix cache hit rate (server, prompt tokens): {100 * side['prefix_cache_hit_rate']:.1f}%")
+    if side["server_mean_ttft_ms"] is not None:
+        queue = side["server_mean_queue_time_ms"]
+        lines.append(f"Server mean TTFT (from its arrival): {side['server_mean_ttft_ms']:.2f} ms"
+                     + (f", of it queued in the engine: {queue:.2f} ms" if queue is not None else ""))
+    if side["engine_steps"]:
+        lines.append(f"Engine steps: {side['engine_steps']} (one per {side['engine_ms_per_step']:.2f} ms of the run, "
+                     f"{side['engine_mean_tokens_per_step']:.1f} tokens each)")
+    return "\n".join(lines)
 
 
 def validate(args) -> None:
@@ -338,12 +390,9 @@ async def run_benchmark(args) -> dict:
 
     if args.ready_check_timeout_sec > 0:
         await ready_check(args, api_url, model, requests[0], ignore_eos, deadline, sampling_fields(args), headers)
-    cache_before = await prefix_cache_counters(base_url, headers)
-    outputs, duration = await run_requests(args, api_url, model, requests, ignore_eos)
-    cache_after = await prefix_cache_counters(base_url, headers)
-    hit_rate = None
-    if cache_before and cache_after and cache_after[0] > cache_before[0]:
-        hit_rate = (cache_after[1] - cache_before[1]) / (cache_after[0] - cache_before[0])
+    outputs, duration, counters_before = await run_requests(
+        args, api_url, model, requests, ignore_eos, before_timed_run=lambda: server_counters(base_url, headers))
+    side = server_side(counters_before, await server_counters(base_url, headers), duration)
     metrics = calculate_metrics(
         outputs,
         duration,
@@ -354,8 +403,8 @@ async def run_benchmark(args) -> dict:
         request_rate=args.request_rate,
     )
     print(format_report(metrics, duration, selected_metrics, args.max_concurrency, args.request_rate, bool(goodput_slos)))
-    if hit_rate is not None:
-        print(f"Prefix cache hit rate (server, prompt tokens): {100 * hit_rate:.1f}%")
+    if server_lines := format_server_side(side):
+        print(server_lines)
     errors = [o.error for o in outputs if not o.success]
     if errors:
         print(f"Failed requests: {len(errors)} of {len(outputs)}. First errors (up to 10):")
@@ -383,7 +432,7 @@ async def run_benchmark(args) -> dict:
         "first_errors": errors[:10],
     }
     measured = result_fields(outputs, metrics, duration, selected_metrics, bool(goodput_slos))
-    result = setup | measured | {"prefix_cache_hit_rate": hit_rate} | provenance
+    result = setup | measured | side | provenance
     if not args.save_detailed:
         result = {k: v for k, v in result.items() if k not in DETAIL_FIELDS}
     if args.save_result or args.append_result:

@@ -26,6 +26,7 @@ Pure Python, no torch; the scheduler is its only caller.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -231,7 +232,7 @@ class CacheManager:
         resumable = self.caching and request.prompt_logprobs is None
         hit, num_cached_blocks = self.match(request) if resumable else (None, 0)
         start = hit.snapshot.depth if hit else 0
-        request.prefix_branch = self._branch_point(request, start, num_cached_blocks)
+        request.snapshot_points = self._snapshot_points(request, start, num_cached_blocks)
         n = self._chunk(request, start, budget)
         shared = hit.blocks if hit else []
         held = shared + ([hit.tail_block] if hit and hit.tail_block is not None else [])
@@ -355,15 +356,17 @@ class CacheManager:
             keys = self._keys(request, last)
             for j in range(first, last):
                 self.block_pool.set_key(request.block_ids[j], keys[j])
-        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
+        for point in request.snapshot_points if start < request.num_prompt_tokens else ():
             if start < point == end:
                 key = self._keys(request, point // bs)[point // bs - 1]
                 self._snapshot(request, key, key, (), point, before=False)
 
     def finished(self, request: Request) -> None:
         """A request ends normally: snapshot its final state (every fed token), keyed by its last
-        full block and the tokens after it, and keep its partial tail block cached with it. Skipped
-        when it would evict a snapshot of its own chain (that one serves every continuation)."""
+        full block and the tokens after it, and keep its partial tail block cached with it. It never
+        evicts a prompt snapshot on its own chain (a shared prefix such as a system prompt, which
+        serves every conversation), but may evict an earlier final state, its own included (the
+        new one extends that text); skipped when only such prompt snapshots could go."""
         if not self.caching:
             return
         bs = self.layout.block_size
@@ -376,12 +379,16 @@ class CacheManager:
             self.block_pool.set_key(request.block_ids[col], keys[col])
         tail = tuple(request.token_ids[j * bs : depth])
         key = content_key(keys[-1], tail) if tail else keys[-1]
-        victim = self.snapshots.victim()
-        if key not in self.snapshots and victim is not None and victim.anchor in set(keys):
+        chain = set(keys)
+
+        def keep(snap: Snapshot) -> bool:  # a prompt snapshot on its own chain
+            return snap.anchor in chain and not snap.final
+
+        if key not in self.snapshots and not self.snapshots.has_room(keep):
             return
         if tail:
             self.block_pool.set_key(request.block_ids[j], key)
-        self._snapshot(request, key, keys[-1], tail, depth, before=True)
+        self._snapshot(request, key, keys[-1], tail, depth, before=True, keep=keep)
 
     @property
     def num_snapshots(self) -> int:
@@ -398,23 +405,27 @@ class CacheManager:
         """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
         next snapshot point (unless that snapshot exists), so the state there can be snapshotted."""
         n = min(request.num_tokens - start, budget)
-        for point in self._snapshot_points(request) if start < request.num_prompt_tokens else ():
+        for point in request.snapshot_points if start < request.num_prompt_tokens else ():
             if start < point < start + n:
                 j = point // self.layout.block_size
                 if self._keys(request, j)[j - 1] not in self.snapshots:
                     return point - start
         return n
 
-    def _snapshot_points(self, request: Request) -> tuple[int, ...]:
-        """Where the request's prompt is snapshotted, in order: where it leaves content another
-        sequence computed before (`prefix_branch`, so the next prompt sharing that prefix hits), and
-        the end of its last full block before its last token (so the same prompt again, or one
-        extending it, hits). Empty with caching off; no point below one block."""
+    def _snapshot_points(self, request: Request, start: int, num_cached_blocks: int) -> tuple[int, ...]:
+        """Where a prompt admitted at `start` is snapshotted, in order: where it leaves content
+        another sequence computed before (`_branch_point`: a prefix now seen twice, so the next
+        prompt sharing it hits), and, on a miss, the end of its last full block before its last
+        token (so the same prompt again, or one extending it, hits). A hit takes no snapshot of its
+        own prompt end: that cut would cost it a step of its time to first token, and the snapshot
+        at its end (`finished`) serves the conversation's next turn; a prompt repeating it finds
+        its blocks cached and snapshots there as a branch point. Empty with caching off; no point
+        below one block."""
         if not self.caching:
             return ()
         bs = self.layout.block_size
-        boundary = (request.num_prompt_tokens - 1) // bs * bs
-        return tuple(sorted({p for p in (request.prefix_branch, boundary) if p}))
+        boundary = (request.num_prompt_tokens - 1) // bs * bs if start == 0 else 0
+        return tuple(sorted({p for p in (self._branch_point(request, start, num_cached_blocks), boundary) if p}))
 
     def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
         """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
@@ -434,16 +445,16 @@ class CacheManager:
         return keys
 
     def _snapshot(self, request: Request, key: int, anchor: int, tail: tuple[int, ...], depth: int,
-                  *, before: bool) -> None:
-        """Copy the request's state into a snapshot row, before the next forward (its state is
-        final now) or after this step's forward."""
+                  *, before: bool, keep: Callable[[Snapshot], bool] | None = None) -> None:
+        """Copy the request's state into a snapshot row (evicting none to `keep`), before the next
+        forward (its state is final now: a sequence's end) or after this step's forward."""
         existing = self.snapshots.entries.get(key)
         if existing is not None:
             self.snapshots.touch(existing)
             return
-        if not self.snapshots.has_room():
+        if not self.snapshots.has_room(keep):
             return
-        snap = self.snapshots.add(key, anchor, tail, depth)
+        snap = self.snapshots.add(key, anchor, tail, depth, final=before, keep=keep)
         row, slot = self.layout.snapshot_row(snap.row), request.state_slot
         if before:
             self._slot_copies_before.append((slot, row))

@@ -17,6 +17,7 @@ Pure Python; the cache manager is the only caller.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ROOT = 0  # the parent key of a sequence's first block
@@ -34,6 +35,7 @@ class Snapshot:
     tail: tuple[int, ...]  # the tokens after that block (empty when the depth is block-aligned)
     depth: int  # tokens covered
     row: int  # snapshot row, 0 <= row < the pool size
+    final: bool = False  # a sequence's final state (its whole text), not a point inside a prompt
 
 
 class SnapshotPool:
@@ -63,20 +65,24 @@ class SnapshotPool:
         if pin:
             self.pinned_rows.add(snap.row)
 
-    def victim(self) -> Snapshot | None:
-        """What `add` would evict: None when a row is free, or when every row is pinned."""
+    def victim(self, keep: Callable[[Snapshot], bool] | None = None) -> Snapshot | None:
+        """What `add` would evict: the least recently used snapshot that is not pinned and not one
+        to `keep`; None when a row is free, or when no snapshot may go."""
         if self.free_rows:
             return None
-        return next((s for s in self.entries.values() if s.row not in self.pinned_rows), None)
+        return next((s for s in self.entries.values()
+                     if s.row not in self.pinned_rows and not (keep and keep(s))), None)
 
-    def has_room(self) -> bool:
-        return bool(self.free_rows) or self.victim() is not None
+    def has_room(self, keep: Callable[[Snapshot], bool] | None = None) -> bool:
+        return bool(self.free_rows) or self.victim(keep) is not None
 
-    def add(self, key: int, anchor: int, tail: tuple[int, ...], depth: int) -> Snapshot:
-        """A new snapshot in a free row or the least recently used one (the caller checked `has_room`)."""
+    def add(self, key: int, anchor: int, tail: tuple[int, ...], depth: int, *, final: bool = False,
+            keep: Callable[[Snapshot], bool] | None = None) -> Snapshot:
+        """A new snapshot in a free row or the least recently used one not to `keep` (the caller
+        checked `has_room` with the same `keep`)."""
         if not self.free_rows:
-            self.drop(self.victim())
-        snap = Snapshot(key, anchor, tail, depth, self.free_rows.popleft())
+            self.drop(self.victim(keep))
+        snap = Snapshot(key, anchor, tail, depth, self.free_rows.popleft(), final)
         self.entries[key] = snap
         self.by_anchor.setdefault(anchor, {})[key] = snap
         self.pinned_rows.add(snap.row)

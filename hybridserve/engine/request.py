@@ -61,7 +61,7 @@ class Request:
         self.state_slot: int | None = None
         self.block_keys: list[int] = []  # content keys of its leading full blocks (prefix caching), memoised
         self.num_cached_tokens = 0  # prompt tokens its first admission resumed from the prefix cache
-        self.prefix_branch = 0  # where its prompt leaves cached content: a snapshot point (0: none)
+        self.snapshot_points: tuple[int, ...] = ()  # prefix caching: where its prompt's state is snapshotted (set at admission)
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

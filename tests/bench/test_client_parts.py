@@ -15,8 +15,10 @@ from hybridserve.bench.serve import (
     BenchError,
     arrival_offsets,
     choose_model,
+    format_server_side,
     parse_goodput,
     parse_percentiles,
+    server_side,
 )
 
 
@@ -150,3 +152,26 @@ async def test_send_request_on_odd_streams():
     # an empty-text chunk still counts as a token message; no usage -> count left to the tokenizer
     assert no_usage.success and no_usage.output_tokens is None and len(no_usage.itl) == 1
     assert no_usage.generated_text == "a" and no_usage.latency >= no_usage.ttft > 0
+
+
+def test_server_side_reads_the_counters_change_over_the_run():
+    before = {"vllm:prefix_cache_queries_total": 100.0, "vllm:prefix_cache_hits_total": 40.0,
+              "vllm:time_to_first_token_seconds_sum": 1.0, "vllm:time_to_first_token_seconds_count": 2.0,
+              "vllm:request_queue_time_seconds_sum": 0.5, "vllm:request_queue_time_seconds_count": 2.0,
+              "vllm:iteration_tokens_total_sum": 50.0, "vllm:iteration_tokens_total_count": 10.0}
+    after = {"vllm:prefix_cache_queries_total": 300.0, "vllm:prefix_cache_hits_total": 190.0,
+             "vllm:time_to_first_token_seconds_sum": 1.3, "vllm:time_to_first_token_seconds_count": 6.0,
+             "vllm:request_queue_time_seconds_sum": 0.54, "vllm:request_queue_time_seconds_count": 6.0,
+             "vllm:iteration_tokens_total_sum": 450.0, "vllm:iteration_tokens_total_count": 30.0}
+    side = server_side(before, after, duration=2.0)
+    assert side == pytest.approx({"prefix_cache_hit_rate": 0.75, "server_mean_ttft_ms": 75.0,
+                                  "server_mean_queue_time_ms": 10.0, "engine_steps": 20,
+                                  "engine_ms_per_step": 100.0, "engine_mean_tokens_per_step": 20.0})
+    text = format_server_side(side)
+    assert "hit rate (server, prompt tokens): 75.0%" in text and "75.00 ms, of it queued in the engine: 10.00 ms" in text
+    assert "Engine steps: 20 (one per 100.00 ms of the run, 20.0 tokens each)" in text
+    # a server without these series (or without /metrics): nothing reported, nulls in the JSON
+    empty = server_side(None, None, 2.0)
+    assert set(empty.values()) == {None} and format_server_side(empty) == ""
+    only_cache = server_side({}, {"vllm:prefix_cache_queries_total": 10.0, "vllm:prefix_cache_hits_total": 5.0}, 2.0)
+    assert format_server_side(only_cache) == "Prefix cache hit rate (server, prompt tokens): 50.0%"

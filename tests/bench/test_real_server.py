@@ -39,4 +39,8 @@ def test_bench_serve_against_hybridserve_tiny(tmp_path, capsys):
     assert result["input_lens"] == [16] * 4  # the server counts the prompt as the client built it
     assert all(len(itl) == 5 for itl in result["itls"])  # one SSE chunk per token
     assert result["server_model"]["id"] == "tiny"
+    # the server's side of the run from its /metrics: every request's first token, within the client's TTFT
+    assert 0 < result["server_mean_queue_time_ms"] <= result["server_mean_ttft_ms"] <= result["mean_ttft_ms"]
+    assert result["engine_steps"] >= 6 and result["engine_mean_tokens_per_step"] > 0  # a prefill and 5 decodes at least
+    assert "Server mean TTFT (from its arrival)" in out and "Engine steps:" in out
     assert server.process is None  # stopped

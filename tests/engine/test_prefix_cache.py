@@ -110,20 +110,30 @@ def test_evicted_blocks_invalidate_snapshots_and_plain_free_blocks_go_first():
     assert d.num_cached_tokens == 0  # a's snapshot is still held, but its blocks are gone
 
 
-def test_the_snapshot_pool_is_lru_and_a_finish_never_evicts_its_own_chain():
+def test_the_snapshot_pool_is_lru_and_a_finish_never_evicts_a_prompt_snapshot_of_its_own_chain():
     sched = make_scheduler(num_snapshots=2, block_size=4)
     snaps = sched.cache.snapshots
     (a,) = add(sched, "a", 9, max_tokens=1)  # snapshots at 8 (its prompt's last full block) and 9 (its end)
     run_to_end(sched)
-    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    assert [(s.depth, s.final) for s in snaps.entries.values()] == [(8, False), (9, True)]
     (c,) = add_prompt(sched, "c", a.token_ids[:9] + [5], max_tokens=1)  # hits a's final state
     run_to_end(sched)
     assert c.num_cached_tokens == 9
-    # c's own end (10 tokens) would evict the snapshot at 8, an ancestor on its own chain: skipped
-    assert [s.depth for s in snaps.entries.values()] == [8, 9]
+    # c's end (10 tokens) keeps the prompt snapshot at 8 on its own chain and replaces a's final
+    # state at 9, which it extends (the next turn of the conversation hits at 10)
+    assert [(s.depth, s.final) for s in snaps.entries.values()] == [(8, False), (10, True)]
     (d,) = add_prompt(sched, "d", [100 + i for i in range(9)], max_tokens=1)
-    step(sched)  # d's snapshot at 8 evicts the least recently used one: a's at 8 (the one at 9 was just hit)
-    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(a.block_keys[1], 9), (d.block_keys[1], 8)}
+    step(sched)  # d's snapshot at 8 evicts the least recently used one: a's at 8 (not on d's chain)
+    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(c.block_keys[1], 10), (d.block_keys[1], 8)}
+    run_to_end(sched)  # d's end may evict c's final state (another chain's)
+    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(d.block_keys[1], 8), (d.block_keys[1], 9)}
+
+
+def test_a_finish_is_not_snapshotted_when_only_its_own_prompt_snapshots_could_go():
+    sched = make_scheduler(num_snapshots=1, block_size=4)
+    (a,) = add(sched, "a", 9, max_tokens=2)  # its prompt snapshot at 8 fills the pool
+    run_to_end(sched)
+    assert [(s.depth, s.final) for s in sched.cache.snapshots.entries.values()] == [(8, False)]
 
 
 def test_two_snapshots_in_one_step_never_share_a_row():
@@ -187,7 +197,8 @@ def test_random_workload_with_shared_prefixes_keeps_invariants(seed):
 def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
     """prefix_repetition: prompts = one shared prefix + their own suffixes. The first computes the
     prefix; the second finds its blocks cached but no snapshot there, so it cuts its prefill where it
-    leaves them and snapshots that state; from the third on, every prompt hits at the prefix."""
+    leaves them and snapshots that state; from the third on, every prompt hits at the prefix and,
+    being a hit, feeds the rest of its prompt in one step (no snapshot cut at its last full block)."""
     sched = make_scheduler(num_snapshots=8, block_size=4)
     prefix = [10 + i for i in range(12)]
     suffixes = [[100 + 10 * k + i for i in range(7)] for k in range(4)]
@@ -201,4 +212,40 @@ def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
     assert [s.num_cached_tokens for s in seqs] == [0, 0, 12, 12]
     assert cuts[:2] == [(0, 16), (0, 3)]  # p0: its own prompt snapshot at 16 (19 tokens), then the rest
     assert cuts[2:5] == [(1, 12), (1, 4), (1, 3)]  # p1: cut at the shared prefix (12), then at 16
-    assert cuts[5:] == [(2, 4), (2, 3), (3, 4), (3, 3)]  # the others resume at 12
+    assert cuts[5:] == [(2, 7), (3, 7)]  # the others resume at 12 and feed their suffix in one step
+
+
+def test_multi_turn_conversations_reach_their_first_token_in_one_step_from_turn_one():
+    """The bench's multi_turn shape: conversations sharing a system prompt, each turn resending its
+    history with the previous answer, while the other conversations decode. From turn 1 on, every
+    prompt resumes at its previous answer's final state and feeds the rest (the answer's last token
+    and the new user message) in the step that admits it, which samples its first token: exactly
+    one step, with no snapshot cut; and every final state survives the small snapshot pool."""
+    num_conversations, turns = 4, 5
+    sched = make_scheduler(num_snapshots=num_conversations + 2, block_size=4, num_blocks=96,
+                           max_num_batched_tokens=64, max_prefill_tokens_while_decoding=16)
+    rng = random.Random(0)
+    system = [10 + i for i in range(22)]
+    sent: dict[tuple[int, int], tuple[Request, int]] = {}  # (conversation, turn) -> (sequence, step it was added)
+    steps_to_first_token: dict[tuple[int, int], int] = {}
+    n = 0
+
+    def send(c: int, turn: int, history: list[int]) -> None:
+        prompt = history + [rng.randrange(3, 50) for _ in range(5)]  # the user's next message
+        (seq,) = add_prompt(sched, f"c{c}t{turn}", prompt, max_tokens=3 + c)  # staggered: others decode meanwhile
+        sent[(c, turn)] = (seq, n)
+
+    for c in range(num_conversations):
+        send(c, 0, system)
+    while sched.has_unfinished():
+        step(sched)
+        n += 1
+        for (c, turn), (seq, added) in list(sent.items()):
+            if seq.num_output_tokens and (c, turn) not in steps_to_first_token:
+                steps_to_first_token[(c, turn)] = n - added
+            if seq.is_finished and turn + 1 < turns and (c, turn + 1) not in sent:
+                send(c, turn + 1, seq.token_ids)
+    later = [(c, t) for c in range(num_conversations) for t in range(1, turns)]
+    previous = {(c, t): sent[(c, t - 1)][0] for c, t in later}
+    assert {k: sent[k][0].num_cached_tokens for k in later} == {k: len(previous[k].token_ids) - 1 for k in later}
+    assert {k: steps_to_first_token[k] for k in later} == dict.fromkeys(later, 1)

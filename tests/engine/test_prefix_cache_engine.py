@@ -102,6 +102,43 @@ def test_multi_turn_replay_is_identical_and_hits_at_each_previous_answer(make_co
     assert results["on"] == results["off"]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_multi_turn_hit_streams_its_first_token_after_one_step(make_core, overlap):
+    """Time to first token in engine steps, while another sequence decodes: from turn 1 on, a turn
+    resumes at the previous answer's final state and prefills the rest in the step that admits it,
+    which samples its first token (one step; with overlapped scheduling the next call hands it out,
+    so two calls). Without caching the same prompts take one step per budget's worth of tokens."""
+    rng = random.Random(4)
+    system = [rng.randrange(3, 500) for _ in range(70)]
+    calls, answers = {}, {}
+    for caching in (True, False):
+        core = make_core(async_scheduling=overlap, enable_prefix_caching=caching, max_num_batched_tokens=32)
+        core.add_request("background", [5, 6, 7], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        core.step()
+        next_prompt = conversation(random.Random(5), system, 4)
+        answer, calls[caching], answers[caching] = [], [], []
+        for turn in range(4):
+            core.add_request(f"t{turn}", next_prompt(answer), GREEDY)
+            answer, n = [], 0
+            while len(answer) < GREEDY.max_tokens:
+                outs = core.step()
+                n += 1
+                for o in outs:
+                    if o.request_id == f"t{turn}":
+                        if not answer:
+                            calls[caching].append(n)
+                        answer += [t for d in o.deltas for t in d.token_ids]
+            answers[caching].append(answer)
+        core.abort("background")
+        while core.has_unfinished():
+            core.step()
+        assert_all_free(core)
+    lag = 1 if overlap else 0  # overlapped: a step's tokens are handed out by the next call
+    assert calls[True][1:] == [1 + lag] * 3
+    assert all(c > 2 + lag for c in calls[False][1:])  # 80+ tokens in 32-token chunks
+    assert answers[True] == answers[False]
+
+
 def test_shared_system_prompt_hits_at_its_last_full_block(make_core):
     rng = random.Random(2)
     system = [rng.randrange(3, 500) for _ in range(50)]  # 3 full blocks + 2 tokens
