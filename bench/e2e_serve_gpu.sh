@@ -54,9 +54,10 @@ t1=$(date +%s.%N)
 echo "server start-up: $(python3 -c "print(round($t1 - $t0, 1))") s"
 grep -iE "cache:|prefix cache|weights|memory|GiB" "$OUT/server.log" | head -6
 
-# warm-up at the largest level's shapes (kernel compiles, CUDA-graph captures), result discarded
+# warm-up at the largest level's shapes (kernel compiles, CUDA-graph captures), result discarded; its own
+# seed, so the timed prompts are not already in the prefix cache
 python3 -m hybridserve.cli bench serve --base-url "http://127.0.0.1:$PORT" \
-  ${WARMUP_ARGS:---dataset-name random --random-input-len "$INPUT_LEN" --random-output-len 4 --num-prompts "$max_c"} \
+  ${WARMUP_ARGS:---dataset-name random --random-input-len "$INPUT_LEN" --random-output-len 4 --num-prompts "$max_c" --seed 1} \
   --max-concurrency "$max_c" --ignore-eos >"$OUT/warmup.log" 2>&1 || { echo "warm-up failed"; tail -20 "$OUT/warmup.log"; }
 
 for c in $CONCURRENCY; do
