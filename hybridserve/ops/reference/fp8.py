@@ -24,7 +24,10 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
     """
     xf = x.float()
     if scale is None:
-        scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_min(MIN_SCALE)
+        amax = xf.abs().amax(dim=-1)
+        # a tensor divisor: CUDA divides by a Python number as a product with its rounded reciprocal,
+        # a bit off the correctly rounded quotient the kernel computes
+        scale = (amax / amax.new_tensor(FP8_MAX)).clamp_min(MIN_SCALE)
         div = scale[:, None]
     else:
         scale = scale.float()
