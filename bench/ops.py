@@ -367,8 +367,8 @@ def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8")
             cands = KM.PREFILL_CANDIDATES if bucket is None else decode
             if fp8:  # fp8 dots: same bytes per pipeline stage, so twice the K elements; decode also tries
                 # weight-only fp8 (W8A16: e4m3 weights widened in registers, bf16 dots)
-                # (3 stages only: 4 lost at every bucket of the 2026-12-07 H100 sweep, and halving the
-                # candidates lets the sweep reach T=1024 in one device call)
+                # (3 stages only: 4 lost at every bucket the 2026-12-07 H100 sweep reached (T <= 128), and
+                # half the candidates halve the sweep's time)
                 if bucket is not None:
                     cands = [c for c in cands if c["num_stages"] == 3]
                 cands = [dict(c, BLOCK_K=2 * c["BLOCK_K"]) for c in cands] + \
