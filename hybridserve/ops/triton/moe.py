@@ -23,6 +23,7 @@ Triton:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -338,6 +339,13 @@ def fused_moe(
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+@functools.cache
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """float32 1.0 on `device`, weight-only fp8's activation scale: made once, not per call (a decode
+    graph would replay the fill of a fresh one in every MoE layer)."""
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
 def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=None, w_down_scale=None,
                a_up_scale=None, a_down_scale=None) -> torch.Tensor:
     """cfg: BLOCK_M/N/K, num_warps, num_stages, optional SMALL_M (see PREFILL_CANDIDATES), optional
@@ -369,7 +377,7 @@ def _fused_moe(x, w_up, w_down, topk_weights, topk_ids, cfg: dict, w_up_scale=No
         rows = sorted_pairs.shape[0]
     w8a16 = fp8 and cfg.get("W8A16", False)
     if w8a16:  # weight-only: activations stay in x's dtype, their scale is 1
-        a_up_scale = a_down_scale = torch.ones((), dtype=torch.float32, device=x.device)
+        a_up_scale = a_down_scale = _unit_scale(x.device)
     # fp8 with a static scale for the down projection: the up kernel writes h in e4m3 directly
     h_fp8 = fp8 and a_down_scale is not None and not w8a16
     h = torch.empty((rows, inter), dtype=FP8_DTYPE if h_fp8 else x.dtype, device=x.device)
