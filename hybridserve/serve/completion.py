@@ -157,8 +157,7 @@ class _CompletionRun:
         top = self.req.logprobs or 0
         lp, end = completion_logprobs(generated, self.text_of, top, offset)
         if with_prompt and self.req.echo and out.prompt_logprobs is not None:
-            head, _ = echo_logprobs(self.prompts[k][1], out.prompt_logprobs, self.text_of, top)
-            lp = joined_logprobs(head, lp)
+            lp = joined_logprobs(echo_logprobs(self.prompts[k][1], out.prompt_logprobs, self.text_of, top), lp)
         return lp, end
 
     def _prompt_field(self, out: Any) -> dict[str, Any]:

@@ -137,18 +137,14 @@ def completion_logprobs(per_token: list[list[TokenLogprob]], text_of: TokenText,
 
 
 def echo_logprobs(prompt_ids: list[int], entries: list[list[TokenLogprob] | None], text_of: TokenText,
-                  top: int) -> tuple[dict[str, Any], int]:
+                  top: int) -> dict[str, Any]:
     """The echoed prompt's part of legacy completions logprobs (`echo` with `logprobs`, as lm-eval
-    scores text): one entry per prompt token from offset 0; the first token has no logprob (None)."""
-    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
-    for token_id, e in zip(prompt_ids, entries):
-        t = text_of(token_id)
-        tokens.append(t)
-        token_logprobs.append(None if e is None else _finite(e[0].logprob))
-        tops.append(None if e is None else {text_of(lp.token_id): _finite(lp.logprob) for lp in e[: top + 1]})
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
+    scores text): one entry per prompt token from offset 0; the first token has no logprob (None),
+    each later one is its own entry then its alternatives, as `completion_logprobs` reads them."""
+    first = text_of(prompt_ids[0])
+    rest, _ = completion_logprobs(entries[1:], text_of, top, len(first))
+    return joined_logprobs({"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]},
+                           rest)
 
 
 def joined_logprobs(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
