@@ -384,11 +384,8 @@ class CacheManager:
         def keep(snap: Snapshot) -> bool:  # a prompt snapshot on its own chain
             return snap.anchor in chain and not snap.final
 
-        if key not in self.snapshots and not self.snapshots.has_room(keep):
-            return
-        if tail:
-            self.block_pool.set_key(request.block_ids[j], key)
-        self._snapshot(request, key, keys[-1], tail, depth, before=True, keep=keep)
+        if self._snapshot(request, key, keys[-1], tail, depth, before=True, keep=keep) and tail:
+            self.block_pool.set_key(request.block_ids[j], key)  # the partial block stays cached with it
 
     @property
     def num_snapshots(self) -> int:
@@ -445,15 +442,16 @@ class CacheManager:
         return keys
 
     def _snapshot(self, request: Request, key: int, anchor: int, tail: tuple[int, ...], depth: int,
-                  *, before: bool, keep: Callable[[Snapshot], bool] | None = None) -> None:
+                  *, before: bool, keep: Callable[[Snapshot], bool] | None = None) -> bool:
         """Copy the request's state into a snapshot row (evicting none to `keep`), before the next
-        forward (its state is final now: a sequence's end) or after this step's forward."""
+        forward (its state is final now: a sequence's end) or after this step's forward. Returns
+        whether a snapshot of `key` exists now (False: no row could be freed)."""
         existing = self.snapshots.entries.get(key)
         if existing is not None:
             self.snapshots.touch(existing)
-            return
+            return True
         if not self.snapshots.has_room(keep):
-            return
+            return False
         snap = self.snapshots.add(key, anchor, tail, depth, final=before, keep=keep)
         row, slot = self.layout.snapshot_row(snap.row), request.state_slot
         if before:
@@ -461,6 +459,7 @@ class CacheManager:
             self._pending_saves[row] = slot
         else:
             self._slot_copies.append((slot, row))
+        return True
 
     def _append_blocks(self, request: Request, blocks: list[int]) -> None:
         start = len(request.block_ids)
