@@ -4,8 +4,8 @@ Start-up: load the weights, make the memory plan (`memory_plan.py`; GPU: `gpu_me
 of the card minus what is in use, the activation peak of a warm-up step at `max_num_batched_tokens`
 and the decode graphs' pool, both measured with no more rows than the sequences that can fit; CPU:
 `cpu_cache_bytes`), set aside the prefix cache's state snapshot rows, give up to `max_num_seqs`
-Mamba state slots their share and the rest to KV blocks, and log the plan. One extra slot and one extra block are kept out of the pools as
-padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
+Mamba state slots their share and the rest to KV blocks, and log the plan. One extra slot and one
+extra block are kept out of the pools as padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
 `CacheLayout` (`self.layout`), never written into a config. The sampler runs
 `SAMPLER_CHUNK_ROWS` rows at a time, so its scratch memory does not grow with the batch.
 
