@@ -19,8 +19,8 @@ written again: only full blocks are shared; the partial tail block of a fork or 
 Prefix caching (on when the layout has snapshot rows): full blocks are keyed by content as they
 fill and stay cached (LRU) once unreferenced; Mamba state snapshots are taken where a prompt
 leaves a prefix other sequences computed, at its last full block (on a miss), and at a sequence's
-end; a new
-prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix caching").
+end; a new prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix
+caching").
 Pure Python, no torch; the scheduler is its only caller.
 """
 
