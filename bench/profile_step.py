@@ -3,6 +3,7 @@ step and one decode step, under torch.profiler. Prints the top kernels of each.
 
     python bench/profile_step.py [--prefill-seqs 8] [--prompt-len 1024] [--decode-batch 64]
                                  [--state-dtype float32|bfloat16|float16] [--no-stochastic-rounding]
+                                 [--quantization fp8] [--rows 15]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def packed_batch(lengths: list[int], cached: int, block_size: int) -> ForwardBat
     return ForwardBatch.build(ids, [cached] * len(lengths), list(range(len(lengths))), tables, block_size, "cuda")
 
 
-def profile_step(model, batch, cache, label: str) -> None:
+def profile_step(model, batch, cache, label: str, rows: int) -> None:
     for _ in range(2):
         model(batch, cache)
     torch.cuda.synchronize()
@@ -38,7 +39,7 @@ def profile_step(model, batch, cache, label: str) -> None:
         torch.cuda.synchronize()
     total = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
     print(f"\n=== {label}: {total:.1f} ms of GPU time ===")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
 def main() -> None:
@@ -48,9 +49,11 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--no-stochastic-rounding", action="store_true", help="a 16-bit state rounded to nearest")
+    ap.add_argument("--quantization", choices=("fp8",), default=None, help="quantize the projections at load")
+    ap.add_argument("--rows", type=int, default=15, help="kernels listed per step")
     args = ap.parse_args()
     cfg = ModelConfig.from_hf("nemotron-3-nano-30b-a3b")
-    model = load_model(cfg, load_format="dummy", device="cuda")
+    model = load_model(cfg, load_format="dummy", device="cuda", quantization=args.quantization)
     bs = 16
     n = max(args.prefill_seqs, args.decode_batch)
     cache = HybridCache.allocate(cfg, n, n * (-(-(args.prompt_len + 1) // bs)), bs, torch.bfloat16,
@@ -58,9 +61,9 @@ def main() -> None:
                                  rounding_seed=None if args.no_stochastic_rounding else 0)
     with torch.inference_mode():
         profile_step(model, packed_batch([args.prompt_len] * args.prefill_seqs, 0, bs), cache,
-                     f"prefill {args.prefill_seqs} x {args.prompt_len} tokens")
+                     f"prefill {args.prefill_seqs} x {args.prompt_len} tokens", args.rows)
         profile_step(model, packed_batch([1] * args.decode_batch, args.prompt_len, bs), cache,
-                     f"decode batch {args.decode_batch} (eager, SSM state {args.state_dtype})")
+                     f"decode batch {args.decode_batch} (eager, SSM state {args.state_dtype})", args.rows)
 
 
 if __name__ == "__main__":

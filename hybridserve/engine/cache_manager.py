@@ -1,5 +1,6 @@
 """CacheManager: the one place cache policy lives — which KV blocks and Mamba state slot each
-sequence owns, who may be admitted, how a prompt chunk is cut, and how n > 1 siblings fork.
+sequence owns, who may be admitted, where prefix-cache snapshots are taken, and how n > 1
+siblings fork.
 
 `CacheLayout` is the frozen result of the runner's memory plan (block size, block and slot counts,
 dtypes, context length). It travels to the API side once, and it holds THE admission rule
@@ -18,9 +19,8 @@ written again: only full blocks are shared; the partial tail block of a fork or 
 
 Prefix caching (on when the layout has snapshot rows): full blocks are keyed by content as they
 fill and stay cached (LRU) once unreferenced; Mamba state snapshots are taken where a prompt
-leaves a prefix other sequences computed, at its last full block (on a miss), and at a sequence's
-end; a new prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix
-caching").
+leaves a prefix other sequences computed, at its last full block, and at a sequence's end; a new
+prompt resumes from the deepest snapshot `match` finds (docs/architecture.md, "Prefix caching").
 Pure Python, no torch; the scheduler is its only caller.
 """
 
@@ -174,12 +174,13 @@ class StepChanges:
     table_updates: np.ndarray  # [K, 3] (row = slot, column, block): block_table[row, column] = block
     slot_copies_before: np.ndarray  # [C, 2] (src, dst) state rows, before the forward: snapshot saves and restores
     block_copies_before: np.ndarray  # [D, 2] (src, dst) KV blocks, before the forward: a hit's partial tail block
-    slot_copies: np.ndarray  # [C, 2] (src, dst) state rows, after the forward: forks, prompt snapshots
+    slot_copies: np.ndarray  # [C, 2] (src, dst) state rows, after the forward: forks, prompt snapshots at a chunk's end
     block_copies: np.ndarray  # [D, 2] (src, dst) KV blocks, after the forward: a fork's tail block
+    captures: np.ndarray  # [N, 3] (slot, row, position): prompt snapshots inside a chunk, taken by the forward
 
     @classmethod
     def none(cls) -> StepChanges:
-        return cls(*(np.zeros((0, cols), dtype=np.int64) for cols in (3, 2, 2, 2, 2)))
+        return cls(*(np.zeros((0, cols), dtype=np.int64) for cols in (3, 2, 2, 2, 2, 3)))
 
 
 @dataclass
@@ -207,6 +208,7 @@ class CacheManager:
         self._block_copies_before: list[tuple[int, int]] = []
         self._slot_copies: list[tuple[int, int]] = []
         self._block_copies: list[tuple[int, int]] = []
+        self._captures: list[tuple[int, int, int]] = []
         self._pending_saves: dict[int, int] = {}  # state row -> slot it is saved from before the next forward
 
     # ---- queries -------------------------------------------------------------------------------
@@ -220,10 +222,6 @@ class CacheManager:
         n = self.slot_pool.num_slots
         return 1.0 - self.slot_pool.num_free / n if n else 0.0
 
-    def chunk_size(self, request: Request, budget: int) -> int:
-        """How many of the request's pending tokens to feed this step, within `budget` (> 0)."""
-        return self._chunk(request, request.num_computed_tokens, budget)
-
     # ---- ownership -----------------------------------------------------------------------------
     def admit(self, request: Request, budget: int) -> int:
         """Give a waiting request a slot and the blocks for its first chunk, resuming from the prefix
@@ -234,7 +232,7 @@ class CacheManager:
         hit, num_cached_blocks = self.match(request) if resumable else (None, 0)
         start = hit.snapshot.depth if hit else 0
         request.snapshot_points = self._snapshot_points(request, start, num_cached_blocks)
-        n = self._chunk(request, start, budget)
+        n = min(request.num_tokens - start, budget)
         shared = hit.blocks if hit else []
         held = shared + ([hit.tail_block] if hit and hit.tail_block is not None else [])
         need = self.layout.blocks_for(start + n) - len(shared)
@@ -309,8 +307,9 @@ class CacheManager:
             block_copies_before=arr(self._block_copies_before, 2),
             slot_copies=arr(self._slot_copies, 2),
             block_copies=arr(self._block_copies, 2),
+            captures=arr(self._captures, 3),
         )
-        self._table_updates, self._slot_copies, self._block_copies = [], [], []
+        self._table_updates, self._slot_copies, self._block_copies, self._captures = [], [], [], []
         self._slot_copies_before, self._block_copies_before = [], []
         self._pending_saves.clear()
         self.snapshots.end_step()
@@ -345,7 +344,7 @@ class CacheManager:
 
     def computed(self, request: Request, n: int) -> None:
         """The step being planned feeds the request's next `n` tokens: key the blocks it fills,
-        and snapshot the state after it if it ends at one of the prompt's snapshot points."""
+        and snapshot the state at the prompt's snapshot points it reaches."""
         if not self.caching:
             return
         bs = self.layout.block_size
@@ -358,9 +357,9 @@ class CacheManager:
             for j in range(first, last):
                 self.block_pool.set_key(request.block_ids[j], keys[j])
         for point in request.snapshot_points if start < request.num_prompt_tokens else ():
-            if start < point == end:
+            if start < point <= end:  # at the chunk's end: a copy after the forward; inside it: a capture
                 key = self._keys(request, point // bs)[point // bs - 1]
-                self._snapshot(request, key, key, (), point, before=False)
+                self._snapshot(request, key, key, (), point, when="after" if point == end else "inside")
 
     def finished(self, request: Request) -> None:
         """A request ends normally: snapshot its final state (every fed token), keyed by its last
@@ -385,7 +384,7 @@ class CacheManager:
         def keep(snap: Snapshot) -> bool:  # a prompt snapshot on its own chain
             return snap.anchor in chain and not snap.final
 
-        if self._snapshot(request, key, keys[-1], tail, depth, before=True, keep=keep) and tail:
+        if self._snapshot(request, key, keys[-1], tail, depth, when="before", keep=keep) and tail:
             self.block_pool.set_key(request.block_ids[j], key)  # the partial block stays cached with it
 
     @property
@@ -399,31 +398,19 @@ class CacheManager:
         assert self.caching or not (self.block_pool.by_key or len(self.snapshots)), "caching off, yet things cached"
 
     # ---- internals -----------------------------------------------------------------------------
-    def _chunk(self, request: Request, start: int, budget: int) -> int:
-        """Tokens to feed from `start` within `budget`; with caching, a chunk stops at the prompt's
-        next snapshot point (unless that snapshot exists), so the state there can be snapshotted."""
-        n = min(request.num_tokens - start, budget)
-        for point in request.snapshot_points if start < request.num_prompt_tokens else ():
-            if start < point < start + n:
-                j = point // self.layout.block_size
-                if self._keys(request, j)[j - 1] not in self.snapshots:
-                    return point - start
-        return n
-
     def _snapshot_points(self, request: Request, start: int, num_cached_blocks: int) -> tuple[int, ...]:
         """Where a prompt admitted at `start` is snapshotted, in order: where it leaves content
         another sequence computed before (`_branch_point`: a prefix now seen twice, so the next
-        prompt sharing it hits), and, on a miss, the end of its last full block before its last
-        token (so the same prompt again, or one extending it, hits). A hit takes no snapshot of its
-        own prompt end: that cut would cost it a step of its time to first token, and the snapshot
-        at its end (`finished`) serves the conversation's next turn; a prompt repeating it finds
-        its blocks cached and snapshots there as a branch point. Empty with caching off; no point
-        below one block."""
+        prompt sharing it hits), and the end of its last full block before its last token (so the
+        same prompt again, or the next turn extending it, hits; the snapshot at the sequence's end
+        rarely serves that turn, whose template drops the reasoning and whose text may tokenize
+        differently). Both are captured inside the chunk that crosses them, at no extra step.
+        Empty with caching off; no point below one block or at or before `start`."""
         if not self.caching:
             return ()
-        bs = self.layout.block_size
-        boundary = (request.num_prompt_tokens - 1) // bs * bs if start == 0 else 0
-        return tuple(sorted({p for p in (self._branch_point(request, start, num_cached_blocks), boundary) if p}))
+        boundary = (request.num_prompt_tokens - 1) // self.layout.block_size * self.layout.block_size
+        points = (self._branch_point(request, start, num_cached_blocks), boundary)
+        return tuple(sorted({p for p in points if p > start}))
 
     def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
         """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
@@ -443,23 +430,26 @@ class CacheManager:
         return keys
 
     def _snapshot(self, request: Request, key: int, anchor: int, tail: tuple[int, ...], depth: int,
-                  *, before: bool, keep: Callable[[Snapshot], bool] | None = None) -> bool:
-        """Copy the request's state into a snapshot row (evicting none to `keep`), before the next
-        forward (its state is final now: a sequence's end) or after this step's forward. Returns
-        whether a snapshot of `key` exists now (False: no row could be freed)."""
+                  *, when: str, keep: Callable[[Snapshot], bool] | None = None) -> bool:
+        """Save the request's state after `depth` tokens into a snapshot row (evicting none to
+        `keep`): copied "before" the next forward (its state is final now: a sequence's end) or
+        "after" this step's forward (its chunk ends there), or captured by the forward "inside"
+        its chunk. Returns whether a snapshot of `key` exists now (False: no row could be freed)."""
         existing = self.snapshots.entries.get(key)
         if existing is not None:
             self.snapshots.touch(existing)
             return True
         if not self.snapshots.has_room(keep):
             return False
-        snap = self.snapshots.add(key, anchor, tail, depth, final=before, keep=keep)
+        snap = self.snapshots.add(key, anchor, tail, depth, final=when == "before", keep=keep)
         row, slot = self.layout.snapshot_row(snap.row), request.state_slot
-        if before:
+        if when == "before":
             self._slot_copies_before.append((slot, row))
             self._pending_saves[row] = slot
-        else:
+        elif when == "after":
             self._slot_copies.append((slot, row))
+        else:
+            self._captures.append((slot, row, depth))
         return True
 
     def _append_blocks(self, request: Request, blocks: list[int]) -> None:

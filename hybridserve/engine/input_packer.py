@@ -15,6 +15,7 @@ import torch
 
 from hybridserve.engine.step_plan import FROM_DEVICE, StepPlan
 from hybridserve.model.forward_batch import ForwardBatch
+from hybridserve.model.state_capture import StateCapture
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -69,6 +70,8 @@ class InputPacker:
             slot_mapping=pages * bs + pos % bs,
             logits_indices=sample_idx,
             is_decode=plan.is_decode,
+            capture=StateCapture.build(plan.captures, plan.slots, plan.num_cached, lens,
+                                       lambda a: to_device(a, self.device)),
         )
 
     def store_sampled(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:

@@ -291,6 +291,7 @@ class Scheduler:
             block_copies_before=changes.block_copies_before,
             slot_copies=changes.slot_copies,
             block_copies=changes.block_copies,
+            captures=changes.captures,
             prompt_logprob_indices=np.array(scored_indices, dtype=np.int64),
             prompt_logprob_targets=np.array(scored_targets, dtype=np.int64),
             prompt_logprob_k=max((r.params.prompt_logprobs for r, _, _ in runs), default=0),
@@ -305,7 +306,7 @@ class Scheduler:
     def _chunk(self, req: Request, left: _StepBudget) -> int:
         """Tokens the request feeds this step (0: none) within what the step has left."""
         limit = self._limit(req, left)
-        return self.cache.chunk_size(req, limit) if limit > 0 else 0
+        return min(req.num_tokens - req.num_computed_tokens, limit) if limit > 0 else 0
 
     def _limit(self, req: Request, left: _StepBudget) -> int:
         """The most tokens the request may feed this step, of what the step has left."""

@@ -10,7 +10,8 @@ changed, the R rows to sample (which token's logits, which slot receives the tok
 scalars), the L prompt-logprob rows (which fed prompt token's logits score which next prompt
 token), the state / KV block copies to do before the forward (prefix caching: saving a finished
 sequence's state into a snapshot row, restoring a snapshot into a slot on a hit, copying a hit's
-partial tail block) and after it (n > 1 forks, the snapshot at a prompt's last full block).
+partial tail block) and after it (n > 1 forks, a prompt snapshot where a chunk ends), and the
+prompt snapshots to capture inside a chunk (`StateCapture`).
 
 Letters: B sequences, T tokens, R sample rows, L prompt-logprob rows, K block-table updates.
 """
@@ -147,6 +148,7 @@ class StepPlan:
     block_copies_before: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst KV blocks
     slot_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [C, 2] src, dst: after the forward (forks, snapshots)
     block_copies: np.ndarray = field(default_factory=lambda: _empty(2))  # [D, 2] src, dst: after the forward
+    captures: np.ndarray = field(default_factory=lambda: _empty(3))  # [N, 3] slot, snapshot row, position inside its chunk
     # prompt logprobs: L fed prompt tokens whose logits score the prompt token after them
     prompt_logprob_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] into T
     prompt_logprob_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L] next ids

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridserve.model.state_capture import StateCapture
+
 
 @dataclass
 class ForwardBatch:
@@ -26,6 +28,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64: flat KV slot (page * block_size + offset) of each new token
     logits_indices: torch.Tensor | None = None  # [R] int64 rows of the T tokens to compute logits for; None: all
     is_decode: bool = False  # host flag: every sequence has exactly one new token and carried state
+    capture: StateCapture | None = None  # prefix caching: Mamba states to snapshot inside the chunks
 
     @classmethod
     def build(

@@ -64,15 +64,20 @@ class Mamba2Mixer(nn.Module):
             y = ops.mamba_decode_step(xbc, dt, conv_w, self.conv1d.bias, self.A_log, self.D, self.dt_bias,
                                       batch.seq_lens, conv_state, ssm_state, batch.state_slots, seed)
         else:
+            capture = batch.capture  # prefix-cache snapshots inside this step's chunks
+            if capture is not None:
+                capture.save_conv(xbc, conv_state, batch.state_slots, batch.has_initial_state)
             xbc = ops.causal_conv1d(xbc, conv_w, self.conv1d.bias, batch.cu_seqlens, batch.seq_lens, conv_state,
                                     batch.state_slots, batch.has_initial_state)
             xs, B, C = xbc.split([cfg.d_inner, gn, gn], dim=-1)
-            y = ops.ssd_varlen(
-                xs.reshape(t, cfg.mamba_num_heads, cfg.mamba_head_dim), dt, self.A_log,
-                B.reshape(t, cfg.n_groups, cfg.ssm_state_size), C.reshape(t, cfg.n_groups, cfg.ssm_state_size),
-                self.D, self.dt_bias, batch.cu_seqlens, batch.seq_lens, ssm_state, batch.state_slots,
-                batch.has_initial_state, cfg.chunk_size, seed,
-            )
+            ssd_in = (xs.reshape(t, cfg.mamba_num_heads, cfg.mamba_head_dim), dt, self.A_log,
+                      B.reshape(t, cfg.n_groups, cfg.ssm_state_size), C.reshape(t, cfg.n_groups, cfg.ssm_state_size),
+                      self.D, self.dt_bias)
+            if capture is None:
+                y = ops.ssd_varlen(*ssd_in, batch.cu_seqlens, batch.seq_lens, ssm_state, batch.state_slots,
+                                   batch.has_initial_state, cfg.chunk_size, seed)
+            else:
+                y = capture.ssd(ops.ssd_varlen, *ssd_in, ssm_state, cfg.chunk_size, seed)
         y = ops.gated_rms_norm(y.reshape(t, cfg.d_inner), z, self.norm.weight, cfg.d_inner // cfg.n_groups,
                                cfg.layer_norm_epsilon)
         return self.out_proj(y, ops)

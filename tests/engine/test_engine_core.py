@@ -150,9 +150,10 @@ def test_n_choices_share_prompt_blocks_and_equal_separate_seeded_requests(make_c
     core = make_core()
     core.add_request("a", prompt, params)
     seqs = core.scheduler.groups["a"]
-    core.step()  # prefills up to the last full block (the prefix cache snapshots the state there)
-    assert seqs[0].num_computed_tokens == 64 and core.scheduler.cache.num_snapshots == 1
-    core.step()  # the tail: forks choices 1 and 2, samples three first tokens
+    core.step()  # the whole prompt (its state at the last full block, 64, captured for the prefix cache in
+    # the same step), forks choices 1 and 2, samples three first tokens
+    assert seqs[0].num_computed_tokens == 67 and core.scheduler.cache.num_snapshots == 1
+    assert core.scheduler.cache.snapshots.entries[seqs[0].block_keys[3]].depth == 64
     refcounts = core.scheduler.cache.block_pool.refcounts
     full = seqs[0].block_ids[:4]
     assert all(s.block_ids[:4] == full for s in seqs) and [refcounts[b] for b in full] == [3] * 4

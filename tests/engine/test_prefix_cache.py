@@ -33,16 +33,28 @@ def rows(sched, *snapshots) -> list[int]:
     return [sched.layout.snapshot_row(s.row) for s in snapshots]
 
 
-def test_a_prompt_chunk_stops_at_its_last_full_block_for_a_snapshot():
+def test_a_prompt_is_snapshotted_at_its_last_full_block_inside_its_chunk():
     sched = make_scheduler(num_snapshots=4, block_size=4)
     (a,) = add(sched, "a", 10, max_tokens=1)
     batch, _ = step(sched)
-    assert batch.plan.num_new_tokens.tolist() == [8]  # cut at the end of block 2, not the 10 the budget allows
-    (snap,) = sched.cache.snapshots.entries.values()
+    assert batch.plan.num_new_tokens.tolist() == [10] and a.is_finished  # one step: no cut at the snapshot point
+    snap = next(s for s in sched.cache.snapshots.entries.values() if not s.final)
     assert snap.depth == 8 and not snap.tail
-    assert batch.plan.slot_copies.tolist() == [[a.state_slot, *rows(sched, snap)]]  # after that step's forward
-    batch, _ = step(sched)
-    assert batch.plan.num_new_tokens.tolist() == [2] and a.is_finished
+    assert batch.plan.captures.tolist() == [[a.state_slot if a.state_slot is not None else batch.plan.slots[0],
+                                             *rows(sched, snap), 8]]  # taken by the forward, inside the chunk
+    assert not len(batch.plan.slot_copies)
+
+
+def test_two_snapshot_points_inside_one_chunk_are_both_captured():
+    sched = make_scheduler(num_snapshots=4, block_size=4)
+    add_prompt(sched, "a", [10 + i for i in range(8)] + [1, 2], max_tokens=1)
+    run_to_end(sched)
+    (c,) = add_prompt(sched, "c", [10 + i for i in range(4)] + [50 + i for i in range(12)], max_tokens=1)
+    batch, _ = step(sched)  # c leaves a's cached blocks at 4 (a branch point) and ends its last full block at 12
+    assert batch.plan.num_new_tokens.tolist() == [16] and c.num_output_tokens == 1
+    assert sorted(batch.plan.captures[:, 2].tolist()) == [4, 12] and not len(batch.plan.slot_copies)
+    depths = {s.depth: s.anchor for s in sched.cache.snapshots.entries.values() if not s.final}
+    assert depths[4] == c.block_keys[0] and depths[12] == c.block_keys[2]
 
 
 def test_a_prompt_extending_a_finished_requests_text_hits_at_its_final_state():
@@ -122,11 +134,11 @@ def test_the_snapshot_pool_is_lru_and_a_finish_never_evicts_a_prompt_snapshot_of
     # c's end (10 tokens) keeps the prompt snapshot at 8 on its own chain and replaces a's final
     # state at 9, which it extends (the next turn of the conversation hits at 10)
     assert [(s.depth, s.final) for s in snaps.entries.values()] == [(8, False), (10, True)]
-    (d,) = add_prompt(sched, "d", [100 + i for i in range(9)], max_tokens=1)
+    (d,) = add_prompt(sched, "d", [100 + i for i in range(9)], max_tokens=2)
     step(sched)  # d's snapshot at 8 evicts the least recently used one: a's at 8 (not on d's chain)
     assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(c.block_keys[1], 10), (d.block_keys[1], 8)}
     run_to_end(sched)  # d's end may evict c's final state (another chain's)
-    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(d.block_keys[1], 8), (d.block_keys[1], 9)}
+    assert {(s.anchor, s.depth) for s in snaps.entries.values()} == {(d.block_keys[1], 8), (d.block_keys[1], 10)}
 
 
 def test_a_finish_is_not_snapshotted_when_only_its_own_prompt_snapshots_could_go():
@@ -140,10 +152,12 @@ def test_two_snapshots_in_one_step_never_share_a_row():
     sched = make_scheduler(num_snapshots=1, block_size=4)
     a = add_prompt(sched, "a", [10 + i for i in range(8)], max_tokens=1)[0]
     b = add_prompt(sched, "b", [50 + i for i in range(8)], max_tokens=1)[0]
-    batch, _ = step(sched)
-    assert a.num_computed_tokens == b.num_computed_tokens == 4  # both reached their snapshot point in one step
-    assert len(batch.plan.slot_copies) == 1 and len(sched.cache.snapshots) == 1  # the second had no free row
+    batch = sched.schedule()  # both cross their snapshot point (4) inside their chunk
+    assert batch.plan.num_new_tokens.tolist() == [8, 8]
+    assert len(batch.plan.captures) == 1 and len(sched.cache.snapshots) == 1  # the second had no free row
+    sched.update(batch, [7] * len(batch.sample_requests))
     run_to_end(sched)
+    assert a.is_finished and b.is_finished
 
 
 def test_caching_off_keys_nothing():
@@ -196,9 +210,9 @@ def test_random_workload_with_shared_prefixes_keeps_invariants(seed):
 
 def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
     """prefix_repetition: prompts = one shared prefix + their own suffixes. The first computes the
-    prefix; the second finds its blocks cached but no snapshot there, so it cuts its prefill where it
-    leaves them and snapshots that state; from the third on, every prompt hits at the prefix and,
-    being a hit, feeds the rest of its prompt in one step (no snapshot cut at its last full block)."""
+    prefix; the second finds its blocks cached but no snapshot there, so it snapshots the state
+    where it leaves them (inside its chunk); from the third on, every prompt hits at the prefix and
+    feeds the rest of its prompt in one step."""
     sched = make_scheduler(num_snapshots=8, block_size=4)
     prefix = [10 + i for i in range(12)]
     suffixes = [[100 + 10 * k + i for i in range(7)] for k in range(4)]
@@ -210,9 +224,7 @@ def test_a_shared_prefix_is_snapshotted_where_the_second_prompt_leaves_it():
             if seqs[k] in batch.requests:
                 cuts.append((k, int(batch.plan.num_new_tokens[batch.requests.index(seqs[k])])))
     assert [s.num_cached_tokens for s in seqs] == [0, 0, 12, 12]
-    assert cuts[:2] == [(0, 16), (0, 3)]  # p0: its own prompt snapshot at 16 (19 tokens), then the rest
-    assert cuts[2:5] == [(1, 12), (1, 4), (1, 3)]  # p1: cut at the shared prefix (12), then at 16
-    assert cuts[5:] == [(2, 7), (3, 7)]  # the others resume at 12 and feed their suffix in one step
+    assert cuts == [(0, 19), (1, 19), (2, 7), (3, 7)]  # p0, p1 whole (snapshots captured inside), then hits at 12
 
 
 def test_multi_turn_conversations_reach_their_first_token_in_one_step_from_turn_one():
@@ -223,7 +235,7 @@ def test_multi_turn_conversations_reach_their_first_token_in_one_step_from_turn_
     one step, with no snapshot cut; and every final state survives the small snapshot pool."""
     num_conversations, turns = 4, 5
     sched = make_scheduler(num_snapshots=num_conversations + 2, block_size=4, num_blocks=96,
-                           max_num_batched_tokens=64, max_prefill_tokens_while_decoding=16)
+                           max_num_batched_tokens=64, max_prefill_tokens_while_decoding=32)
     rng = random.Random(0)
     system = [10 + i for i in range(22)]
     sent: dict[tuple[int, int], tuple[Request, int]] = {}  # (conversation, turn) -> (sequence, step it was added)
@@ -249,3 +261,23 @@ def test_multi_turn_conversations_reach_their_first_token_in_one_step_from_turn_
     previous = {(c, t): sent[(c, t - 1)][0] for c, t in later}
     assert {k: sent[k][0].num_cached_tokens for k in later} == {k: len(previous[k].token_ids) - 1 for k in later}
     assert {k: steps_to_first_token[k] for k in later} == dict.fromkeys(later, 1)
+
+
+def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_last_full_block():
+    """A chat template that drops the answer's reasoning (or a text that re-tokenizes differently)
+    means the next prompt does not extend the answer's tokens, so the final-state snapshot never
+    serves it. Every turn, a hit included, is snapshotted at its prompt's last full block inside
+    its chunk: the next turn resumes there and still samples its first token in its first step."""
+    sched = make_scheduler(num_snapshots=8, block_size=4)
+    history = [10 + i for i in range(22)]
+    resumed = []
+    for turn in range(4):
+        (seq,) = add_prompt(sched, f"t{turn}", history, max_tokens=5)
+        batch, _ = step(sched)
+        assert seq.num_output_tokens == 1  # its first token in the step that admits it
+        assert batch.plan.num_new_tokens.tolist() == [len(history) - seq.num_cached_tokens]
+        resumed.append((seq.num_cached_tokens, (len(history) - 1) // 4 * 4))
+        run_to_end(sched)
+        history = history + [60 + turn, 61, 62] + [70 + 3 * turn + i for i in range(6)]  # not the answer (7s)
+    # each turn resumed at the previous one's last full block (the first at nothing)
+    assert [cached for cached, _ in resumed] == [0] + [boundary for _, boundary in resumed[:-1]]

@@ -1,8 +1,10 @@
 """State carried between steps is exact: Mamba conv/SSM slots and paged KV give the same logits
-as one full forward pass, however the tokens are split into steps or packed with others."""
+as one full forward pass, however the tokens are split into steps or packed with others; a state
+captured inside a chunk (a prefix-cache snapshot) is the state after that prefix."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from model_helpers import logits_of, new_cache, randomize_, tiny_config
@@ -10,6 +12,7 @@ from model_helpers import logits_of, new_cache, randomize_, tiny_config
 from hybridserve.config import ModelConfig
 from hybridserve.model.forward_batch import ForwardBatch
 from hybridserve.model.nemotron_h import NemotronHForCausalLM
+from hybridserve.model.state_capture import StateCapture
 
 BS = 4  # KV page size
 
@@ -33,8 +36,9 @@ class Seq:
 
 
 @torch.no_grad()
-def _step(model, cache, seqs, counts):
-    """Feed the next counts[b] tokens of each sequence in one packed batch; logits of all tokens."""
+def _step(model, cache, seqs, counts, captures=()):
+    """Feed the next counts[b] tokens of each sequence in one packed batch; logits of all tokens.
+    captures: (sequence index, state row, position) snapshots inside the chunks."""
     batch = ForwardBatch.build(
         [s.ids[s.done : s.done + n] for s, n in zip(seqs, counts)],
         [s.done for s in seqs],
@@ -43,6 +47,10 @@ def _step(model, cache, seqs, counts):
         BS,
         logits="all",
     )
+    if captures:
+        batch.capture = StateCapture.build(
+            np.array([(seqs[b].slot, row, pos) for b, row, pos in captures], dtype=np.int64),
+            np.array([s.slot for s in seqs]), np.array([s.done for s in seqs]), np.array(counts), torch.from_numpy)
     out = model(batch, cache)
     rows = torch.tensor([0, *counts]).cumsum(0).tolist()
     for s, n in zip(seqs, counts):
@@ -109,3 +117,37 @@ def test_fresh_sequence_ignores_stale_state_in_its_slot(model):
     ids = _ids(10, seed=5)
     got = _step(model, cache, [Seq(ids, slot=1, pages=[5, 3, 8])], [10])[0]
     torch.testing.assert_close(got, logits_of(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_states_captured_inside_chunks_are_the_states_after_their_prefix(model):
+    """One ragged step: a continuing chunk captured twice inside, a fresh prompt captured one token
+    in (its conv window still reaches the zeros before it), one without a capture. The logits and
+    the slots' final states are those of the same step without captures, each snapshot row holds
+    the state after its prefix alone, and a sequence resumed from a snapshot row continues exactly."""
+    a, b, c = (_ids(n, seed=20 + i) for i, n in enumerate((30, 12, 5)))
+    runs = []
+    for captures in ((), ((2, 6, 17), (0, 7, 1), (2, 0, 13))):  # (sequence index, state row, position)
+        cache = new_cache(model, num_slots=8, num_blocks=24, block_size=BS)
+        seqs = [Seq(b, 1, [0, 1, 2]), Seq(c, 4, [3, 4]), Seq(a, 2, list(range(5, 13)))]
+        _step(model, cache, [seqs[2]], [10])
+        runs.append((_step(model, cache, seqs, [12, 5, 13], captures), cache))
+    (plain, plain_cache), (got, cache) = runs
+    for g, w in zip(got, plain):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    for state in ("conv_state", "ssm_state"):
+        slots = [1, 2, 4]
+        torch.testing.assert_close(getattr(cache, state)[:, slots], getattr(plain_cache, state)[:, slots], atol=1e-5,
+                                   rtol=1e-5)
+    for ids, row, depth, steps in ((a, 6, 17, [10, 7]), (a, 0, 13, [10, 3]), (b, 7, 1, [1])):
+        alone = new_cache(model, num_slots=8, num_blocks=24, block_size=BS)
+        seq = Seq(ids, 0, list(range(8)))
+        for n in steps:
+            _step(model, alone, [seq], [n])
+        torch.testing.assert_close(cache.conv_state[:, row], alone.conv_state[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.ssm_state[:, row], alone.ssm_state[:, 0], atol=1e-5, rtol=1e-5)
+        # resume from the snapshot row (its KV pages copied from the run alone) to the end
+        resumed = Seq(ids, row, list(range(8)))
+        resumed.done = depth
+        cache.kv[:, :, :8] = alone.kv[:, :, :8]
+        rest = _step(model, cache, [resumed], [len(ids) - depth])[0]
+        torch.testing.assert_close(rest, logits_of(model, ids)[depth:], atol=1e-5, rtol=1e-5)
