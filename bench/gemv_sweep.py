@@ -1,0 +1,121 @@
+"""Candidate: a Triton GEMV for the dense projections at decode batch 1..4, against cuBLAS.
+
+At batch 1 cuBLAS streams the 20-55 MB projection weights at ~68 % of the copy rate (its split-K
+reduce included; docs/performance.md, "Batch-1 decode"). This sweeps a plain weight-streaming
+kernel (each program reduces BLOCK_N weight rows over all of K, every x row in registers; no split-K
+and no tensor cores) over launch shapes, per projection shape of Nemotron-3-Nano, checks it against
+torch, and prints the best shape per (projection, M) next to cuBLAS's time and the copy-rate floor.
+Not wired into the model: a shape that wins goes into ops/ with its GPU test.
+
+Usage (GPU): python bench/gemv_sweep.py [--m 1 4] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+# (name, N out, K in) of the full-size model's dense projections
+SHAPES = [("in_proj", 10304, 2688), ("out_proj", 2688, 4096), ("shared_up", 3712, 2688),
+          ("shared_down", 2688, 3712), ("qkv_proj", 4608, 2688), ("o_proj", 2688, 4096)]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sx, sw, sy, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * sw + ks[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)  # [BN, BK]
+        x = tl.load(x_ptr + ms[:, None] * sx + ks[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)  # [BM, BK]
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    tl.store(y_ptr + ms[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+                                             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+                                             num_warps=warps, num_stages=stages)
+    return y
+
+
+def timed(fn, reps: int = 50) -> float:
+    """Median µs of fn over reps (CUDA events), after a warm-up."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    copy_rate = _copy_rate()
+    rows = []
+    configs = list(itertools.product((8, 16, 32), (256, 512), (4,), (2, 4)))
+    print(f"copy rate {copy_rate / 1e12:.2f} TB/s")
+    print(f"{'projection':>12} {'M':>2} {'floor µs':>9} {'cuBLAS µs':>10} {'best µs':>8}  best launch (BN, BK, warps, stages)  rel err")
+    for (name, n, k), m in itertools.product(SHAPES, args.m):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.float().t()
+        cublas = timed(lambda x=x, w=w: x @ w.t())
+        best = None
+        for cfg in configs:
+            if triton.next_power_of_2(m) * cfg[0] * cfg[1] > 16384:  # the [M, BN, BK] product in registers
+                continue
+            y = gemv(x, w, *cfg)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if err > 1e-2:
+                continue
+            t = timed(lambda x=x, w=w, cfg=cfg: gemv(x, w, *cfg))
+            if best is None or t < best[0]:
+                best = (t, cfg, err)
+        floor = n * k * 2 / copy_rate * 1e6
+        row = dict(projection=name, m=m, n=n, k=k, floor_us=round(floor, 1), cublas_us=round(cublas, 1),
+                   best_us=round(best[0], 1) if best else None, best_launch=best[1] if best else None,
+                   rel_err=best[2] if best else None)
+        rows.append(row)
+        print(f"{name:>12} {m:>2} {floor:>9.1f} {cublas:>10.1f} {row['best_us']!s:>8}  {row['best_launch']}  "
+              f"{row['rel_err'] if best else ''}")
+    print(json.dumps(dict(copy_rate_tb_s=round(copy_rate / 1e12, 3), rows=rows)))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def _copy_rate() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    us = timed(lambda: b.copy_(a), reps=10)
+    return 2 * a.nbytes / (us * 1e-6)
+
+
+if __name__ == "__main__":
+    main()
