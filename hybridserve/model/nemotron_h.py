@@ -241,9 +241,10 @@ class NemotronHForCausalLM(nn.Module):
         ops, eps = self.ops, self.config.layer_norm_epsilon
         h = self.backbone.embeddings(batch.input_ids)
         residual = None
-        for layer in self.backbone.layers:
-            x, residual = ops.rms_norm(h, layer.norm.weight, eps, residual)
-            h = layer.mixer(x, batch, cache, ops)
+        with ops.forward_scope():  # the layers share their launch metadata
+            for layer in self.backbone.layers:
+                x, residual = ops.rms_norm(h, layer.norm.weight, eps, residual)
+                h = layer.mixer(x, batch, cache, ops)
         h, _ = ops.rms_norm(h, self.backbone.norm_f.weight, eps, residual)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]

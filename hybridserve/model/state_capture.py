@@ -45,6 +45,7 @@ class StateCapture:
     cached: torch.Tensor  # [n] int64: its sequence's tokens in the caches before the step
     positions: torch.Tensor  # [n] int64: the capture point (tokens of the sequence before it)
     launch: _Launch
+    _conv_index: tuple[torch.Tensor, ...] | None = None  # `save_conv`'s gather indices (the first layer's work)
 
     @classmethod
     def build(cls, captures: np.ndarray, slots: np.ndarray, num_cached: np.ndarray, num_new: np.ndarray,
@@ -109,13 +110,16 @@ class StateCapture:
         """The conv ring at each capture point into its snapshot row: ring row q % K holds the raw
         row of position q, for the K positions before the point. Call before the conv op (it
         overwrites the slots' rings). xbc: [T, C] raw rows; conv_state: [S, K, C]."""
-        k = conv_state.shape[1]
-        q = self.positions[:, None] - k + torch.arange(k, device=xbc.device)[None, :]  # [n, K] positions
-        ring = q % k
-        old = conv_state[state_slots[self.seqs][:, None], ring] * has_initial_state[self.seqs][:, None, None]
-        fed = q >= self.cached[:, None]  # fed this step (else from the slot's old ring)
-        new = xbc[(self.starts[:, None] + q - self.cached[:, None]).clamp_min(0)]  # [n, K, C]
-        conv_state[self.rows[:, None], ring] = torch.where(fed[..., None], new.to(conv_state.dtype), old)
+        if self._conv_index is None:  # the same for every layer: worked out once
+            k = conv_state.shape[1]
+            q = self.positions[:, None] - k + torch.arange(k, device=xbc.device)[None, :]  # [n, K] positions
+            fed = q >= self.cached[:, None]  # fed this step (else from the slot's old ring)
+            self._conv_index = (q % k, fed[..., None], (self.starts[:, None] + q - self.cached[:, None]).clamp_min(0),
+                                state_slots[self.seqs][:, None], has_initial_state[self.seqs][:, None, None],
+                                self.rows[:, None])
+        ring, fed, x_rows, slots, has_state, rows = self._conv_index
+        old = conv_state[slots, ring] * has_state
+        conv_state[rows, ring] = torch.where(fed, xbc[x_rows].to(conv_state.dtype), old)
 
     def ssd(self, ssd_varlen: Callable[..., torch.Tensor], x: torch.Tensor, dt_raw: torch.Tensor, A_log, B, C, D,
             dt_bias, ssm_state: torch.Tensor, chunk_size: int, state_seed: int | None) -> torch.Tensor:

@@ -3,6 +3,7 @@ tensors. Only this package imports triton, so the rest of hybridserve imports on
 `sample_tokens` and `apply_token_bitmask` (twins of `reference/sampling.py`) are picked up by the engine's sampler on CUDA."""
 
 from hybridserve.ops.triton.attention import paged_attention, store_kv
+from hybridserve.ops.triton.batch_meta import forward_scope
 from hybridserve.ops.triton.conv import causal_conv1d, causal_conv1d_update
 from hybridserve.ops.triton.fp8 import fp8_linear, quantize_fp8
 from hybridserve.ops.triton.mamba_step import mamba_decode_step
@@ -15,6 +16,7 @@ __all__ = [
     "apply_token_bitmask",
     "causal_conv1d",
     "causal_conv1d_update",
+    "forward_scope",
     "fp8_linear",
     "fused_moe",
     "gated_rms_norm",

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridserve.ops.triton.batch_meta import per_batch
 from hybridserve.ops.triton.fp8 import FP8_DTYPE, _quantize_tile
 
 
@@ -194,6 +195,19 @@ def store_kv(
     )
 
 
+def _query_tiles(cu_seqlens: torch.Tensor, block_q: int, max_tiles: int):
+    """int32 cu and the query tiles' sequences (-1 past the last) and first rows: sum_b cdiv(new_b,
+    block_q) <= cdiv(T, block_q) + B tiles, mapped on the device (the same for every layer of a step)."""
+    cu = cu_seqlens.to(torch.int32)
+    nseq = cu.shape[0] - 1
+    tile_end = ((cu[1:] - cu[:-1] + block_q - 1) // block_q).cumsum(0)
+    tile_ids = torch.arange(max_tiles, device=cu.device)
+    tile_seq = torch.searchsorted(tile_end, tile_ids, right=True)
+    first_tile = torch.cat([tile_end.new_zeros(1), tile_end])[tile_seq.clamp(max=nseq - 1)]
+    tile_q0 = ((tile_ids - first_tile) * block_q).to(torch.int32)
+    return cu, torch.where(tile_seq < nseq, tile_seq, -1).to(torch.int32), tile_q0
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -222,19 +236,13 @@ def paged_attention(
     decode = t == nseq  # every sequence brings one token (ForwardBatch guarantees at least one each)
     block_q = 1 if decode else max(1, 128 // group_pad)
     block_q = max(block_q, triton.cdiv(16, group_pad))  # tl.dot needs >= 16 rows
-    cu = cu_seqlens.to(torch.int32)
     if decode:
+        cu = cu_seqlens.to(torch.int32)
         max_tiles, tile_seq, tile_q0 = nseq, cu, cu  # unused
     else:
-        # query tiles: sum_b cdiv(new_b, block_q) <= cdiv(T, block_q) + B, mapped on the device
-        new = cu[1:] - cu[:-1]
-        tile_end = ((new + block_q - 1) // block_q).cumsum(0)
         max_tiles = triton.cdiv(t, block_q) + nseq
-        tile_ids = torch.arange(max_tiles, device=q.device)
-        tile_seq = torch.searchsorted(tile_end, tile_ids, right=True)
-        first_tile = torch.cat([tile_end.new_zeros(1), tile_end])[tile_seq.clamp(max=nseq - 1)]
-        tile_q0 = ((tile_ids - first_tile) * block_q).to(torch.int32)
-        tile_seq = torch.where(tile_seq < nseq, tile_seq, -1).to(torch.int32)
+        cu, tile_seq, tile_q0 = per_batch(f"attention q{block_q}", (cu_seqlens,),
+                                          lambda: _query_tiles(cu_seqlens, block_q, max_tiles))
     # split the KV range when the grid would not fill the GPU (decode, short batches)
     programs = max_tiles * hkv
     tune = DECODE_TUNE

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridserve.ops.triton.batch_meta import per_batch
+
 
 @triton.jit
 def _ring_row(pos, KW: tl.constexpr):
@@ -160,11 +162,9 @@ def causal_conv1d(
     out = torch.empty((t, c), dtype=x.dtype, device=x.device)
     if nseq == 0:
         return out
-    cu, lens = cu_seqlens.to(torch.int32), seq_lens.to(torch.int32)
-    init = has_initial_state.to(torch.int8)
+    cu, lens, init, seq_idx = per_batch("conv", (cu_seqlens, seq_lens, has_initial_state),
+                                        lambda: _conv_meta(cu_seqlens, seq_lens, has_initial_state, t))
     if t > 0:
-        pos = torch.arange(t, device=x.device, dtype=torch.int32)
-        seq_idx = torch.searchsorted(cu[1:], pos, right=True, out_int32=True)
         block_t, block_c = 16, 128
         _conv_varlen_kernel[(triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
             x, weight, bias, out, conv_state, seq_idx, cu, lens, state_slots, init,
@@ -177,6 +177,14 @@ def causal_conv1d(
         KW=k, BLOCK_C=block_c, num_warps=2,
     )
     return out
+
+
+def _conv_meta(cu_seqlens, seq_lens, has_initial_state, t: int):
+    """int32 cu / lens, int8 flags and each token's sequence (the same for every layer of a step)."""
+    cu = cu_seqlens.to(torch.int32)
+    pos = torch.arange(t, device=cu.device, dtype=torch.int32)
+    seq_idx = torch.searchsorted(cu[1:], pos, right=True, out_int32=True)
+    return cu, seq_lens.to(torch.int32), has_initial_state.to(torch.int8), seq_idx
 
 
 def causal_conv1d_update(

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridserve.ops.triton.batch_meta import per_batch
 from hybridserve.ops.triton.rounding import _state_key, _store_state, use_stochastic_rounding
 
 
@@ -356,9 +357,11 @@ def _ssd_prefill(x, dt_raw, A_log, B, C, D, dt_bias, cu_seqlens, seq_lens, ssm_s
     block_n = max(16, triton.next_power_of_2(n))
     # fp32 activations (tests, the tiny model) get exact fp32 dots; 16-bit ones tensor cores
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    cu = cu_seqlens.to(torch.int32)
-    common = (x, dt_raw, A_log, B, C, D, dt_bias, cu, seq_lens.to(torch.int32), ssm_state, state_slots,
-              has_initial_state.to(torch.int8), y)
+    q = cfg["CHUNK"]
+    cu, lens, init, first, chunk_seq, n_later = per_batch(
+        "ssd", (cu_seqlens, seq_lens, has_initial_state),
+        lambda: _later_chunks(cu_seqlens, seq_lens, has_initial_state, t, q))
+    common = (x, dt_raw, A_log, B, C, D, dt_bias, cu, lens, ssm_state, state_slots, init, y)
     strides = (x.stride(0), x.stride(1), dt_raw.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
                ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1))
     grid = (nseq, h, triton.cdiv(p, block_p))
@@ -367,14 +370,6 @@ def _ssd_prefill(x, dt_raw, A_log, B, C, D, dt_bias, cu_seqlens, seq_lens, ssm_s
     if not chunked:
         _ssd_one_pass_kernel[grid](*common, state_seed or 0, p, n, h // g, *strides, **launch)
         return y
-    q = cfg["CHUNK"]
-    # "later" chunks: a sequence's second chunk and beyond, numbered over the batch (at most T / CHUNK)
-    later = (cu[1:] - cu[:-1] - 1).clamp_min(0) // q
-    ends = torch.cumsum(later, 0, dtype=torch.int32)
-    n_later = max(1, t // q)
-    chunk_seq = torch.searchsorted(ends, torch.arange(n_later, device=x.device, dtype=torch.int32), right=True,
-                                   out_int32=True)  # nseq past the last one
-    first = ends - later
     # start states of later chunks: operands of the scan's dots, so in x's dtype
     prev = torch.empty((n_later, h, p, n), dtype=x.dtype, device=x.device)
     dtc = torch.empty((n_later, h, q), dtype=torch.float32, device=x.device)
@@ -388,6 +383,19 @@ def _ssd_prefill(x, dt_raw, A_log, B, C, D, dt_bias, cu_seqlens, seq_lens, ssm_s
         BLOCK_N=block_n, DOT_PREC=prec, num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"],
     )
     return y
+
+
+def _later_chunks(cu_seqlens, seq_lens, has_initial_state, t: int, q: int):
+    """int32 cu / lens, int8 flags, and the "later" chunks (a sequence's second chunk and beyond,
+    numbered over the batch, at most T / CHUNK): each sequence's first one and each one's sequence
+    (nseq past the last). The same for every layer of a step."""
+    cu = cu_seqlens.to(torch.int32)
+    later = (cu[1:] - cu[:-1] - 1).clamp_min(0) // q
+    ends = torch.cumsum(later, 0, dtype=torch.int32)
+    n_later = max(1, t // q)
+    chunk_seq = torch.searchsorted(ends, torch.arange(n_later, device=cu.device, dtype=torch.int32), right=True,
+                                   out_int32=True)
+    return cu, seq_lens.to(torch.int32), has_initial_state.to(torch.int8), ends - later, chunk_seq, n_later
 
 
 def selective_state_update(
