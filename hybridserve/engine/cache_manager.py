@@ -414,9 +414,13 @@ class CacheManager:
 
     def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
         """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
-        (0: none): the divergence from an earlier sequence (a shared system prompt)."""
-        point = num_cached_blocks * self.layout.block_size
-        if point <= start or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
+        (0: none): the divergence from an earlier sequence (a shared system prompt). None within a
+        block of `start`: the snapshot it resumes from serves that prefix at the cost of one block
+        (a chat turn leaves the previous answer's blocks there, next to the previous prompt's
+        snapshot), and each capture costs the step an SSM launch per layer."""
+        bs = self.layout.block_size
+        point = num_cached_blocks * bs
+        if point <= start + bs or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
             return 0
         return point
 

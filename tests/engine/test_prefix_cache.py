@@ -47,14 +47,14 @@ def test_a_prompt_is_snapshotted_at_its_last_full_block_inside_its_chunk():
 
 def test_two_snapshot_points_inside_one_chunk_are_both_captured():
     sched = make_scheduler(num_snapshots=4, block_size=4)
-    add_prompt(sched, "a", [10 + i for i in range(8)] + [1, 2], max_tokens=1)
+    add_prompt(sched, "a", [10 + i for i in range(8)] + [1, 2, 3, 4, 5], max_tokens=1)  # snapshots at 12, 13
     run_to_end(sched)
-    (c,) = add_prompt(sched, "c", [10 + i for i in range(4)] + [50 + i for i in range(12)], max_tokens=1)
-    batch, _ = step(sched)  # c leaves a's cached blocks at 4 (a branch point) and ends its last full block at 12
-    assert batch.plan.num_new_tokens.tolist() == [16] and c.num_output_tokens == 1
-    assert sorted(batch.plan.captures[:, 2].tolist()) == [4, 12] and not len(batch.plan.slot_copies)
+    (c,) = add_prompt(sched, "c", [10 + i for i in range(8)] + [50 + i for i in range(12)], max_tokens=1)
+    batch, _ = step(sched)  # c leaves a's cached blocks at 8 (a branch point) and ends its last full block at 16
+    assert c.num_cached_tokens == 0 and batch.plan.num_new_tokens.tolist() == [20] and c.num_output_tokens == 1
+    assert sorted(batch.plan.captures[:, 2].tolist()) == [8, 16] and not len(batch.plan.slot_copies)
     depths = {s.depth: s.anchor for s in sched.cache.snapshots.entries.values() if not s.final}
-    assert depths[4] == c.block_keys[0] and depths[12] == c.block_keys[2]
+    assert depths[8] == c.block_keys[1] and depths[16] == c.block_keys[3]
 
 
 def test_a_prompt_extending_a_finished_requests_text_hits_at_its_final_state():
@@ -281,3 +281,15 @@ def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_l
         history = history + [60 + turn, 61, 62] + [70 + 3 * turn + i for i in range(6)]  # not the answer (7s)
     # each turn resumed at the previous one's last full block (the first at nothing)
     assert [cached for cached, _ in resumed] == [0] + [boundary for _, boundary in resumed[:-1]]
+
+
+def test_no_branch_point_within_a_block_of_the_snapshot_a_prompt_resumes_from():
+    """A chat turn resumes at the previous prompt's last full block and leaves the cached blocks (the
+    previous answer's) one block later: that branch point would cost a second capture for one block."""
+    sched = make_scheduler(num_snapshots=8, block_size=4)
+    (a,) = add_prompt(sched, "a", [10 + i for i in range(12)], max_tokens=5)  # snapshot at 8; blocks to 16 cached
+    run_to_end(sched)
+    (b,) = add_prompt(sched, "b", a.token_ids[:12] + [60, 61, 62, 63, 64, 65, 66])  # not a's answer
+    batch, _ = step(sched)
+    assert b.num_cached_tokens == 8 and b.snapshot_points == (16,)  # its own last full block only, not 12
+    assert batch.plan.captures[:, 2].tolist() == [16]
