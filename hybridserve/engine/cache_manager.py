@@ -36,6 +36,11 @@ import numpy as np
 from hybridserve.engine.prefix_cache import ROOT, Snapshot, SnapshotPool, content_key
 from hybridserve.engine.request import Request
 
+# A hit snapshots its own prompt's last full block once it recomputes at least this many tokens
+# (a miss always does). A capture costs its step ≈ 10-20 ms of host time (an extra SSM launch per
+# Mamba layer; H100, docs/performance.md), about what recomputing 1k tokens costs the next turn.
+HIT_SNAPSHOT_MIN_TOKENS = 1024
+
 
 class CacheLayout(msgspec.Struct, frozen=True, array_like=True):
     """What the caches hold, measured once at start-up by the model runner."""
@@ -403,12 +408,15 @@ class CacheManager:
         another sequence computed before (`_branch_point`: a prefix now seen twice, so the next
         prompt sharing it hits), and the end of its last full block before its last token (so the
         same prompt again, or the next turn extending it, hits; the snapshot at the sequence's end
-        rarely serves that turn, whose template drops the reasoning and whose text may tokenize
-        differently). Both are captured inside the chunk that crosses them, at no extra step.
-        Empty with caching off; no point below one block or at or before `start`."""
+        misses that turn when its template drops the reasoning or its text tokenizes differently)
+        on a miss, or on a hit that recomputes `HIT_SNAPSHOT_MIN_TOKENS` or more. Both are captured
+        inside the chunk that crosses them, at no extra step. Empty with caching off; no point
+        below one block or at or before `start`."""
         if not self.caching:
             return ()
         boundary = (request.num_prompt_tokens - 1) // self.layout.block_size * self.layout.block_size
+        if start and boundary - start < HIT_SNAPSHOT_MIN_TOKENS:
+            boundary = 0
         points = (self._branch_point(request, start, num_cached_blocks), boundary)
         return tuple(sorted({p for p in points if p > start}))
 

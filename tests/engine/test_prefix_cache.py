@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_scheduler import EOS, add, make_scheduler, num_free, step
 
+from hybridserve.engine import cache_manager
 from hybridserve.engine.request import Request
 from hybridserve.sampling_params import SamplingParams
 
@@ -263,11 +264,13 @@ def test_multi_turn_conversations_reach_their_first_token_in_one_step_from_turn_
     assert {k: steps_to_first_token[k] for k in later} == dict.fromkeys(later, 1)
 
 
-def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_last_full_block():
+def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_last_full_block(monkeypatch):
     """A chat template that drops the answer's reasoning (or a text that re-tokenizes differently)
     means the next prompt does not extend the answer's tokens, so the final-state snapshot never
-    serves it. Every turn, a hit included, is snapshotted at its prompt's last full block inside
-    its chunk: the next turn resumes there and still samples its first token in its first step."""
+    serves it. A turn that recomputes enough (here: anything) is snapshotted at its prompt's last
+    full block inside its chunk: the next turn resumes there and still samples its first token in
+    its first step."""
+    monkeypatch.setattr(cache_manager, "HIT_SNAPSHOT_MIN_TOKENS", 1)
     sched = make_scheduler(num_snapshots=8, block_size=4)
     history = [10 + i for i in range(22)]
     resumed = []
@@ -283,9 +286,10 @@ def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_l
     assert [cached for cached, _ in resumed] == [0] + [boundary for _, boundary in resumed[:-1]]
 
 
-def test_no_branch_point_within_a_block_of_the_snapshot_a_prompt_resumes_from():
+def test_no_branch_point_within_a_block_of_the_snapshot_a_prompt_resumes_from(monkeypatch):
     """A chat turn resumes at the previous prompt's last full block and leaves the cached blocks (the
     previous answer's) one block later: that branch point would cost a second capture for one block."""
+    monkeypatch.setattr(cache_manager, "HIT_SNAPSHOT_MIN_TOKENS", 1)
     sched = make_scheduler(num_snapshots=8, block_size=4)
     (a,) = add_prompt(sched, "a", [10 + i for i in range(12)], max_tokens=5)  # snapshot at 8; blocks to 16 cached
     run_to_end(sched)
@@ -293,3 +297,19 @@ def test_no_branch_point_within_a_block_of_the_snapshot_a_prompt_resumes_from():
     batch, _ = step(sched)
     assert b.num_cached_tokens == 8 and b.snapshot_points == (16,)  # its own last full block only, not 12
     assert batch.plan.captures[:, 2].tolist() == [16]
+
+
+def test_a_hit_snapshots_its_prompt_end_only_when_it_recomputes_enough(monkeypatch):
+    """A capture costs its step host time, so a hit snapshots its last full block only once it
+    recomputes HIT_SNAPSHOT_MIN_TOKENS tokens since the snapshot it resumed from (a miss always)."""
+    monkeypatch.setattr(cache_manager, "HIT_SNAPSHOT_MIN_TOKENS", 12)
+    sched = make_scheduler(num_snapshots=8, block_size=4)
+    (a,) = add_prompt(sched, "a", [10 + i for i in range(10)], max_tokens=1)
+    batch, _ = step(sched)
+    assert batch.plan.captures[:, 2].tolist() == [8]  # a miss: its last full block
+    (b,) = add_prompt(sched, "b", a.token_ids[:9] + [40 + i for i in range(10)], max_tokens=1)  # resumes at 8
+    batch, _ = step(sched)
+    assert b.num_cached_tokens == 8 and b.snapshot_points == () and not len(batch.plan.captures)  # 16 - 8 < 12
+    (c,) = add_prompt(sched, "c", a.token_ids[:9] + [70 + i for i in range(14)], max_tokens=1)  # resumes at 8
+    batch, _ = step(sched)
+    assert c.num_cached_tokens == 8 and batch.plan.captures[:, 2].tolist() == [20]  # 20 - 8 = 12: snapshotted
