@@ -36,9 +36,9 @@ import numpy as np
 from hybridserve.engine.prefix_cache import ROOT, Snapshot, SnapshotPool, content_key
 from hybridserve.engine.request import Request
 
-# A hit snapshots its own prompt's last full block once it recomputes at least this many tokens
-# (a miss always does). A capture costs its step ≈ 10-20 ms of host time (an extra SSM launch per
-# Mamba layer; H100, docs/performance.md), about what recomputing 1k tokens costs the next turn.
+# A hit takes a prompt snapshot only this many tokens or more past the snapshot it resumed from (a
+# miss takes them all). A capture costs its step ≈ 10-20 ms of host time (an extra SSM launch per
+# Mamba layer; H100, docs/performance.md), about what recomputing 1k tokens costs a later prompt.
 HIT_SNAPSHOT_MIN_TOKENS = 1024
 
 
@@ -408,27 +408,22 @@ class CacheManager:
         another sequence computed before (`_branch_point`: a prefix now seen twice, so the next
         prompt sharing it hits), and the end of its last full block before its last token (so the
         same prompt again, or the next turn extending it, hits; the snapshot at the sequence's end
-        misses that turn when its template drops the reasoning or its text tokenizes differently)
-        on a miss, or on a hit that recomputes `HIT_SNAPSHOT_MIN_TOKENS` or more. Both are captured
-        inside the chunk that crosses them, at no extra step. Empty with caching off; no point
+        misses that turn when its template drops the reasoning or its text tokenizes differently).
+        Both are captured inside the chunk that crosses them, at no extra step. A hit takes only
+        points `HIT_SNAPSHOT_MIN_TOKENS` or more past its `start`. Empty with caching off; no point
         below one block or at or before `start`."""
         if not self.caching:
             return ()
         boundary = (request.num_prompt_tokens - 1) // self.layout.block_size * self.layout.block_size
-        if start and boundary - start < HIT_SNAPSHOT_MIN_TOKENS:
-            boundary = 0
-        points = (self._branch_point(request, start, num_cached_blocks), boundary)
-        return tuple(sorted({p for p in points if p > start}))
+        least = start + HIT_SNAPSHOT_MIN_TOKENS if start else 1
+        return tuple(sorted({p for p in (self._branch_point(request, start, num_cached_blocks), boundary)
+                             if p >= least}))
 
     def _branch_point(self, request: Request, start: int, num_cached_blocks: int) -> int:
         """Where a prompt resuming at `start` leaves the cached blocks, if a snapshot there is new
-        (0: none): the divergence from an earlier sequence (a shared system prompt). None within a
-        block of `start`: the snapshot it resumes from serves that prefix at the cost of one block
-        (a chat turn leaves the previous answer's blocks there, next to the previous prompt's
-        snapshot), and each capture costs the step an SSM launch per layer."""
-        bs = self.layout.block_size
-        point = num_cached_blocks * bs
-        if point <= start + bs or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
+        (0: none): the divergence from an earlier sequence (a shared system prompt)."""
+        point = num_cached_blocks * self.layout.block_size
+        if point <= start or self._keys(request, num_cached_blocks)[num_cached_blocks - 1] in self.snapshots:
             return 0
         return point
 

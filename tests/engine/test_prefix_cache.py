@@ -286,22 +286,10 @@ def test_a_turn_whose_history_drops_the_answer_resumes_at_the_previous_prompts_l
     assert [cached for cached, _ in resumed] == [0] + [boundary for _, boundary in resumed[:-1]]
 
 
-def test_no_branch_point_within_a_block_of_the_snapshot_a_prompt_resumes_from(monkeypatch):
-    """A chat turn resumes at the previous prompt's last full block and leaves the cached blocks (the
-    previous answer's) one block later: that branch point would cost a second capture for one block."""
-    monkeypatch.setattr(cache_manager, "HIT_SNAPSHOT_MIN_TOKENS", 1)
-    sched = make_scheduler(num_snapshots=8, block_size=4)
-    (a,) = add_prompt(sched, "a", [10 + i for i in range(12)], max_tokens=5)  # snapshot at 8; blocks to 16 cached
-    run_to_end(sched)
-    (b,) = add_prompt(sched, "b", a.token_ids[:12] + [60, 61, 62, 63, 64, 65, 66])  # not a's answer
-    batch, _ = step(sched)
-    assert b.num_cached_tokens == 8 and b.snapshot_points == (16,)  # its own last full block only, not 12
-    assert batch.plan.captures[:, 2].tolist() == [16]
-
-
-def test_a_hit_snapshots_its_prompt_end_only_when_it_recomputes_enough(monkeypatch):
-    """A capture costs its step host time, so a hit snapshots its last full block only once it
-    recomputes HIT_SNAPSHOT_MIN_TOKENS tokens since the snapshot it resumed from (a miss always)."""
+def test_a_hit_takes_prompt_snapshots_only_far_enough_past_where_it_resumed(monkeypatch):
+    """A capture costs its step host time, so a hit snapshots its last full block (or where it
+    leaves the cached blocks) only HIT_SNAPSHOT_MIN_TOKENS or more past the snapshot it resumed
+    from; a miss always does."""
     monkeypatch.setattr(cache_manager, "HIT_SNAPSHOT_MIN_TOKENS", 12)
     sched = make_scheduler(num_snapshots=8, block_size=4)
     (a,) = add_prompt(sched, "a", [10 + i for i in range(10)], max_tokens=1)
@@ -313,3 +301,7 @@ def test_a_hit_snapshots_its_prompt_end_only_when_it_recomputes_enough(monkeypat
     (c,) = add_prompt(sched, "c", a.token_ids[:9] + [70 + i for i in range(14)], max_tokens=1)  # resumes at 8
     batch, _ = step(sched)
     assert c.num_cached_tokens == 8 and batch.plan.captures[:, 2].tolist() == [20]  # 20 - 8 = 12: snapshotted
+    run_to_end(sched)
+    (d,) = add_prompt(sched, "d", c.token_ids[:21] + [90, 91, 92, 93], max_tokens=1)  # resumes at 20
+    batch, _ = step(sched)  # its last full block ends at 24: 4 past where it resumed, no snapshot
+    assert d.num_cached_tokens == 20 and d.snapshot_points == () and not len(batch.plan.captures)
