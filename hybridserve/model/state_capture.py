@@ -10,8 +10,10 @@ each Mamba layer writes the state there into a snapshot row while it computes th
     at its first point: the head reads the slot's state (copied into the snapshot row) and leaves
     its final state, the capture, in that row; the tail is computed from zeros and thrown away.
     The next launch runs the tails from the captured states (copied into the slots), cut at their
-    next point, and so on. The tails are the tokens after a point (a block or two for a prompt's
-    last full block), so the extra work is small. No kernel knows about captures.
+    next point, and so on. A tail is the chunk's tokens after a point: a block or two after a
+    prompt's last full block, the rest of the prompt after a branch point (its SSM is then computed
+    twice, once thrown away; still cheaper than the step a cut would add). No kernel knows about
+    captures.
 A 16-bit state is rounded at a capture point, as it would be at the end of a chunk cut there.
 
 Letters: B sequences, n captures, T tokens, K conv kernel width.
