@@ -41,8 +41,8 @@ def test_a_prompt_is_snapshotted_at_its_last_full_block_inside_its_chunk():
     assert batch.plan.num_new_tokens.tolist() == [10] and a.is_finished  # one step: no cut at the snapshot point
     snap = next(s for s in sched.cache.snapshots.entries.values() if not s.final)
     assert snap.depth == 8 and not snap.tail
-    assert batch.plan.captures.tolist() == [[a.state_slot if a.state_slot is not None else batch.plan.slots[0],
-                                             *rows(sched, snap), 8]]  # taken by the forward, inside the chunk
+    slot = int(batch.plan.slots[0])  # a's (freed since: it finished)
+    assert batch.plan.captures.tolist() == [[slot, *rows(sched, snap), 8]]  # taken by the forward, inside the chunk
     assert not len(batch.plan.slot_copies)
 
 
