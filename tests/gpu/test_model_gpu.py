@@ -3,7 +3,6 @@ reference ops, on the GPU: logits of every step and the Mamba/KV caches after a 
 a chunked-prefill continuation mixed with decodes (with prefix-cache state captures inside its
 chunks), and pure decode steps."""
 
-import numpy as np
 import pytest
 
 pytest.importorskip("triton")
@@ -11,57 +10,17 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from model_cases import run_steps  # noqa: E402
+
 from hybridserve.config import ModelConfig  # noqa: E402
-from hybridserve.model.cache import HybridCache  # noqa: E402
-from hybridserve.model.forward_batch import ForwardBatch  # noqa: E402
 from hybridserve.model.loader import load_model  # noqa: E402
 from hybridserve.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
-from hybridserve.model.state_capture import StateCapture  # noqa: E402
 from hybridserve.ops import reference  # noqa: E402
 from hybridserve.ops import triton as triton_ops  # noqa: E402
 
-BS = 4
-
-
-def _steps(vocab):
-    """(new tokens per sequence, sequences) for each step; sequence s owns slot s and pages 8s.."""
-    g = torch.Generator().manual_seed(1)
-
-    def toks(n):
-        return torch.randint(3, vocab, (n,), generator=g).tolist()
-
-    return [
-        {0: toks(5), 1: toks(17), 2: toks(1)},  # ragged prefill from scratch
-        {0: toks(1), 1: toks(9), 2: toks(1), 3: toks(6)},  # chunked continuation + decodes + a new one
-        {0: toks(1), 1: toks(1), 2: toks(1), 3: toks(1)},  # pure decode
-        {0: toks(1), 1: toks(1), 2: toks(1), 3: toks(1)},
-    ]
-
-
-# step 1's state captures (slot, snapshot row, position): sequence 1 continues 9 tokens from 17 and
-# is captured 2 and 5 in, the fresh sequence 3 two tokens in (its conv window reaches before its start)
-CAPTURES = np.array([[1, 4, 22], [3, 5, 2], [1, 6, 19]], dtype=np.int64)
-
 
 def _run(model, ops, dtype, ssm_dtype, kv_dtype=None):
-    model.ops = ops
-    cache = HybridCache.allocate(model.config, 7, 64, BS, dtype, ssm_dtype, device="cuda", kv_dtype=kv_dtype)
-    cached = {}
-    logits = []
-    for i, step in enumerate(_steps(model.config.vocab_size)):
-        seqs = sorted(step)
-        batch = ForwardBatch.build(
-            [step[s] for s in seqs], [cached.get(s, 0) for s in seqs], seqs,
-            [list(range(8 * s, 8 * s + 8)) for s in seqs], BS, device="cuda", logits="all",
-        )
-        if i == 1:
-            batch.capture = StateCapture.build(CAPTURES, np.array(seqs), np.array([cached.get(s, 0) for s in seqs]),
-                                               np.array([len(step[s]) for s in seqs]), lambda a: torch.from_numpy(a).cuda())
-        with torch.no_grad():
-            logits.append(model(batch, cache))
-        for s in seqs:
-            cached[s] = cached.get(s, 0) + len(step[s])
-    return logits, cache
+    return run_steps(model, ops, dtype, ssm_dtype, "cuda", kv_dtype)
 
 
 def _rel(a, b):
