@@ -82,7 +82,7 @@ def main() -> None:
     for (name, n, k), m in itertools.product(SHAPES, args.m):
         # enough weight copies that back-to-back calls stream from memory, not from the 50 MB L2
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(-(-200_000_000 // (2 * n * k)))]
-        turn = iter(itertools.cycle(ws))
+        turn = itertools.cycle(ws)
         w = ws[0]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.float().t()

@@ -63,8 +63,9 @@ class StateCapture:
         assert ((split > 0) & (split < num_new[seqs])).all(), "a capture point must lie inside its chunk"
         assert len(set(zip(seqs.tolist(), positions.tolist()))) == len(seqs), "two captures of one point"
         cu = np.concatenate([[0], np.cumsum(num_new)])
-        pending = {b: sorted((p, r) for s, p, r in zip(seqs.tolist(), positions.tolist(), rows.tolist()) if s == b)
-                   for b in set(seqs.tolist())}
+        pending: dict[int, list[tuple[int, int]]] = {}  # sequence -> its (point, row)s, in order
+        for b, point, row in sorted(zip(seqs.tolist(), positions.tolist(), rows.tolist())):
+            pending.setdefault(b, []).append((point, row))
         # launches, round by round: segments (sequence, first position, tokens, has state) of its batch
         segments = [(b, int(num_cached[b]), int(num_new[b]), bool(num_cached[b] > 0)) for b in range(len(slots))]
         plans = []
