@@ -92,7 +92,7 @@ def main() -> None:
                     if args.history == "answer":
                         history[c] += answer
                     elif args.history == "diverged":
-                        history[c] += [answer[0] + 1] + answer[1:]
+                        history[c] += [(answer[0] + 1) % vocab] + answer[1:]
                     turn[c] += 1
                     if turn[c] < turns:
                         send(c)
