@@ -7,7 +7,7 @@ answer: `answer` (its tokens exactly: hits at the answer's final state), `diverg
 re-tokenized differently, as happens when a text is cut into words again: hits at the prompt's last
 full block) or `dropped` (nothing, as a template that drops reasoning). Prints per turn the median
 TTFT and engine steps to the first token, the steps taken while a turn waited for its first token
-(tokens, prefill sequences, state captures, wall ms), then one JSON line.
+(tokens, prefill sequences, state captures, whether a CUDA graph ran it, wall ms), then one JSON line.
 
 Usage: python bench/multi_turn_engine.py [--model nemotron-3-nano-30b-a3b] [--conversations 8]
            [--turns 8] [--system-len 2048] [--user-len 64] [--output-len 128] [--history diverged]
@@ -47,10 +47,13 @@ def main() -> None:
     steps: list[dict] = []
     forward = engine.runner.forward
 
+    graphs = engine.runner.graphs
+
     def traced(plan):
         prefill = [int(n) for n in plan.num_new_tokens if n > 1]
+        graphed = graphs is not None and (graphs.decode.fits(plan) or bool(graphs.prefill and graphs.prefill.fits(plan)))
         steps.append(dict(t=time.perf_counter(), tokens=int(plan.num_tokens), prefill_seqs=len(prefill),
-                          prefill_tokens=sum(prefill), captures=len(plan.captures)))
+                          prefill_tokens=sum(prefill), captures=len(plan.captures), graph=graphed))
         return forward(plan)
 
     engine.runner.forward = traced
@@ -116,7 +119,7 @@ def main() -> None:
         for a, b in zip(r["waited"], r["waited"][1:] + [None]):
             ms = f"{1e3 * (b['t'] - a['t']):.1f} ms" if b else ""
             print(f"   tokens {a['tokens']:>5} prefill {a['prefill_seqs']} seqs / {a['prefill_tokens']} tokens, "
-                  f"captures {a['captures']}  {ms}")
+                  f"captures {a['captures']}{'  graph' if a['graph'] else ''}  {ms}")
     all_ttft = [r["ttft_ms"] for r in records]
     print(json.dumps(dict(history=args.history, prefix_caching=not args.no_enable_prefix_caching,
                           median_ttft_ms=round(statistics.median(all_ttft), 1),

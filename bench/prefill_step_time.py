@@ -1,9 +1,11 @@
 """Wall time of one eager prefill step against its GPU time, with 0, 1 and 2 prefix-cache state
-captures per sequence: whether small prefill steps are host-bound, and what a capture adds.
+captures per sequence, and of the same step (no captures) replayed as a prefill CUDA graph: whether
+small prefill steps are host-bound, what a capture adds, what a graph saves.
 
 The full-size preset (dummy weights): B sequences feed L tokens each, continuing from C cached
 tokens (a chat turn's hit). Prints per capture count the mean wall ms of 5 steps (synchronized),
-then the profile of the step with two captures: GPU time and the host's launches.
+the same for the graph, then the profile of the step with two captures: GPU time and the host's
+launches; then one JSON line.
 
 Usage (GPU): python bench/prefill_step_time.py [--seqs 3] [--tokens 208] [--cached 3040]
 """
@@ -11,6 +13,7 @@ Usage (GPU): python bench/prefill_step_time.py [--seqs 3] [--tokens 208] [--cach
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hybridserve.config import ModelConfig
+from hybridserve.engine.cuda_graphs import StepGraphs
 from hybridserve.model.cache import HybridCache
 from hybridserve.model.forward_batch import ForwardBatch
 from hybridserve.model.loader import load_model
@@ -34,7 +38,8 @@ def main() -> None:
     cfg = ModelConfig.from_hf("nemotron-3-nano-30b-a3b")
     model = load_model(cfg, "dummy", device="cuda")
     per_seq = -(-(c + n) // bs)
-    cache = HybridCache.allocate(cfg, b + 2 * b + 1, b * per_seq, bs, torch.bfloat16, torch.float32, "cuda")
+    # rows: b slots, 2b snapshot rows, a padding slot; blocks: b tables and a padding block
+    cache = HybridCache.allocate(cfg, 3 * b + 1, b * per_seq + 1, bs, torch.bfloat16, torch.float32, "cuda")
 
     def batch(captures: int) -> ForwardBatch:
         fb = ForwardBatch.build([[5] * n] * b, [c] * b, list(range(b)),
@@ -45,16 +50,25 @@ def main() -> None:
                                             lambda a: torch.from_numpy(a).cuda())
         return fb
 
+    def wall_ms(step) -> float:
+        step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 5 * 1e3
+
+    result = {}
     with torch.inference_mode():
         for captures in (0, 1, 2):
-            model(batch(captures), cache)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                model(batch(captures), cache)
-            torch.cuda.synchronize()
-            print(f"{b} x {n} tokens from {c} cached, {captures} captures per sequence: "
-                  f"{(time.perf_counter() - t0) / 5 * 1e3:.1f} ms wall", flush=True)
+            result[f"eager_{captures}_captures_ms"] = ms = wall_ms(lambda k=captures: model(batch(k), cache))
+            print(f"{b} x {n} tokens from {c} cached, {captures} captures per sequence: {ms:.1f} ms wall", flush=True)
+        graphs = StepGraphs(model, cache, max_decode_batch=1, max_prefill_tokens=b * n, max_blocks_per_seq=per_seq,
+                            pad_slot=3 * b, pad_block=b * per_seq)
+        plain = batch(0)
+        result["graph_ms"] = ms = wall_ms(lambda: graphs.prefill.replay(plain, b * n))
+        print(f"{b} x {n} tokens from {c} cached, as a prefill CUDA graph: {ms:.1f} ms wall", flush=True)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             model(batch(2), cache)
             torch.cuda.synchronize()
@@ -62,6 +76,8 @@ def main() -> None:
     gpu = sum(e.self_device_time_total for e in events) / 1e3
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
     print(f"two captures per sequence, profiled: {gpu:.1f} ms of GPU time, {launches} kernel launches")
+    print(json.dumps(dict(seqs=b, tokens=n, cached=c, profiled_gpu_ms=round(gpu, 1), launches=launches,
+                          **{k: round(v, 2) for k, v in result.items()})))
 
 
 if __name__ == "__main__":

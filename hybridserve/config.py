@@ -286,6 +286,10 @@ class EngineConfig:
     max_cudagraph_capture_size: int | None = field(default=None, metadata={"help": (
         "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "
         "capped at the state slots that fit)")})
+    max_prefill_graph_tokens: int = field(default=2048, metadata={"help": (
+        "largest prefill or mixed step (tokens) run as a CUDA graph; such a step has at most 32 sequences and "
+        "no prefix-cache snapshot inside, else it runs eager (small steps are launch-bound eager: a graph "
+        "costs a fraction of the host time). 0: none")})
     async_scheduling: bool = field(default=True, metadata={"help": (
         "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
         "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})
@@ -317,6 +321,7 @@ class EngineConfig:
         _need(self.max_prefill_tokens_while_decoding >= 1, "max_prefill_tokens_while_decoding must be >= 1")
         _need(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
               "max_cudagraph_capture_size must be >= 1")
+        _need(self.max_prefill_graph_tokens >= 0, "max_prefill_graph_tokens must be >= 0")
         _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _need(self.block_size >= 1, "block_size must be >= 1")
         _need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

@@ -48,8 +48,9 @@ class MemoryPlan:
     weights: int
     step_peak: int  # activations of the biggest step (max_num_batched_tokens, `sample_rows` sample rows)
     sample_rows: int
-    graphs: int  # the decode CUDA graphs' memory pool (batch up to `graph_batch`)
+    graphs: int  # the CUDA graphs' memory pool (decode batch up to `graph_batch`, prefill up to `graph_tokens`)
     graph_batch: int
+    graph_tokens: int
     num_slots: int
     slot_bytes: int
     num_snapshots: int  # prefix-cache Mamba state snapshots (slot_bytes each)
@@ -64,7 +65,8 @@ class MemoryPlan:
         if self.in_use:  # GPU: the budget also holds the weights and the reserves
             parts = [f"weights {self.weights / _GIB:.2f}", f"other in use {(self.in_use - self.weights) / _GIB:.2f}",
                      f"activations {self.step_peak / _GIB:.2f} ({self.sample_rows} sample rows)",
-                     f"decode graphs {self.graphs / _GIB:.2f} (batch <= {self.graph_batch})"]
+                     f"CUDA graphs {self.graphs / _GIB:.2f} (decode batch <= {self.graph_batch}, "
+                     f"prefill <= {self.graph_tokens} tokens)"]
         parts += [f"Mamba state {state / _GIB:.2f} ({self.num_slots} slots)",
                   f"prefix-cache snapshots {self.num_snapshots * self.slot_bytes / _GIB:.2f} ({self.num_snapshots})",
                   f"KV {kv / _GIB:.2f} ({self.num_blocks} blocks)"]

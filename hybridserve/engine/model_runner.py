@@ -2,7 +2,8 @@
 
 Start-up: load the weights, make the memory plan (`memory_plan.py`; GPU: `gpu_memory_utilization`
 of the card minus what is in use, the activation peak of a warm-up step at `max_num_batched_tokens`
-and the decode graphs' pool, both measured with no more rows than the sequences that can fit; CPU:
+and the CUDA graphs' pool (an eager step shaped as the largest decode or prefill graph), both
+measured with no more rows than the sequences that can fit; CPU:
 `cpu_cache_bytes`), set aside the prefix cache's state snapshot rows, give up to `max_num_seqs`
 Mamba state slots their share and the rest to KV blocks, and log the plan. One extra slot and one
 extra block are kept out of the pools as padding targets (for CUDA-graph batch padding). The sizes go to the engine as the frozen
@@ -10,8 +11,8 @@ extra block are kept out of the pools as padding targets (for CUDA-graph batch p
 `SAMPLER_CHUNK_ROWS` rows at a time, so its scratch memory does not grow with the batch.
 
 Per step, in two calls so that host work (grammar masks) can run while the GPU computes:
-`forward(plan)`: prefix-cache copies -> InputPacker -> ForwardBatch -> the model or a decode CUDA
-graph -> fork and snapshot copies;
+`forward(plan)`: prefix-cache copies -> InputPacker -> ForwardBatch -> the model or a CUDA graph
+(`cuda_graphs.py`: pure decodes, small prefill / mixed steps) -> fork and snapshot copies;
 `sample(plan, logits)`: the sampler -> tokens into the device token buffer -> a `SamplerOutput`
 whose `to_host()` is the step's one device->host copy. The runner never sees a Request.
 """
@@ -25,7 +26,7 @@ import torch
 
 from hybridserve.config import EngineConfig, ModelConfig
 from hybridserve.engine.cache_manager import CacheLayout
-from hybridserve.engine.cuda_graphs import DecodeGraphs
+from hybridserve.engine.cuda_graphs import MAX_SEQS, StepGraphs, prefill_sizes
 from hybridserve.engine.input_packer import InputPacker, to_device
 from hybridserve.engine.memory_plan import MemoryPlan, fit_cache
 from hybridserve.engine.request import Request
@@ -105,10 +106,11 @@ class ModelRunner:
         self.packer = InputPacker(num_slots + 1, self.max_blocks_per_seq, self.block_size, self.pad_block, self.device)
         logger.info("%s; KV %d tokens (%s) in blocks of %d, SSM state %s", plan.summary(),
                     num_blocks * self.block_size, _dtype_name(self.kv_dtype), self.block_size, ssm_name)
-        self.decode_graphs = None
+        self.graphs = None
         if self.use_graphs:
-            self.decode_graphs = DecodeGraphs(
-                self.model, self.cache, max_batch=self.max_graph_batch, max_blocks_per_seq=self.max_blocks_per_seq,
+            self.graphs = StepGraphs(
+                self.model, self.cache, max_decode_batch=self.max_graph_batch,
+                max_prefill_tokens=self._prefill_graph_tokens, max_blocks_per_seq=self.max_blocks_per_seq,
                 pad_slot=self.pad_slot, pad_block=self.pad_block,
             )
 
@@ -119,9 +121,8 @@ class ModelRunner:
         sample rows [R, V] on the device, without waiting for them."""
         self._copy_states(plan.slot_copies_before, plan.block_copies_before)  # prefix cache saves / restores
         batch = self.packer.pack(plan)
-        if self.decode_graphs is not None and self._graph_ready(plan):
-            logits = self.decode_graphs.run(batch)
-        else:
+        logits = None if self.graphs is None else self.graphs.run(plan, batch)
+        if logits is None:
             logits = self.model(batch, self.cache)
         self._copy_states(plan.slot_copies, plan.block_copies)  # forks, prompt snapshots
         return logits
@@ -153,10 +154,6 @@ class ModelRunner:
             packer.store_sampled(meta.slots, parts[-1].token_ids)
         return SamplerOutput.concat(parts)
 
-    def _graph_ready(self, plan: StepPlan) -> bool:
-        """A pure decode of continuing sequences, one sample each, within the captured sizes."""
-        return plan.num_seqs <= self.max_graph_batch and plan.is_decode and plan.samples_each_sequence_once
-
     def _copy_states(self, slot_copies, block_copies) -> None:
         """State rows and KV blocks [C, 2] (src, dst), each list as one gather-then-scatter."""
         if len(slot_copies):
@@ -171,17 +168,22 @@ class ModelRunner:
     def _graph_limit(self) -> int:
         return self.config.max_cudagraph_capture_size or self.config.max_num_seqs
 
+    @property
+    def _prefill_graph_tokens(self) -> int:
+        """The largest prefill / mixed step graph: no step has more than max_num_batched_tokens."""
+        return min(self.config.max_prefill_graph_tokens, self.config.max_num_batched_tokens)
+
     def _plan_memory(self, num_snapshots: int) -> MemoryPlan:
         """Split the memory budget (see memory_plan.py), the prefix cache's `num_snapshots` state
         rows set aside first. GPU: the reserves are measured by a warm-up step at
-        max_num_batched_tokens and an eager decode at the largest graph batch, each with no more
+        max_num_batched_tokens and eager steps shaped as the largest decode and prefill graphs, with no more
         rows than the sequences that could fit with no reserve at all."""
         slot_bytes = HybridCache.bytes_per_slot(self.model_config, self.dtype, self.ssm_dtype)
         block_bytes = HybridCache.bytes_per_block(self.model_config, self.block_size, self.kv_dtype)
         fit = partial(fit_cache, slot_bytes=slot_bytes, block_bytes=block_bytes, max_blocks_per_seq=self.max_blocks_per_seq,
                       max_num_seqs=self.config.max_num_seqs, fixed_blocks=self.config.num_kv_blocks)
         snapshots = num_snapshots * slot_bytes
-        budget = in_use = weights = step_peak = graphs = rows = graph_batch = 0
+        budget = in_use = weights = step_peak = graphs = rows = graph_batch = graph_tokens = 0
         if self.device.type != "cuda":
             budget = self.config.cpu_cache_bytes
             available = budget - snapshots
@@ -197,10 +199,13 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._warm_up(rows)
             step_peak = torch.cuda.max_memory_allocated(self.device) - base
-            if self.use_graphs:  # decode graphs keep their activations in a pool of their own
+            if self.use_graphs:  # the graphs keep their activations in one pool of their own: its largest step
                 graph_batch = min(self._graph_limit, can_run)
+                graph_tokens = max(prefill_sizes(self._prefill_graph_tokens), default=0)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 self._warm_up_decode(graph_batch)
+                if graph_tokens:
+                    self._warm_up_prefill_graph(graph_tokens)
                 graphs = torch.cuda.max_memory_allocated(self.device) - base
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
@@ -209,7 +214,7 @@ class ModelRunner:
         num_slots, num_blocks = fit(available)
         return MemoryPlan(
             budget=budget, in_use=in_use, weights=weights, step_peak=step_peak, sample_rows=rows, graphs=graphs,
-            graph_batch=graph_batch, num_slots=num_slots, slot_bytes=slot_bytes, num_snapshots=num_snapshots,
+            graph_batch=graph_batch, graph_tokens=graph_tokens, num_slots=num_slots, slot_bytes=slot_bytes, num_snapshots=num_snapshots,
             num_blocks=num_blocks, block_bytes=block_bytes, max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
@@ -236,6 +241,17 @@ class ModelRunner:
     def _warm_up_decode(self, n: int) -> None:
         """One eager decode step of n rows, the largest graph batch (every row on one scratch slot)."""
         self._scratch_step(synthetic_plan([[0]] * n, [1] * n, [0] * n, [[0]] * n), 1, 1, 1, sample=False)
+
+    @torch.inference_mode()
+    def _warm_up_prefill_graph(self, tokens: int) -> None:
+        """One eager step shaped as the largest prefill graph: `tokens` tokens over MAX_SEQS sequences
+        and a padding one, MAX_SEQS logits rows."""
+        n = MAX_SEQS + 1
+        lengths = [tokens // n] * (n - 1) + [tokens - tokens // n * (n - 1)]
+        width = -(-max(lengths) // self.block_size)
+        plan = synthetic_plan([[0] * k for k in lengths], [0] * n, list(range(n)), [list(range(width))] * n,
+                              sample_token_indices=list(range(MAX_SEQS)))
+        self._scratch_step(plan, n, width, width, sample=False)
 
     def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:
         """Run a plan on a scratch cache, through the same packer and sampler as real steps."""

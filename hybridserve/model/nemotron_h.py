@@ -233,8 +233,9 @@ class NemotronHForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def forward(self, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
-        """Run one step; returns float32 logits [R, V] for rows batch.logits_indices (all T when None).
+    def forward(self, batch: ForwardBatch, cache: HybridCache, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns float32 logits [R, V] for rows batch.logits_indices (all T when None),
+        written into `logits_out` [R, V] when given (CUDA graphs share one output buffer).
 
         Mamba layers read/update their state slots and attention layers their KV pages in `cache`.
         """
@@ -248,7 +249,8 @@ class NemotronHForCausalLM(nn.Module):
         h, _ = ops.rms_norm(h, self.backbone.norm_f.weight, eps, residual)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
-        return self.lm_head(h, ops).float()
+        logits = self.lm_head(h, ops)
+        return logits.float() if logits_out is None else logits_out.copy_(logits)
 
     # ---- weights ---------------------------------------------------------------------------------
     def weight_formats(self) -> dict[str, WeightFormat]:

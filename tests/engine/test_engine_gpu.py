@@ -1,5 +1,5 @@
-"""The engine on a GPU (skipped without CUDA): decode CUDA graphs give the same tokens as eager
-steps, across graph sizes, padding and preemption, and the memory budget sizes the caches."""
+"""The engine on a GPU (skipped without CUDA): decode and prefill CUDA graphs give the same tokens as
+eager steps, across graph sizes, padding and preemption, and the memory budget sizes the caches."""
 
 from __future__ import annotations
 
@@ -35,25 +35,50 @@ def with_core(tiny_config, fn, **fields):
 
 def test_decode_graphs_match_eager_steps(tiny_config):
     def eager_run(core):
-        assert core.runner.decode_graphs is None
+        assert core.runner.graphs is None
         return run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)
 
     def graphed_run(core):
-        graphs = core.runner.decode_graphs
-        assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 32, 40]
-        replays = dict.fromkeys(graphs.sizes, 0)
-        for g, graph in graphs.graphs.items():
-            def counted(g=g, original=graph.replay):
-                replays[g] += 1
-                original()
-
-            graph.replay = counted
+        graphs = core.runner.graphs.decode
+        assert graphs.sizes == [1, 2, 4, 8, 16, 32, 40]
+        replays = count_replays(graphs)
         out = run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)
         assert sum(replays.values()) > 10 and sum(1 for v in replays.values() if v) >= 3  # several padded sizes
         return out
 
     expected = with_core(tiny_config, eager_run, enforce_eager=True, max_num_seqs=40)
     assert with_core(tiny_config, graphed_run, max_num_seqs=40) == expected
+
+
+def count_replays(family) -> dict[int, int]:
+    """Graph size -> replays so far, of one family of graphs (counted from now on)."""
+    replays = dict.fromkeys(family.sizes, 0)
+    for g, graph in family.graphs.items():
+        def counted(g=g, original=graph.replay):
+            replays[g] += 1
+            original()
+
+        graph.replay = counted
+    return replays
+
+
+def test_prefill_graphs_match_eager_steps(tiny_config):
+    """Prefill and mixed steps of up to 32 sequences run as padded CUDA graphs (chunked prompts that
+    continue their state, decodes beside them, several sizes) and give the eager steps' tokens."""
+    prompts = [p * 2 for p in PROMPTS[:24]]  # up to 180 tokens: prompts chunked over several steps
+    fields = dict(max_num_seqs=24, max_num_batched_tokens=200, enable_prefix_caching=False)
+
+    def graphed_run(core):
+        graphs = core.runner.graphs.prefill
+        assert graphs.sizes == [64, 128, 192, 200]  # no step has more than max_num_batched_tokens
+        replays = count_replays(graphs)
+        out = run(core, prompts, GREEDY[:24]), run(core, prompts, SAMPLED[:24])
+        assert sum(replays.values()) >= 6 and sum(1 for v in replays.values() if v) >= 2, replays
+        return out
+
+    expected = with_core(tiny_config, lambda core: (run(core, prompts, GREEDY[:24]), run(core, prompts, SAMPLED[:24])),
+                         enforce_eager=True, **fields)
+    assert with_core(tiny_config, graphed_run, **fields) == expected
 
 
 def test_graphs_under_preemption_and_memory_sizing(tiny_config):

@@ -35,11 +35,11 @@ def test_fit_cache_gives_every_slot_a_full_context_of_kv_and_the_rest_to_blocks(
 
 def test_memory_plan_summary_names_every_part():
     plan = MemoryPlan(budget=80 << 30, in_use=62 << 30, weights=59 << 30, step_peak=1 << 30, sample_rows=186,
-                      graphs=1 << 29, graph_batch=186, num_slots=186, slot_bytes=1 << 24, num_snapshots=32, num_blocks=1000,
+                      graphs=1 << 29, graph_batch=186, graph_tokens=2048, num_slots=186, slot_bytes=1 << 24, num_snapshots=32, num_blocks=1000,
                       block_bytes=1 << 22, max_num_seqs=1024, max_model_len=2064)
     text = plan.summary()
     for part in ("80.00 =", "weights 59.00", "other in use 3.00", "activations 1.00 (186 sample rows)",
-                 "decode graphs 0.50 (batch <= 186)", "(186 slots)", "prefix-cache snapshots 0.50 (32)", "(1000 blocks)",
+                 "CUDA graphs 0.50 (decode batch <= 186, prefill <= 2048 tokens)", "(186 slots)", "prefix-cache snapshots 0.50 (32)", "(1000 blocks)",
                  "186 sequences",
                  "max_num_seqs 1024"):
         assert part in text, part

@@ -52,3 +52,36 @@ def run_steps(model, ops, dtype, ssm_dtype, device, kv_dtype=None, decodes: int 
         for s in seqs:
             cached[s] = cached.get(s, 0) + len(step[s])
     return logits, cache
+
+
+def run_padded_steps(model, ops, dtype, device):
+    """The steps (without captures) eager on one cache and padded as a prefill CUDA graph pads them
+    (`PrefillGraphs.padded`: a padding sequence up to 64 tokens, empty sequences up to MAX_SEQS) on
+    another: (eager logits, padded logits, eager cache, padded cache), one logits row per sequence.
+    Row SLOTS and page 64 of each cache are the padding targets."""
+    from hybridserve.engine.cuda_graphs import PrefillGraphs
+
+    model.ops = ops
+    caches = [HybridCache.allocate(model.config, SLOTS + 1, 65, BS, dtype, torch.float32, device=device)
+              for _ in range(2)]
+    padder = PrefillGraphs(64, 8, BS, pad_slot=SLOTS, pad_block=64, device=device)
+    cached, eager, padded = {}, [], []
+    for step in model_steps(model.config.vocab_size, decodes=1):
+        seqs = sorted(step)
+        batch = ForwardBatch.build([step[s] for s in seqs], [cached.get(s, 0) for s in seqs], seqs,
+                                   [list(range(8 * s, 8 * s + 8)) for s in seqs], BS, device=device)
+        with torch.no_grad():
+            eager.append(model(batch, caches[0]))
+            padded.append(model(padder.padded(batch), caches[1])[: len(seqs)])
+        for s in seqs:
+            cached[s] = cached.get(s, 0) + len(step[s])
+    return eager, padded, caches[0], caches[1]
+
+
+def assert_padding_changes_nothing(eager, padded, cache_e, cache_p, tol):
+    """The padded steps' logits and every live slot and KV page are the eager steps'."""
+    for e, p in zip(eager, padded):
+        torch.testing.assert_close(p, e, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache_p.ssm_state[:, :SLOTS], cache_e.ssm_state[:, :SLOTS], rtol=tol, atol=tol)
+    torch.testing.assert_close(cache_p.conv_state[:, :SLOTS], cache_e.conv_state[:, :SLOTS], rtol=tol, atol=tol)
+    torch.testing.assert_close(cache_p.kv[:, :, :64], cache_e.kv[:, :, :64], rtol=tol, atol=tol)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from model_cases import run_steps  # noqa: E402
+from model_cases import assert_padding_changes_nothing, run_padded_steps, run_steps  # noqa: E402
 
 from hybridserve.config import ModelConfig  # noqa: E402
 from hybridserve.model.loader import load_model  # noqa: E402
@@ -71,3 +71,13 @@ def test_tiny_model_fp8_triton_matches_reference(quantization, kv_dtype):
         assert _rel(w, b) < 6e-2, f"step {i}: fp8 vs bf16 {_rel(w, b):.3e}"
     assert cache_t.kv.dtype == (kv_dtype or torch.bfloat16)
     assert _rel(cache_t.kv.float(), cache_r.kv.float()) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_steps_match_eager_steps(dtype):
+    """A step padded as a prefill CUDA graph runs it (empty sequences the kernels skip, a padding
+    sequence on the spare slot and block) computes what the eager step computes."""
+    model = NemotronHForCausalLM(ModelConfig.from_hf("tiny"), dtype, device="cuda")
+    model.init_random(seed=3)
+    eager, padded, cache_e, cache_p = run_padded_steps(model, triton_ops, dtype, "cuda")
+    assert_padding_changes_nothing(eager, padded, cache_e, cache_p, tol=1e-4 if dtype == torch.float32 else 2e-2)

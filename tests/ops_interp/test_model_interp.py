@@ -15,7 +15,7 @@ if torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
 
-from model_cases import CAPTURES, run_steps  # noqa: E402
+from model_cases import CAPTURES, assert_padding_changes_nothing, run_padded_steps, run_steps  # noqa: E402
 
 from hybridserve.config import ModelConfig  # noqa: E402
 from hybridserve.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
@@ -34,3 +34,12 @@ def test_tiny_model_triton_matches_reference_with_captures():
     torch.testing.assert_close(cache_t.ssm_state, cache_r.ssm_state, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache_t.conv_state, cache_r.conv_state, rtol=1e-5, atol=1e-5)
     assert all(cache_t.ssm_state[:, row].abs().sum() > 0 for row in CAPTURES[:, 1])  # the snapshot rows were written
+
+
+def test_padded_steps_match_eager_steps():
+    """A step padded as a prefill CUDA graph runs it (empty sequences the kernels skip, a padding
+    sequence on the spare slot and block) computes what the eager step computes."""
+    model = NemotronHForCausalLM(ModelConfig.from_hf("tiny"), torch.float32)
+    model.init_random(seed=3)
+    eager, padded, cache_e, cache_p = run_padded_steps(model, triton_ops, torch.float32, "cpu")
+    assert_padding_changes_nothing(eager, padded, cache_e, cache_p, tol=1e-5)

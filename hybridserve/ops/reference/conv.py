@@ -30,8 +30,8 @@ def causal_conv1d(
     x: [T, C] raw xBC rows of all sequences; weight: [C, K]; bias: [C] or None;
     cu_seqlens: [B+1] int32; seq_lens: [B] int32, so sequence b's rows sit at positions
     seq_lens[b] - L_b .. seq_lens[b] - 1; conv_state: [S, K, C] ring, read for sequences with
-    has_initial_state and updated in place for every sequence (afterwards it holds the K positions
-    before seq_lens[b]); state_slots: [B] int64; has_initial_state: [B] bool.
+    has_initial_state and updated in place for every sequence with tokens (afterwards it holds the K
+    positions before seq_lens[b]); state_slots: [B] int64; has_initial_state: [B] bool.
     Returns [T, C] in x's dtype: out[t] = silu(bias + sum_k weight[:, k] * window[t + k]) where the
     window is the K-1 rows before the sequence's first position followed by the sequence's rows.
     """
@@ -40,6 +40,8 @@ def causal_conv1d(
     cu = cu_seqlens.tolist()
     for b, (slot, end) in enumerate(zip(state_slots.tolist(), seq_lens.tolist())):
         rows = x[cu[b] : cu[b + 1]]
+        if not len(rows):
+            continue  # no tokens (CUDA-graph padding): the slot is left alone
         start = end - len(rows)
         ring = conv_state[slot] if bool(has_initial_state[b]) else torch.zeros_like(conv_state[slot])
         before = ring[[(start - k + 1 + j) % k for j in range(k - 1)]]  # positions start-K+1 .. start-1

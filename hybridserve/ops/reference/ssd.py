@@ -43,19 +43,24 @@ def ssd_varlen(
     state belongs to position seq_lens - 1); ssm_state: [S, H, P, N], read for sequences with
     has_initial_state, overwritten in place with each sequence's final state; state_slots: [B] int64;
     has_initial_state: [B] bool; state_seed: int in [0, 2^31) for stochastic rounding of a 16-bit
-    state, or None (round to nearest). Returns y [T, H, P] in x's dtype.
+    state, or None (round to nearest). A sequence with no tokens leaves its slot alone. Returns
+    y [T, H, P] in x's dtype.
     """
     y = torch.empty_like(x)
     cu = cu_seqlens.tolist()
-    finals = []
+    finals, written = [], []
     for b, slot in enumerate(state_slots.tolist()):
         s, e = cu[b], cu[b + 1]
+        if s == e:
+            continue  # no tokens (CUDA-graph padding): the slot is left alone
         state = ssm_state[slot].float() if bool(has_initial_state[b]) else x.new_zeros(ssm_state.shape[1:], dtype=torch.float32)
         ys, state = _ssd_one(x[s:e], dt_raw[s:e], A_log, B[s:e], C[s:e], D, dt_bias, state, chunk_size)
         y[s:e] = ys.to(x.dtype)
         finals.append(state)
+        written.append(b)
     if finals:
-        ssm_state[state_slots] = _round(torch.stack(finals), ssm_state.dtype, state_seed, seq_lens)
+        rows = torch.tensor(written, device=state_slots.device)
+        ssm_state[state_slots[rows]] = _round(torch.stack(finals), ssm_state.dtype, state_seed, seq_lens[rows])
     return y
 
 

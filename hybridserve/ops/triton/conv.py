@@ -76,7 +76,8 @@ def _conv_state_kernel(
     KW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Ring rows of positions end-K .. end-1: the sequence's rows; older ones stay (zero without
-    initial state). Each ring row is written by one j, and only x is read: no ordering needed."""
+    initial state). Each ring row is written by one j, and only x is read: no ordering needed. A
+    sequence without tokens (CUDA-graph padding) writes nothing."""
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -90,7 +91,7 @@ def _conv_state_kernel(
         from_x = q >= pos0
         xv = tl.load(x_ptr + (start + q - pos0).to(tl.int64) * stride_x + cs, mask=cmask & from_x, other=0.0)
         dst = state_ptr + slot * stride_ss + _ring_row(q, KW) * stride_sk + cs
-        tl.store(dst, xv.to(state_ptr.dtype.element_ty), mask=cmask & (from_x | ~has_init))
+        tl.store(dst, xv.to(state_ptr.dtype.element_ty), mask=cmask & (from_x | ~has_init) & (end_pos > pos0))
 
 
 @triton.jit
@@ -150,8 +151,8 @@ def causal_conv1d(
     x: [T, C] raw xBC rows of all sequences; weight: [C, K]; bias: [C] or None;
     cu_seqlens: [B+1] int32; seq_lens: [B] int32, so sequence b's rows sit at positions
     seq_lens[b] - L_b .. seq_lens[b] - 1; conv_state: [S, K, C] ring, read for sequences with
-    has_initial_state and updated in place for every sequence (afterwards it holds the K positions
-    before seq_lens[b]); state_slots: [B] int64; has_initial_state: [B] bool.
+    has_initial_state and updated in place for every sequence with tokens (afterwards it holds the K
+    positions before seq_lens[b]); state_slots: [B] int64; has_initial_state: [B] bool.
     Returns [T, C] in x's dtype: out[t] = silu(bias + sum_k weight[:, k] * window[t + k]) where the
     window is the K-1 rows before the sequence's first position followed by the sequence's rows.
     """

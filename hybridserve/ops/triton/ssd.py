@@ -173,7 +173,8 @@ def _ssd_one_pass_kernel(
     for t0 in range(start, end, BLOCK_T):
         state = _scan_block(state, x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, t0, end, h, g, ps, ns, pmask, nmask, a_h, d_h,
                             dtb, sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, BLOCK_T, DOT_PREC)
-    _store_state(sptr, smask, state, _key_of(seed, lens_ptr, seq, SR), _state_index(h, ps, ns, P, N), SR)
+    _store_state(sptr, smask & (end > start), state, _key_of(seed, lens_ptr, seq, SR), _state_index(h, ps, ns, P, N),
+                 SR)  # a sequence without tokens (CUDA-graph padding) writes nothing
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -230,7 +231,8 @@ def _ssd_state_pass_kernel(
             state = state * tl.exp(total) + tl.dot(tl.trans(wx), bm.to(tl.float32), input_precision=DOT_PREC)
             off += total
         r += 1
-    _store_state(sptr, smask, state, _key_of(seed, lens_ptr, seq, SR), _state_index(h, ps, ns, P, N), SR)
+    _store_state(sptr, smask & (end > start), state, _key_of(seed, lens_ptr, seq, SR), _state_index(h, ps, ns, P, N),
+                 SR)  # a sequence without tokens (CUDA-graph padding) writes nothing
 
 
 @triton.jit
@@ -330,7 +332,8 @@ def ssd_varlen(
     state belongs to position seq_lens - 1); ssm_state: [S, H, P, N], read for sequences with
     has_initial_state, overwritten in place with each sequence's final state; state_slots: [B] int64;
     has_initial_state: [B] bool; state_seed: int in [0, 2^31) for stochastic rounding of a 16-bit
-    state, or None (round to nearest). Returns y [T, H, P] in x's dtype.
+    state, or None (round to nearest). A sequence with no tokens leaves its slot alone. Returns
+    y [T, H, P] in x's dtype.
     """
     return _ssd_prefill(x, dt_raw, A_log, B, C, D, dt_bias, cu_seqlens, seq_lens, ssm_state, state_slots,
                         has_initial_state, state_seed, chunked=True)
