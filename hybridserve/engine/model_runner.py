@@ -245,13 +245,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_prefill_graph(self, tokens: int) -> None:
         """One eager step shaped as the largest prefill graph: `tokens` tokens over MAX_SEQS sequences
-        and a padding one, MAX_SEQS logits rows."""
+        and a padding one, MAX_SEQS logits rows (every sequence on one scratch slot and the same
+        blocks: the scratch cache is no part of the peak that matters)."""
         n = MAX_SEQS + 1
         lengths = [tokens // n] * (n - 1) + [tokens - tokens // n * (n - 1)]
         width = -(-max(lengths) // self.block_size)
-        plan = synthetic_plan([[0] * k for k in lengths], [0] * n, list(range(n)), [list(range(width))] * n,
+        plan = synthetic_plan([[0] * k for k in lengths], [0] * n, [0] * n, [list(range(width))] * n,
                               sample_token_indices=list(range(MAX_SEQS)))
-        self._scratch_step(plan, n, width, width, sample=False)
+        self._scratch_step(plan, 1, width, width, sample=False)
 
     def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:
         """Run a plan on a scratch cache, through the same packer and sampler as real steps."""
