@@ -64,9 +64,10 @@ class MemoryPlan:
         parts = []
         if self.in_use:  # GPU: the budget also holds the weights and the reserves
             parts = [f"weights {self.weights / _GIB:.2f}", f"other in use {(self.in_use - self.weights) / _GIB:.2f}",
-                     f"activations {self.step_peak / _GIB:.2f} ({self.sample_rows} sample rows)",
-                     f"CUDA graphs {self.graphs / _GIB:.2f} (decode batch <= {self.graph_batch}, "
-                     f"prefill <= {self.graph_tokens} tokens)"]
+                     f"activations {self.step_peak / _GIB:.2f} ({self.sample_rows} sample rows)"]
+            if self.graph_batch:  # not eager
+                parts.append(f"CUDA graphs {self.graphs / _GIB:.2f} (decode batch <= {self.graph_batch}, "
+                             f"prefill <= {self.graph_tokens} tokens)")
         parts += [f"Mamba state {state / _GIB:.2f} ({self.num_slots} slots)",
                   f"prefix-cache snapshots {self.num_snapshots * self.slot_bytes / _GIB:.2f} ({self.num_snapshots})",
                   f"KV {kv / _GIB:.2f} ({self.num_blocks} blocks)"]

@@ -21,7 +21,9 @@ SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=8, igno
 
 
 def with_core(tiny_config, fn, **fields):
-    """Build a GPU engine, call fn(core), free the engine (the next one's budget counts what is in use)."""
+    """Build a GPU engine, call fn(core), free the engine (the next one's budget counts what is in use).
+    4,096 KV blocks unless given (None: as many as fit): the per-step invariant checks walk them all."""
+    fields.setdefault("num_kv_blocks", 4096)
     config = EngineConfig(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2,
                           max_num_batched_tokens=512, **fields)
     core = EngineCore(config, tiny_config)
@@ -88,7 +90,7 @@ def test_graphs_under_preemption_and_memory_sizing(tiny_config):
     def sized(core):
         assert core.layout.num_slots == 16 and core.layout.num_blocks > 1000  # 20 % of a GPU is plenty for the tiny model
 
-    with_core(tiny_config, sized, max_num_seqs=16)
+    with_core(tiny_config, sized, max_num_seqs=16, num_kv_blocks=None)
 
     def tight_run(core):
         assert core.layout.num_blocks == 20  # only 20 blocks in play: preemption

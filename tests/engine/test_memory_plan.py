@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -39,10 +40,11 @@ def test_memory_plan_summary_names_every_part():
                       block_bytes=1 << 22, max_num_seqs=1024, max_model_len=2064)
     text = plan.summary()
     for part in ("80.00 =", "weights 59.00", "other in use 3.00", "activations 1.00 (186 sample rows)",
-                 "CUDA graphs 0.50 (decode batch <= 186, prefill <= 2048 tokens)", "(186 slots)", "prefix-cache snapshots 0.50 (32)", "(1000 blocks)",
-                 "186 sequences",
-                 "max_num_seqs 1024"):
+                 "CUDA graphs 0.50 (decode batch <= 186, prefill <= 2048 tokens)", "(186 slots)",
+                 "prefix-cache snapshots 0.50 (32)", "(1000 blocks)", "186 sequences", "max_num_seqs 1024"):
         assert part in text, part
+    eager = dataclasses.replace(plan, graphs=0, graph_batch=0, graph_tokens=0).summary()
+    assert "CUDA graphs" not in eager and "activations 1.00" in eager  # --enforce-eager: no graph reserve
 
 
 def test_capture_sizes_fine_then_coarse_up_to_the_limit():

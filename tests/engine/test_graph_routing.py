@@ -1,0 +1,78 @@
+"""The CUDA-graph routing and padding of `StepGraphs`, through the engine on CPU: every step a graph
+would run (pure decodes padded to a batch size, prefill / mixed steps padded to a token size with
+empty sequences) runs here eagerly on the graphs' padded static inputs and shared logits buffer,
+and the tokens equal plain eager steps', greedy and seeded, with chunked prompts, n > 1 forks,
+prompt logprobs and prefix-cache snapshots (those steps fall back to eager). The capture itself
+needs a GPU (tests/engine/test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from hybridserve.config import EngineConfig
+from hybridserve.engine.cuda_graphs import MAX_SEQS, DecodeGraphs, PrefillGraphs, StepGraphs
+from hybridserve.engine.engine_core import EngineCore
+from hybridserve.sampling_params import SamplingParams
+from tests.engine.test_engine_core import mixed_prompts, run
+
+
+class PaddedEagerGraphs(StepGraphs):
+    """StepGraphs' routing and padding without capturing: a "replay" runs the padded batch eagerly.
+    Counts the steps each family ran."""
+
+    def __init__(self, runner, max_prefill_tokens: int) -> None:  # no super().__init__: nothing to capture
+        self.model, self.cache = runner.model, runner.cache
+        args = (runner.max_blocks_per_seq, runner.block_size, runner.pad_slot, runner.pad_block, runner.device)
+        self.decode = DecodeGraphs(runner.max_graph_batch, *args)
+        self.prefill = PrefillGraphs(max_prefill_tokens, *args)
+        self.logits = torch.full((max(self.decode.max_batch, MAX_SEQS), runner.model.config.vocab_size), float("nan"))
+        self.replays = {"decode": 0, "prefill": 0}
+        for name, family in (("decode", self.decode), ("prefill", self.prefill)):
+            family.replay = self._eager(name, family)
+
+    def _eager(self, name, family):
+        def replay(batch, n):
+            g = family.size_for(n)
+            family._fill(batch, g)
+            padded = family._batch(g)
+            self.model(padded, self.cache, self.logits[: padded.logits_indices.shape[0]])
+            self.replays[name] += 1
+
+        return replay
+
+
+def engine(tiny_config, graphs: bool, **fields) -> EngineCore:
+    config = EngineConfig(model="tiny", device="cpu", max_model_len=256, max_num_batched_tokens=200, **fields)
+    core = EngineCore(config, tiny_config)
+    if graphs:
+        core.runner.graphs = PaddedEagerGraphs(core.runner, 200)
+    return core
+
+
+PROMPTS = [p * 2 for p in mixed_prompts(24, seed=5)]  # up to 180 tokens: chunked over several steps
+PARAMS = [SamplingParams(temperature=0.8 * (i % 2), top_p=0.9, seed=i, n=1 + i % 3, max_tokens=4 + i % 9,
+                         ignore_eos=True, prompt_logprobs=2 if i == 5 else None) for i in range(24)]
+
+
+def test_padded_graph_steps_give_the_eager_tokens(tiny_config):
+    expected = run(engine(tiny_config, False, enable_prefix_caching=False), PROMPTS, PARAMS)
+    core = engine(tiny_config, True, enable_prefix_caching=False)
+    assert run(core, PROMPTS, PARAMS) == expected
+    replays = core.runner.graphs.replays
+    assert replays["decode"] >= 5 and replays["prefill"] >= 5, replays
+
+
+def test_padded_graph_steps_with_prefix_caching(tiny_config):
+    """Misses capture prefix-cache snapshots (eager steps); the second wave's prompts extend the
+    first's and hit, resuming from snapshots (graph steps)."""
+    first = [p[:60] for p in PROMPTS]
+    second = [p + q[:20] for p, q in zip(first, reversed(PROMPTS))]
+
+    def waves(core):
+        return run(core, first, PARAMS), run(core, second, PARAMS), core.scheduler.cache.hits_total
+
+    expected = waves(engine(tiny_config, False, prefix_cache_snapshots=128))  # none evicted
+    core = engine(tiny_config, True, prefix_cache_snapshots=128)
+    got = waves(core)
+    assert got == expected and got[2] > 0  # the second wave hit
+    assert core.runner.graphs.replays["prefill"] >= 1, core.runner.graphs.replays  # steps without a capture
