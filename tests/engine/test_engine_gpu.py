@@ -23,9 +23,9 @@ SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=8, igno
 def with_core(tiny_config, fn, **fields):
     """Build a GPU engine, call fn(core), free the engine (the next one's budget counts what is in use).
     4,096 KV blocks unless given (None: as many as fit): the per-step invariant checks walk them all."""
-    fields.setdefault("num_kv_blocks", 4096)
-    config = EngineConfig(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2,
-                          max_num_batched_tokens=512, **fields)
+    settings = dict(model="tiny", device="cuda", max_model_len=256, gpu_memory_utilization=0.2,
+                    max_num_batched_tokens=512, num_kv_blocks=4096)
+    config = EngineConfig(**{**settings, **fields})
     core = EngineCore(config, tiny_config)
     try:
         return fn(core)
