@@ -11,6 +11,7 @@ turnaround (token copy wait, output processing, scheduling, packing) when it doe
 Prints a table and one JSON line.
 
     python bench/host_gap.py [--concurrency 1 64 256] [--input-len 256] [--output-len 128] [--top-p 1.0]
+        [--quantization fp8 --mamba-ssm-cache-dtype bfloat16] [--modes async]
 
 `--device cpu --model tiny` runs the same path on CPU as a smoke test (wall-clock timestamps
 instead of events; there the "device" is the host, so nothing overlaps).
@@ -109,6 +110,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--top-p", type=float, default=1.0, help="< 1 exercises the filtered sampling path")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quantization", default=None, help="fp8: 1,024 sequences fit beside FP8 weights")
+    ap.add_argument("--mamba-ssm-cache-dtype", default="auto")
+    ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
     args = ap.parse_args()
 
     from hybridserve.engine.llm import LLM
@@ -121,9 +125,10 @@ def main() -> int:
     print(f"{'async':>5} {'conc':>5} {'steps':>6} {'tok/s':>9} {'step ms':>8} {'gap mean':>9} {'p50':>7} "
           f"{'p99':>7} {'idle':>5}")
     model = None  # the weights are built once and shared by both engines
-    for async_scheduling in (False, True):
+    for async_scheduling in [mode == "async" for mode in args.modes]:
         llm = LLM(model=args.model, load_format="dummy", device=args.device, max_num_seqs=max(args.concurrency),
                   max_model_len=args.input_len + args.output_len + 16, async_scheduling=async_scheduling,
+                  quantization=args.quantization, mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
                   model_instance=model)
         model = llm.engine.runner.model
         marks = instrument(llm.engine.runner, clock)
