@@ -3,7 +3,8 @@
 card's ceilings measured in the same run (device-to-device copy bandwidth, bf16 matmul rate).
 
 Usage (on a CUDA machine): python bench/ops.py [--quick] [--sweep] [--only SECTIONS] [--json-out PATH] [--md-out PATH]
-       python bench/ops.py --moe-sweep [--write-table PATH]   (fused_moe launch shapes per token bucket, bf16 + fp8)
+       python bench/ops.py --moe-sweep [--write-table PATH] [--moe-dtypes fp8] [--compile-workers 8]
+           (fused_moe launch shapes per token bucket, bf16 + fp8; candidates compiled in parallel first)
 Prints a table, then one JSON line. Times are medians of `triton.testing.do_bench_cudagraph`
 (kernel time as a decode step's CUDA graph sees it; `do_bench` where capture fails). Inputs rotate
 over several copies so that repeated runs do not measure the 50 MB L2 instead of HBM.
@@ -346,22 +347,14 @@ def bench_fp8(tb, quick):
                        n * k + t * (k + 2 * n), flops)
 
 
-def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8")):
-    """fused_moe launch shapes per token bucket and weight dtype: each decode candidate at each
-    bucket's upper end (spread routing), KM.PREFILL_CANDIDATES at 4096 / 8192 tokens; every output
-    compared with the float32 gold of the same (dequantized) weights, within the shipped config's own
-    error (fp8 dots quantize the activations too, weight-only fp8 does not); the best per (bucket,
-    dtype) makes the table (moe_configs.json)."""
+def _moe_sweep_plan(dtypes) -> list[tuple[bool, int | None, tuple[int, ...], list[dict]]]:
+    """(fp8, bucket, token counts, candidates) of every step of the fused_moe sweep, in order."""
     decode = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
               for bm, bn, bk in ((16, 32, 256), (16, 64, 128), (16, 64, 256), (16, 128, 128), (32, 64, 128),
                                  (32, 128, 128), (64, 128, 64), (64, 128, 128), (64, 64, 128))
               for st in (3, 4)]
-    shipped = json.loads(KM.CONFIG_FILE.read_text())
-    table = {"about": shipped["about"], "measured": shipped["measured"], **{dt: shipped[dt] for dt in ("bf16", "fp8")}}
+    plan = []
     for fp8 in [dt == "fp8" for dt in dtypes]:
-        dt = "fp8" if fp8 else "bf16"
-        expert_bytes = 2 * INTER * HIDDEN * (1 if fp8 else 2)
-        rows = []
         for bucket in (2, 16, 64, 128, 256, 512, 1024, None):
             ts = (4096, 8192) if bucket is None else (bucket,)
             cands = KM.PREFILL_CANDIDATES if bucket is None else decode
@@ -373,42 +366,97 @@ def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8")
                     cands = [c for c in cands if c["num_stages"] == 3]
                 cands = [dict(c, BLOCK_K=2 * c["BLOCK_K"]) for c in cands] + \
                     ([dict(c, W8A16=True) for c in cands] if bucket is not None else [])
-            total = [0.0] * len(cands)
-            for t in ts:
-                x, w, ids = moe_inputs(t)
-                touched = ids.unique().numel()
-                nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
-                flops = 2 * t * TOPK * 2 * HIDDEN * INTER
-                gold = moe_gold(x, w, ids, experts, fp8)
-                shipped_err = rel_err(moe_call(x, w, ids, experts, fp8, KM._config(t, fp8))(), gold)
-                tol = max(2e-2, 1.5 * shipped_err)
-                for i, cfg in enumerate(cands):
-                    tag = f"T={t} {KM.describe(cfg)}" + (" (table)" if dict(cfg, max_tokens=bucket) == KM._config(t, fp8) else "")
-                    try:
-                        fn = moe_call(x, w, ids, experts, fp8, cfg)
-                        err = rel_err(fn(), gold)
-                        ms = timed(fn)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  candidate {tag} failed: {type(e).__name__}: {str(e)[:200]}")
-                        total[i] = math.inf
-                        continue
-                    if err > tol:
-                        print(f"  candidate {tag} is off the float32 gold: rel err {err:.2e} > {tol:.2e}")
-                        total[i] = math.inf
-                        continue
-                    total[i] += ms
-                    tb.add(f"fused_moe {dt} sweep", tag, ms, nbytes, flops)
-            best = min(range(len(cands)), key=total.__getitem__)
-            rows.append(dict(max_tokens=bucket, **cands[best]))
-            print(f"  best {dt} for T <= {bucket}: {KM.describe(cands[best])}")
-            # written after every bucket (the shipped rows past it), so a sweep cut short still leaves a table
-            later = [r for r in shipped[dt] if bucket is not None and (r["max_tokens"] is None or r["max_tokens"] > bucket)]
-            table[dt] = rows + later
-            table["measured"][dt] = f"{torch.cuda.get_device_name()}, bench/ops.py --moe-sweep, {time.strftime('%Y-%m-%d')}" + \
-                (f" (T <= {bucket}; shipped rows above)" if later else "")
-            if write_table:
-                with open(write_table, "w") as f:
-                    f.write(json.dumps(table, indent=1) + "\n")
+            plan.append((fp8, bucket, ts, cands))
+    return plan
+
+
+def _compile_moe_candidates(jobs: list[tuple[bool, int, dict]]) -> int:
+    """Worker process: run each (fp8, tokens, config) once on zero weights of the real shapes, so its
+    Triton kernels land in the on-disk cache the sweep then reads. Returns how many failed to build."""
+    w_up = torch.zeros(E, INTER, HIDDEN, device=DEV, dtype=BF)
+    w_down = torch.zeros(E, HIDDEN, INTER, device=DEV, dtype=BF)
+    ones = torch.ones(E, device=DEV)
+    experts = (w_up, w_down, w_up.to(F8), w_down.to(F8), ones, ones)
+    failed = 0
+    for fp8, t, cfg in jobs:
+        x, w, ids = moe_inputs(t)
+        try:
+            moe_call(x, w, ids, experts, fp8, cfg)()
+        except Exception:  # noqa: BLE001  (the sweep itself reports it)
+            failed += 1
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile_moe_sweep(plan, workers: int) -> None:
+    """Compile every candidate of the sweep in `workers` processes at once (compiling ~150 Triton
+    configurations one after another takes minutes; the timing loop then finds them cached)."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(fp8, t, cfg) for fp8, _, ts, cands in plan for t in ts for cfg in cands]
+    t0 = time.time()
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = sum(pool.map(_compile_moe_candidates, [jobs[i::workers] for i in range(workers)]))
+    print(f"  compiled {len(jobs)} sweep candidates in {workers} processes in {time.time() - t0:.0f} s "
+          f"({failed} failed to build)", flush=True)
+
+
+def bench_moe_sweep(tb, experts, write_table: str | None, dtypes=("bf16", "fp8"), compile_workers: int = 0):
+    """fused_moe launch shapes per token bucket and weight dtype: each decode candidate at each
+    bucket's upper end (spread routing), KM.PREFILL_CANDIDATES at 4096 / 8192 tokens; every output
+    compared with the float32 gold of the same (dequantized) weights, within the shipped config's own
+    error (fp8 dots quantize the activations too, weight-only fp8 does not); the best per (bucket,
+    dtype) makes the table (moe_configs.json). compile_workers > 1: compile the candidates in that
+    many processes first."""
+    plan = _moe_sweep_plan(dtypes)
+    if compile_workers > 1:
+        try:
+            precompile_moe_sweep(plan, compile_workers)
+        except Exception as e:  # noqa: BLE001  (the sweep then compiles each candidate as it times it)
+            print(f"  parallel compile failed ({type(e).__name__}: {str(e)[:200]}); compiling one by one", flush=True)
+    shipped = json.loads(KM.CONFIG_FILE.read_text())
+    table = {"about": shipped["about"], "measured": shipped["measured"], **{dt: shipped[dt] for dt in ("bf16", "fp8")}}
+    rows = {"bf16": [], "fp8": []}
+    for fp8, bucket, ts, cands in plan:
+        dt = "fp8" if fp8 else "bf16"
+        expert_bytes = 2 * INTER * HIDDEN * (1 if fp8 else 2)
+        total = [0.0] * len(cands)
+        for t in ts:
+            x, w, ids = moe_inputs(t)
+            touched = ids.unique().numel()
+            nbytes = touched * expert_bytes + 2 * t * HIDDEN * 2
+            flops = 2 * t * TOPK * 2 * HIDDEN * INTER
+            gold = moe_gold(x, w, ids, experts, fp8)
+            shipped_err = rel_err(moe_call(x, w, ids, experts, fp8, KM._config(t, fp8))(), gold)
+            tol = max(2e-2, 1.5 * shipped_err)
+            for i, cfg in enumerate(cands):
+                tag = f"T={t} {KM.describe(cfg)}" + (" (table)" if dict(cfg, max_tokens=bucket) == KM._config(t, fp8) else "")
+                try:
+                    fn = moe_call(x, w, ids, experts, fp8, cfg)
+                    err = rel_err(fn(), gold)
+                    ms = timed(fn)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  candidate {tag} failed: {type(e).__name__}: {str(e)[:200]}")
+                    total[i] = math.inf
+                    continue
+                if err > tol:
+                    print(f"  candidate {tag} is off the float32 gold: rel err {err:.2e} > {tol:.2e}")
+                    total[i] = math.inf
+                    continue
+                total[i] += ms
+                tb.add(f"fused_moe {dt} sweep", tag, ms, nbytes, flops)
+        best = min(range(len(cands)), key=total.__getitem__)
+        rows[dt].append(dict(max_tokens=bucket, **cands[best]))
+        print(f"  best {dt} for T <= {bucket}: {KM.describe(cands[best])}", flush=True)
+        # written after every bucket (the shipped rows past it), so a sweep cut short still leaves a table
+        later = [r for r in shipped[dt] if bucket is not None and (r["max_tokens"] is None or r["max_tokens"] > bucket)]
+        table[dt] = rows[dt] + later
+        table["measured"][dt] = f"{torch.cuda.get_device_name()}, bench/ops.py --moe-sweep, {time.strftime('%Y-%m-%d')}" + \
+            (f" (T <= {bucket}; shipped rows above)" if later else "")
+        if write_table:
+            with open(write_table, "w") as f:
+                f.write(json.dumps(table, indent=1) + "\n")
     if write_table:
         print(f"wrote {write_table}: copy it to {KM.CONFIG_FILE} to ship it")
 
@@ -538,6 +586,7 @@ def main() -> int:
     ap.add_argument("--moe-sweep", action="store_true", help="only the fused_moe launch-shape sweep (bf16 + fp8)")
     ap.add_argument("--write-table", default=None, help="--moe-sweep: write the best shapes as moe_configs.json here")
     ap.add_argument("--moe-dtypes", default="bf16,fp8", help="--moe-sweep: weight dtypes to sweep (others keep the shipped rows)")
+    ap.add_argument("--compile-workers", type=int, default=8, help="--moe-sweep: processes compiling the candidates first")
     ap.add_argument("--only", default=None, help="comma-separated sections: ssm,conv,attention,moe,fp8,norms,sampling")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--md-out", default=None, help="also write the table as markdown (docs/performance.md)")
@@ -562,7 +611,8 @@ def main() -> int:
         fp8=lambda: bench_fp8(tb, args.quick),
         norms=lambda: bench_norms(tb, args.quick), sampling=lambda: bench_sampling(tb, args.quick))
     names = args.only.split(",") if args.only else list(all_sections)
-    sections = [lambda: bench_moe_sweep(tb, experts, args.write_table, args.moe_dtypes.split(","))] if args.moe_sweep else [all_sections[k] for k in names]
+    sections = [lambda: bench_moe_sweep(tb, experts, args.write_table, args.moe_dtypes.split(","),
+                                   args.compile_workers)] if args.moe_sweep else [all_sections[k] for k in names]
     for section in sections:
         try:
             section()
