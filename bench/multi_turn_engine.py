@@ -51,7 +51,7 @@ def main() -> None:
 
     def traced(plan):
         prefill = [int(n) for n in plan.num_new_tokens if n > 1]
-        graphed = graphs is not None and (graphs.decode.fits(plan) or bool(graphs.prefill and graphs.prefill.fits(plan)))
+        graphed = graphs is not None and (graphs.decode.fits(plan) or any(f.fits(plan) for f in graphs.prefill))
         steps.append(dict(t=time.perf_counter(), tokens=int(plan.num_tokens), prefill_seqs=len(prefill),
                           prefill_tokens=sum(prefill), captures=len(plan.captures), graph=graphed))
         return forward(plan)

@@ -64,10 +64,10 @@ def main() -> None:
         for captures in (0, 1, 2):
             result[f"eager_{captures}_captures_ms"] = ms = wall_ms(lambda k=captures: model(batch(k), cache))
             print(f"{b} x {n} tokens from {c} cached, {captures} captures per sequence: {ms:.1f} ms wall", flush=True)
-        graphs = StepGraphs(model, cache, max_decode_batch=1, max_prefill_tokens=b * n, max_blocks_per_seq=per_seq,
-                            pad_slot=3 * b, pad_block=b * per_seq)
+        graphs = StepGraphs(model, cache, max_decode_batch=1, max_prefill_tokens=b * n, prefill_while_decoding=b * n,
+                            max_blocks_per_seq=per_seq, pad_slot=3 * b, pad_block=b * per_seq)
         plain = batch(0)
-        result["graph_ms"] = ms = wall_ms(lambda: graphs.prefill.replay(plain, b * n))
+        result["graph_ms"] = ms = wall_ms(lambda: graphs.prefill[0].replay(plain, b * n))
         print(f"{b} x {n} tokens from {c} cached, as a prefill CUDA graph: {ms:.1f} ms wall", flush=True)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             model(batch(2), cache)

@@ -287,9 +287,10 @@ class EngineConfig:
         "largest decode batch run as a CUDA graph, bigger ones run eager (default: max_num_seqs, "
         "capped at the state slots that fit)")})
     max_prefill_graph_tokens: int = field(default=2048, metadata={"help": (
-        "largest prefill or mixed step (tokens) run as a CUDA graph; such a step has at most 32 sequences and "
-        "no prefix-cache snapshot inside, else it runs eager (small steps are launch-bound eager: a graph "
-        "costs a fraction of the host time). 0: none")})
+        "largest prefill or mixed step (tokens) run as a CUDA graph; such a step has at most 32 sequences, or up "
+        "to the largest decode batch beside at most --max-prefill-tokens-while-decoding prompt tokens, and no "
+        "prefix-cache snapshot inside, else it runs eager (such steps are launch-bound eager: a graph costs a "
+        "fraction of the host time). 0: none")})
     async_scheduling: bool = field(default=True, metadata={"help": (
         "overlap the host and the GPU: schedule and launch step N+1 before waiting for step N's tokens "
         "(the same outputs; --no-async-scheduling: every step waits for the previous step's tokens)")})

@@ -5,10 +5,13 @@ host time issuing ≈ 2,000 launches. So each padded step shape gets one capture
 forward, in two families:
 - `DecodeGraphs`: b sequences of one token each (every sample row reads its own sequence), padded
   to the next captured batch size g >= b.
-- `PrefillGraphs`: any other step of at most `max_tokens` tokens, `MAX_SEQS` sequences and
-  `MAX_SEQS` logits rows, without state captures. The tokens are padded to the next captured size
-  by one padding sequence (no initial state, fresh from zeros); the sequences are padded to
-  MAX_SEQS by empty ones, which the varlen ops skip (an empty sequence leaves its slot alone).
+- `PrefillGraphs`: any other step without state captures, in families by sequence count
+  (`prefill_families`): up to `MAX_SEQS` sequences at every token size of `prefill_sizes`, and, for
+  the mixed steps of a big decode batch (hundreds of decodes beside one prompt chunk: at high
+  concurrency nearly every step), 128, 256, 512, ... sequences at token sizes just above that. The
+  tokens are padded to the next captured size by one padding sequence (no initial state, fresh from
+  zeros); the sequences are padded to the family's count by empty ones, which the varlen ops skip
+  (an empty sequence leaves its slot alone). A step takes the narrowest family that fits it.
 Padding rows point at the runner's spare state slot and KV block, so they never touch a live
 sequence; a padding sequence's tokens write the spare block's entries its attention reads.
 
@@ -32,7 +35,9 @@ from hybridserve.model.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQS = 32  # sequences (and logits rows) of a graphed prefill step; below every token size
+MAX_SEQS = 32  # sequences (and logits rows) of the narrow prefill graphs; below every token size
+WIDE_SEQS = 128  # the narrowest of the wide families (then doubling up to the largest decode batch)
+WIDE_TOKEN_STEP = 256  # token sizes of the wide families
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -51,6 +56,22 @@ def prefill_sizes(max_tokens: int) -> list[int]:
         return []
     sizes = [*range(64, 513, 64), *range(640, 1025, 128), *range(1280, max_tokens + 1, 256)]
     return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
+def prefill_families(max_tokens: int, max_decode_batch: int, prefill_while_decoding: int) -> list[tuple[int, list[int]]]:
+    """(sequences, token sizes) of each prefill-graph family, narrowest first, no size above
+    max_tokens: MAX_SEQS sequences at `prefill_sizes(max_tokens)`; then WIDE_SEQS, twice that, ...
+    and max_decode_batch itself (no step has more sequences than the largest decode batch) at every
+    WIDE_TOKEN_STEP tokens above the sequence count, up to the count plus `prefill_while_decoding`
+    (the scheduler's prompt-token cap while sequences decode)."""
+    families = [(MAX_SEQS, prefill_sizes(max_tokens))] if prefill_sizes(max_tokens) else []
+    counts = [c for c in (WIDE_SEQS << i for i in range(32)) if c < max_decode_batch]
+    for seqs in [*counts, max_decode_batch] if max_decode_batch > MAX_SEQS else []:
+        top = min(max_tokens, seqs + prefill_while_decoding)
+        sizes = [*range((seqs // WIDE_TOKEN_STEP + 1) * WIDE_TOKEN_STEP, top, WIDE_TOKEN_STEP), top]
+        if top > seqs:
+            families.append((seqs, sizes))
+    return families
 
 
 class _Family:
@@ -140,15 +161,16 @@ class DecodeGraphs(_Family):
 
 
 class PrefillGraphs(_Family):
-    """Prefill and mixed steps of up to `max_tokens` tokens and MAX_SEQS sequences (see the module
-    docstring). `padded(batch)` is the batch the graph runs, usable eagerly too (the CPU tests)."""
+    """Prefill and mixed steps of up to `max_seqs` sequences (and logits rows) at the token `sizes`
+    (see the module docstring). `padded(batch)` is the batch the graph runs, usable eagerly too (the
+    CPU tests)."""
 
-    def __init__(self, max_tokens: int, max_blocks_per_seq: int, block_size: int, pad_slot: int, pad_block: int,
-                 device) -> None:
+    def __init__(self, sizes: list[int], max_seqs: int, max_blocks_per_seq: int, block_size: int, pad_slot: int,
+                 pad_block: int, device) -> None:
         super().__init__()
-        self.sizes = prefill_sizes(max_tokens)
-        assert self.sizes and self.sizes[0] > MAX_SEQS, "a step of as many tokens as sequences reads as a decode"
-        t, s = self.sizes[-1], MAX_SEQS + 1  # room for the padding sequence after MAX_SEQS real ones
+        self.sizes, self.max_seqs = sizes, max_seqs
+        assert sizes and sizes[0] > max_seqs, "a step of as many tokens as sequences reads as a decode"
+        t, s = sizes[-1], max_seqs + 1  # room for the padding sequence after max_seqs real ones
         self.pad_slot, self.pad_block = pad_slot, pad_block
         # padding token i writes (and its attention reads) entry i % block_size of the spare block
         self.pad_slot_mapping = pad_block * block_size + torch.arange(t, device=device) % block_size
@@ -161,15 +183,15 @@ class PrefillGraphs(_Family):
         # wide enough for the padding sequence, which may be longer than max_model_len
         width = max(max_blocks_per_seq, -(-t // block_size))
         self.block_tables = torch.full((s, width), pad_block, dtype=torch.int32, device=device)
-        self.logits_indices = torch.zeros(MAX_SEQS, dtype=torch.int64, device=device)
+        self.logits_indices = torch.zeros(max_seqs, dtype=torch.int64, device=device)
 
     @property
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
     def fits(self, plan: StepPlan) -> bool:
-        return (plan.num_tokens <= self.max_tokens and plan.num_seqs <= MAX_SEQS
-                and plan.num_logits_rows <= MAX_SEQS and not len(plan.captures))
+        return (plan.num_tokens <= self.max_tokens and plan.num_seqs <= self.max_seqs
+                and plan.num_logits_rows <= self.max_seqs and not len(plan.captures))
 
     def padded(self, batch: ForwardBatch) -> ForwardBatch:
         """The step padded to its captured size, in the static inputs."""
@@ -213,27 +235,28 @@ class PrefillGraphs(_Family):
 
 
 class StepGraphs:
-    """Both families over one pool and one logits buffer; `run(plan, batch)` replays the graph that
+    """All families over one pool and one logits buffer; `run(plan, batch)` replays the graph that
     fits the step and returns its logits [R, V] (a view of the shared buffer), or None (run eager)."""
 
     def __init__(self, model: torch.nn.Module, cache: HybridCache, *, max_decode_batch: int, max_prefill_tokens: int,
-                 max_blocks_per_seq: int, pad_slot: int, pad_block: int) -> None:
+                 prefill_while_decoding: int, max_blocks_per_seq: int, pad_slot: int, pad_block: int) -> None:
         self.model, self.cache = model, cache
         device, bs = cache.kv.device, cache.block_size
         self.decode = DecodeGraphs(max_decode_batch, max_blocks_per_seq, bs, pad_slot, pad_block, device)
-        self.prefill = (PrefillGraphs(max_prefill_tokens, max_blocks_per_seq, bs, pad_slot, pad_block, device)
-                        if prefill_sizes(max_prefill_tokens) else None)
-        rows = max(self.decode.max_batch, MAX_SEQS if self.prefill else 0)
+        self.prefill = [PrefillGraphs(sizes, seqs, max_blocks_per_seq, bs, pad_slot, pad_block, device)
+                        for seqs, sizes in prefill_families(max_prefill_tokens, max_decode_batch, prefill_while_decoding)]
+        rows = max([self.decode.max_batch] + [f.max_seqs for f in self.prefill])
         self.logits = torch.empty(rows, model.config.vocab_size, dtype=torch.float32, device=device)
         self._capture()
 
     def run(self, plan: StepPlan, batch: ForwardBatch) -> torch.Tensor | None:
         if self.decode.fits(plan):
             self.decode.replay(batch, plan.num_seqs)
-        elif self.prefill is not None and self.prefill.fits(plan):
-            self.prefill.replay(batch, plan.num_tokens)
         else:
-            return None
+            family = next((f for f in self.prefill if f.fits(plan)), None)
+            if family is None:
+                return None
+            family.replay(batch, plan.num_tokens)
         return self.logits[: plan.num_logits_rows]
 
     @torch.inference_mode()
@@ -243,12 +266,11 @@ class StepGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         pool = None
         with torch.cuda.stream(stream):
-            for family in (self.decode, self.prefill):
-                if family is not None:
-                    pool = family.capture(self.model, self.cache, self.logits, pool, stream)
+            for family in (self.decode, *reversed(self.prefill)):  # the widest first
+                pool = family.capture(self.model, self.cache, self.logits, pool, stream)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        prefill = f", prefill/mixed steps up to {self.prefill.max_tokens} tokens and {MAX_SEQS} sequences " \
-                  f"({len(self.prefill.sizes)})" if self.prefill else ""
+        prefill = "".join(f"; prefill/mixed steps of <= {f.max_seqs} sequences, {f.sizes[0]}..{f.max_tokens} tokens "
+                          f"({len(f.sizes)})" for f in self.prefill)
         logger.info("captured CUDA graphs: decode batch 1..%d (%d)%s in %.1f s", self.decode.max_batch,
                     len(self.decode.sizes), prefill, time.perf_counter() - start)

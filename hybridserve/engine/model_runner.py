@@ -26,7 +26,7 @@ import torch
 
 from hybridserve.config import EngineConfig, ModelConfig
 from hybridserve.engine.cache_manager import CacheLayout
-from hybridserve.engine.cuda_graphs import MAX_SEQS, StepGraphs, prefill_sizes
+from hybridserve.engine.cuda_graphs import StepGraphs, prefill_families
 from hybridserve.engine.input_packer import InputPacker, to_device
 from hybridserve.engine.memory_plan import MemoryPlan, fit_cache
 from hybridserve.engine.request import Request
@@ -110,8 +110,9 @@ class ModelRunner:
         if self.use_graphs:
             self.graphs = StepGraphs(
                 self.model, self.cache, max_decode_batch=self.max_graph_batch,
-                max_prefill_tokens=self._prefill_graph_tokens, max_blocks_per_seq=self.max_blocks_per_seq,
-                pad_slot=self.pad_slot, pad_block=self.pad_block,
+                max_prefill_tokens=self._prefill_graph_tokens,
+                prefill_while_decoding=self.config.max_prefill_tokens_while_decoding,
+                max_blocks_per_seq=self.max_blocks_per_seq, pad_slot=self.pad_slot, pad_block=self.pad_block,
             )
 
     # ---- one step ------------------------------------------------------------------------------
@@ -201,11 +202,13 @@ class ModelRunner:
             step_peak = torch.cuda.max_memory_allocated(self.device) - base
             if self.use_graphs:  # the graphs keep their activations in one pool of their own: its largest step
                 graph_batch = min(self._graph_limit, can_run)
-                graph_tokens = max(prefill_sizes(self._prefill_graph_tokens), default=0)
+                families = prefill_families(self._prefill_graph_tokens, graph_batch,
+                                            self.config.max_prefill_tokens_while_decoding)
+                graph_tokens = max((sizes[-1] for _, sizes in families), default=0)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 self._warm_up_decode(graph_batch)
-                if graph_tokens:
-                    self._warm_up_prefill_graph(graph_tokens)
+                for seqs, sizes in families:
+                    self._warm_up_prefill_graph(seqs, sizes[-1])
                 graphs = torch.cuda.max_memory_allocated(self.device) - base
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
@@ -243,15 +246,15 @@ class ModelRunner:
         self._scratch_step(synthetic_plan([[0]] * n, [1] * n, [0] * n, [[0]] * n), 1, 1, 1, sample=False)
 
     @torch.inference_mode()
-    def _warm_up_prefill_graph(self, tokens: int) -> None:
-        """One eager step shaped as the largest prefill graph: `tokens` tokens over MAX_SEQS sequences
-        and a padding one, MAX_SEQS logits rows (every sequence on one scratch slot and the same
-        blocks: the scratch cache is no part of the peak that matters)."""
-        n = MAX_SEQS + 1
+    def _warm_up_prefill_graph(self, seqs: int, tokens: int) -> None:
+        """One eager step shaped as the largest graph of a prefill family: `tokens` tokens over `seqs`
+        sequences and a padding one, `seqs` logits rows (every sequence on one scratch slot and the
+        same blocks: the scratch cache is no part of the peak that matters)."""
+        n = seqs + 1
         lengths = [tokens // n] * (n - 1) + [tokens - tokens // n * (n - 1)]
         width = -(-max(lengths) // self.block_size)
         plan = synthetic_plan([[0] * k for k in lengths], [0] * n, [0] * n, [list(range(width))] * n,
-                              sample_token_indices=list(range(MAX_SEQS)))
+                              sample_token_indices=list(range(seqs)))
         self._scratch_step(plan, 1, width, width, sample=False)
 
     def _scratch_step(self, plan: StepPlan, num_slots: int, num_blocks: int, width: int, *, sample: bool) -> None:

@@ -71,7 +71,8 @@ def test_prefill_graphs_match_eager_steps(tiny_config):
     fields = dict(max_num_seqs=24, max_num_batched_tokens=200, enable_prefix_caching=False)
 
     def graphed_run(core):
-        graphs = core.runner.graphs.prefill
+        assert len(core.runner.graphs.prefill) == 1  # no batch past 32 sequences: the narrow family only
+        graphs = core.runner.graphs.prefill[0]
         assert graphs.sizes == [64, 128, 192, 200]  # no step has more than max_num_batched_tokens
         replays = count_replays(graphs)
         out = run(core, prompts, GREEDY[:24]), run(core, prompts, SAMPLED[:24])
@@ -79,6 +80,24 @@ def test_prefill_graphs_match_eager_steps(tiny_config):
         return out
 
     expected = with_core(tiny_config, lambda core: (run(core, prompts, GREEDY[:24]), run(core, prompts, SAMPLED[:24])),
+                         enforce_eager=True, **fields)
+    assert with_core(tiny_config, graphed_run, **fields) == expected
+
+
+def test_wide_mixed_graphs_match_eager_steps(tiny_config):
+    """Mixed steps of more than 32 sequences (decodes beside prompt chunks) run in the wide family's
+    graphs, padded with empty sequences, and give the eager steps' tokens."""
+    fields = dict(max_num_seqs=40, enable_prefix_caching=False)
+
+    def graphed_run(core):
+        narrow, wide = core.runner.graphs.prefill
+        assert (narrow.max_seqs, wide.max_seqs, wide.sizes) == (32, 40, [256, 512])
+        replays = count_replays(wide)
+        out = run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)
+        assert sum(replays.values()) >= 2, replays
+        return out
+
+    expected = with_core(tiny_config, lambda core: (run(core, PROMPTS, GREEDY), run(core, PROMPTS, SAMPLED)),
                          enforce_eager=True, **fields)
     assert with_core(tiny_config, graphed_run, **fields) == expected
 

@@ -1,6 +1,6 @@
 """The CUDA-graph routing and padding of `StepGraphs`, through the engine on CPU: every step a graph
 would run (pure decodes padded to a batch size, prefill / mixed steps padded to a token size with
-empty sequences) runs here eagerly on the graphs' padded static inputs and shared logits buffer,
+empty sequences, in the narrow family or, past 32 sequences, a wide one) runs here eagerly on the graphs' padded static inputs and shared logits buffer,
 and the tokens equal plain eager steps', greedy and seeded, with chunked prompts, n > 1 forks,
 prompt logprobs and prefix-cache snapshots (those steps fall back to eager). The capture itself
 needs a GPU (tests/engine/test_engine_gpu.py)."""
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hybridserve.config import EngineConfig
-from hybridserve.engine.cuda_graphs import MAX_SEQS, DecodeGraphs, PrefillGraphs, StepGraphs
+from hybridserve.engine.cuda_graphs import MAX_SEQS, DecodeGraphs, PrefillGraphs, StepGraphs, prefill_families
 from hybridserve.engine.engine_core import EngineCore
 from hybridserve.sampling_params import SamplingParams
 from tests.engine.test_engine_core import mixed_prompts, run
@@ -24,10 +24,14 @@ class PaddedEagerGraphs(StepGraphs):
         self.model, self.cache = runner.model, runner.cache
         args = (runner.max_blocks_per_seq, runner.block_size, runner.pad_slot, runner.pad_block, runner.device)
         self.decode = DecodeGraphs(runner.max_graph_batch, *args)
-        self.prefill = PrefillGraphs(max_prefill_tokens, *args)
-        self.logits = torch.full((max(self.decode.max_batch, MAX_SEQS), runner.model.config.vocab_size), float("nan"))
-        self.replays = {"decode": 0, "prefill": 0}
-        for name, family in (("decode", self.decode), ("prefill", self.prefill)):
+        families = prefill_families(max_prefill_tokens, runner.max_graph_batch,
+                                    runner.config.max_prefill_tokens_while_decoding)
+        self.prefill = [PrefillGraphs(sizes, seqs, *args) for seqs, sizes in families]
+        rows = max(self.decode.max_batch, *(f.max_seqs for f in self.prefill))
+        self.logits = torch.full((rows, runner.model.config.vocab_size), float("nan"))
+        self.replays = {"decode": 0, **{f"prefill {f.max_seqs}": 0 for f in self.prefill}}
+        for family in (self.decode, *self.prefill):
+            name = f"prefill {family.max_seqs}" if isinstance(family, PrefillGraphs) else "decode"
             family.replay = self._eager(name, family)
 
     def _eager(self, name, family):
@@ -59,7 +63,8 @@ def test_padded_graph_steps_give_the_eager_tokens(tiny_config):
     core = engine(tiny_config, True, enable_prefix_caching=False)
     assert run(core, PROMPTS, PARAMS) == expected
     replays = core.runner.graphs.replays
-    assert replays["decode"] >= 5 and replays["prefill"] >= 5, replays
+    wide = sum(n for name, n in replays.items() if name not in ("decode", f"prefill {MAX_SEQS}"))
+    assert replays["decode"] >= 5 and replays[f"prefill {MAX_SEQS}"] >= 5 and wide >= 2, replays  # forks: > 32 sequences
 
 
 def test_padded_graph_steps_with_prefix_caching(tiny_config):
@@ -75,4 +80,5 @@ def test_padded_graph_steps_with_prefix_caching(tiny_config):
     core = engine(tiny_config, True, prefix_cache_snapshots=128)
     got = waves(core)
     assert got == expected and got[2] > 0  # the second wave hit
-    assert core.runner.graphs.replays["prefill"] >= 1, core.runner.graphs.replays  # steps without a capture
+    replays = core.runner.graphs.replays
+    assert sum(n for name, n in replays.items() if name != "decode") >= 1, replays  # steps without a capture

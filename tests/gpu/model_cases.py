@@ -59,12 +59,12 @@ def run_padded_steps(model, ops, dtype, device):
     (`PrefillGraphs.padded`: a padding sequence up to 64 tokens, empty sequences up to MAX_SEQS) on
     another: (eager logits, padded logits, eager cache, padded cache), one logits row per sequence.
     Row SLOTS and page 64 of each cache are the padding targets."""
-    from hybridserve.engine.cuda_graphs import PrefillGraphs
+    from hybridserve.engine.cuda_graphs import MAX_SEQS, PrefillGraphs
 
     model.ops = ops
     caches = [HybridCache.allocate(model.config, SLOTS + 1, 65, BS, dtype, torch.float32, device=device)
               for _ in range(2)]
-    padder = PrefillGraphs(64, 8, BS, pad_slot=SLOTS, pad_block=64, device=device)
+    padder = PrefillGraphs([64], MAX_SEQS, 8, BS, pad_slot=SLOTS, pad_block=64, device=device)
     cached, eager, padded = {}, [], []
     for step in model_steps(model.config.vocab_size, decodes=1):
         seqs = sorted(step)
