@@ -62,7 +62,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, warps: in
     return y
 
 
-def cfg_first(pair, cfg):
+def gemv_args(pair, cfg):
     """gemv's arguments after x for one (weight, scale) pair and launch config."""
     w, scale = pair
     return (w, *cfg, scale)
@@ -119,7 +119,7 @@ def main() -> None:
             err = ((y.float() - ref).norm() / ref.norm()).item()
             if err > 1e-2:
                 continue
-            t = timed(lambda x=x, turn=itertools.cycle(pairs), cfg=cfg: gemv(x, *cfg_first(next(turn), cfg)))
+            t = timed(lambda x=x, turn=itertools.cycle(pairs), cfg=cfg: gemv(x, *gemv_args(next(turn), cfg)))
             if best is None or t < best[0]:
                 best = (t, cfg, err)
         floor = n * k * (1 if fp8 else 2) / copy_rate * 1e6

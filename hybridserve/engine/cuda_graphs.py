@@ -64,7 +64,8 @@ def prefill_families(max_tokens: int, max_decode_batch: int, prefill_while_decod
     and max_decode_batch itself (no step has more sequences than the largest decode batch) at every
     WIDE_TOKEN_STEP tokens above the sequence count, up to the count plus `prefill_while_decoding`
     (the scheduler's prompt-token cap while sequences decode)."""
-    families = [(MAX_SEQS, prefill_sizes(max_tokens))] if prefill_sizes(max_tokens) else []
+    narrow = prefill_sizes(max_tokens)
+    families = [(MAX_SEQS, narrow)] if narrow else []
     counts = [c for c in (WIDE_SEQS << i for i in range(32)) if c < max_decode_batch]
     for seqs in [*counts, max_decode_batch] if max_decode_batch > MAX_SEQS else []:
         top = min(max_tokens, seqs + prefill_while_decoding)

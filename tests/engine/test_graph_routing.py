@@ -7,10 +7,8 @@ needs a GPU (tests/engine/test_engine_gpu.py)."""
 
 from __future__ import annotations
 
-import torch
-
 from hybridserve.config import EngineConfig
-from hybridserve.engine.cuda_graphs import MAX_SEQS, DecodeGraphs, PrefillGraphs, StepGraphs, prefill_families
+from hybridserve.engine.cuda_graphs import MAX_SEQS, PrefillGraphs, StepGraphs
 from hybridserve.engine.engine_core import EngineCore
 from hybridserve.sampling_params import SamplingParams
 from tests.engine.test_engine_core import mixed_prompts, run
@@ -20,15 +18,15 @@ class PaddedEagerGraphs(StepGraphs):
     """StepGraphs' routing and padding without capturing: a "replay" runs the padded batch eagerly.
     Counts the steps each family ran."""
 
-    def __init__(self, runner, max_prefill_tokens: int) -> None:  # no super().__init__: nothing to capture
-        self.model, self.cache = runner.model, runner.cache
-        args = (runner.max_blocks_per_seq, runner.block_size, runner.pad_slot, runner.pad_block, runner.device)
-        self.decode = DecodeGraphs(runner.max_graph_batch, *args)
-        families = prefill_families(max_prefill_tokens, runner.max_graph_batch,
-                                    runner.config.max_prefill_tokens_while_decoding)
-        self.prefill = [PrefillGraphs(sizes, seqs, *args) for seqs, sizes in families]
-        rows = max(self.decode.max_batch, *(f.max_seqs for f in self.prefill))
-        self.logits = torch.full((rows, runner.model.config.vocab_size), float("nan"))
+    def __init__(self, runner, max_prefill_tokens: int) -> None:
+        super().__init__(runner.model, runner.cache, max_decode_batch=runner.max_graph_batch,
+                         max_prefill_tokens=max_prefill_tokens,
+                         prefill_while_decoding=runner.config.max_prefill_tokens_while_decoding,
+                         max_blocks_per_seq=runner.max_blocks_per_seq, pad_slot=runner.pad_slot,
+                         pad_block=runner.pad_block)
+
+    def _capture(self) -> None:  # nothing to capture: each family's replay runs eagerly
+        self.logits.fill_(float("nan"))  # a row the step does not write stays NaN
         self.replays = {"decode": 0, **{f"prefill {f.max_seqs}": 0 for f in self.prefill}}
         for family in (self.decode, *self.prefill):
             name = f"prefill {family.max_seqs}" if isinstance(family, PrefillGraphs) else "decode"
